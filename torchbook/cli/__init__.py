@@ -1,0 +1,161 @@
+"""The `torchbook` command: parses, dispatches, prints. No logic of its own.
+
+Core commands live here (list, run, report, eval). Every other command is a module in this package defining
+`NAME`, `HELP`, `add_arguments(parser)` and `main(args) -> int`; it is discovered, so adding a command never
+edits this file. Errors a user can fix print as one line (`torchbook: error: ...`) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torchbook import __version__
+from torchbook.config import PRESET_NAMES_DOC
+from torchbook.errors import TorchbookError, UserInputError
+
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but errors name the closest accepted choice first and never print a traceback."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from torchbook.recipes import all_recipes
+
+    recipes = all_recipes()
+    width = max((len(n) for n in recipes), default=10)
+    for name, recipe in recipes.items():
+        print(f"{name:<{width}}  ch {recipe.chapter:<6} {recipe.summary}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from torchbook.config import build_config, load_config_file
+    from torchbook.recipes import get_recipe
+    from torchbook.runs import RunDir
+
+    recipe = get_recipe(args.recipe)
+    if args.resume:
+        run = RunDir.open(args.resume)
+        if run.recipe != recipe.name:
+            raise UserInputError(f"{args.resume!r} is a run of {run.recipe!r}, not {recipe.name!r}")
+        if args.overrides or args.preset or args.config:
+            raise UserInputError("--resume continues a run with its own config.json; drop key=value, --preset and --config")
+        config = build_config(recipe.config, base=run.config_values())
+    else:
+        base = load_config_file(args.config) if args.config else None
+        config = build_config(recipe.config, preset=args.preset, overrides=args.overrides, base=base)
+        run = RunDir.start(args.run_dir, recipe.name, config, overwrite=args.overwrite)
+    print(f"torchbook: {recipe.name} -> {run.path}", file=sys.stderr)
+    try:
+        recipe.run(config, run)
+    except KeyboardInterrupt:
+        print(f"\ntorchbook: interrupted; resume with: torchbook run {recipe.name} --resume {run.path}", file=sys.stderr)
+        return 130
+    report = run.path / "report.md"
+    if report.exists():
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from torchbook.runs import RunDir
+
+    run = RunDir.open(args.run_dir)
+    report = run.path / "report.md"
+    if not report.exists():
+        raise UserInputError(f"{str(run.path)!r} has no report.md yet (the run did not finish); resume it with --resume")
+    print(report.read_text())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from torchbook.recipes import get_recipe
+    from torchbook.runs import RunDir
+
+    run = RunDir.open(args.run_dir)
+    recipe = get_recipe(run.recipe)
+    if recipe.evaluate is None:
+        raise UserInputError(f"recipe {recipe.name!r} has no separate evaluation; see its report.md")
+    metrics = recipe.evaluate(run)
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+def plugin_commands() -> list[Any]:
+    """Modules of this package that define a command (NAME, HELP, add_arguments, main)."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            if hasattr(module, "NAME") and hasattr(module, "main"):
+                found.append(module)
+    return sorted(found, key=lambda m: m.NAME)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="torchbook", description="Run, study and use every system of the book.")
+    parser.add_argument("--version", action="version", version=f"torchbook {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    p = sub.add_parser("list", help="list the implemented recipes with their chapter")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser(
+        "run",
+        help="train a recipe and write its run folder",
+        description="Train RECIPE, evaluate it against the book's figure, write runs/RECIPE/RUN-ID/.",
+        epilog="Examples: torchbook run image-classifier --preset quick | "
+        "torchbook run regression-mlp lr=0.01 epochs=5 | torchbook run image-classifier --resume runs/image-classifier/ID",
+    )
+    p.add_argument("recipe", help="recipe name (see `torchbook list`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, parsed by the field's type")
+    p.add_argument("--preset", help=f"named settings: {PRESET_NAMES_DOC}")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last good checkpoint")
+    p.add_argument("--config", metavar="FILE", help="start from a config.json written by an earlier run")
+    p.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/RECIPE/TIMESTAMP)")
+    p.add_argument("--overwrite", action="store_true", help="replace --run-dir if it already holds a run")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="print a run's report.md")
+    p.add_argument("run_dir", help="a run folder")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("eval", help="re-evaluate a finished run folder and print its metrics as JSON")
+    p.add_argument("run_dir", help="a run folder")
+    p.set_defaults(func=cmd_eval)
+
+    for module in plugin_commands():
+        p = sub.add_parser(module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TorchbookError as e:
+        print(f"torchbook: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: remote files (one download helper), the book's datasets, splits, tokenizers and loaders."""

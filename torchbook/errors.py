@@ -1,0 +1,41 @@
+"""Errors that reach the user. At the boundary (CLI, HTTP, file loading) they print as one clear line."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class TorchbookError(Exception):
+    """Base class: a problem the user can fix. The message says what was wrong and what is accepted."""
+
+
+class UserInputError(TorchbookError):
+    """A wrong name, key, value or file given by the user."""
+
+
+class DataUnavailable(TorchbookError):
+    """A dataset or file could not be obtained (offline, missing, checksum mismatch)."""
+
+
+class CheckpointError(TorchbookError):
+    """A checkpoint or run folder is missing, corrupt or of the wrong kind."""
+
+
+class TrainingDiverged(TorchbookError):
+    """The loss became NaN or infinite."""
+
+
+def closest_first(name: str, accepted: Iterable[str]) -> list[str]:
+    """The accepted names, the ones closest to `name` first (for 'did you mean' messages)."""
+    accepted = sorted(set(accepted))
+    if not accepted:
+        return []
+    close = difflib.get_close_matches(name, accepted, n=len(accepted), cutoff=0.0)
+    return close or accepted
+
+
+def unknown(kind: str, name: str, accepted: Iterable[str]) -> UserInputError:
+    """An error for an unknown name: 'unknown recipe 'x'; accepted: a, b, c' with the closest match first."""
+    names = closest_first(name, accepted)
+    return UserInputError(f"unknown {kind} {name!r}; accepted: {', '.join(names) or '(none yet)'}")

@@ -1,0 +1,64 @@
+"""Plots for reports, drawn with matplotlib's Agg backend (no screen needed) and saved atomically as PNG."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from torchbook.io import atomic_write_bytes  # noqa: E402
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def line_plot(
+    path: str | Path,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logy: bool = False,
+) -> Path:
+    """One line per named (x, y) series."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, (x, y) in series.items():
+        ax.plot(list(x), list(y), marker="o" if len(x) <= 30 else None, markersize=3, label=name)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    return save_figure(fig, path)
+
+
+def learning_curves(path: str | Path, epochs: Sequence[Mapping[str, Any]], title: str = "Learning curves") -> Path:
+    """Train and validation loss (and every metric) per epoch, from the trainer's `kind=epoch` records."""
+    keys = sorted({k for e in epochs for k in e if k.startswith(("train_", "val_")) and isinstance(e[k], (int, float))})
+    names = sorted({k.split("_", 1)[1] for k in keys})
+    fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for split in ("train", "val"):
+            key = f"{split}_{name}"
+            points = [(e["epoch"], e[key]) for e in epochs if key in e]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=split)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    return save_figure(fig, path)

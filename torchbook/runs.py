@@ -1,0 +1,158 @@
+"""Run folders: `runs/<recipe>/<run-id>/` holds everything a run made, and nothing from elsewhere is needed.
+
+Layout::
+
+    config.json        {"recipe": ..., "config": {...}}  replayable with `torchbook run RECIPE --config`
+    metrics.jsonl      one JSON object per logged event (train steps, epochs, evaluation)
+    checkpoints/       the trainer's atomic, checksummed checkpoints
+    model/             the final model: model.safetensors + config.json (+ tokenizer.json) or a joblib file
+    split.json         the data split (sizes, seed, indices or manifest)
+    plots/*.png        learning curves and the recipe's own plots
+    report.md          the evaluation beside the book's figure, the data source, the wall-clock time
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from torchbook.config import to_dict
+from torchbook.errors import CheckpointError, UserInputError
+from torchbook.io import atomic_write_json, to_jsonable
+
+RUNS_ROOT = Path("runs")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+class RunDir:
+    """A run folder. Create with `RunDir.start(...)` (new or resumed) or open with `RunDir.open(path)`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # -- creation -------------------------------------------------------------------------------------------
+    @classmethod
+    def start(
+        cls, run_dir: RunDir | str | Path | None, recipe: str, config: Any, overwrite: bool = False
+    ) -> RunDir:
+        """Create the folder and write config.json; an existing folder of the same recipe and config is resumed.
+
+        `run_dir=None` makes `runs/<recipe>/<timestamp>/`.
+        """
+        if isinstance(run_dir, RunDir):
+            run_dir = run_dir.path
+        if run_dir is None:
+            base = RUNS_ROOT / recipe / new_run_id()
+            path, n = base, 1
+            while path.exists():
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
+        else:
+            path = Path(run_dir)
+        rd = cls(path)
+        record = {"recipe": recipe, "config": to_dict(config) if dataclasses.is_dataclass(config) else config}
+        if rd.config_path.exists() and not overwrite:
+            old = rd.read_json("config.json")
+            if to_jsonable(old) != to_jsonable(record):
+                raise UserInputError(
+                    f"run folder {str(path)!r} already holds a run with another recipe or config; "
+                    "resume it with --resume, pick a new folder, or pass --overwrite"
+                )
+        elif overwrite and path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        rd.write_json("config.json", record)
+        return rd
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """Open an existing run folder; a clear error if it is not one."""
+        rd = cls(path)
+        if not rd.path.is_dir():
+            raise CheckpointError(f"run folder {str(path)!r} does not exist")
+        if not rd.config_path.exists():
+            raise CheckpointError(f"{str(path)!r} is not a torchbook run folder (no config.json)")
+        try:
+            rd.read_json("config.json")
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{str(rd.config_path)!r} is corrupt (not valid JSON)") from None
+        return rd
+
+    # -- places ---------------------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def plots(self) -> Path:
+        p = self.path / "plots"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def recipe(self) -> str:
+        return str(self.read_json("config.json")["recipe"])
+
+    def config_values(self) -> dict[str, Any]:
+        return dict(self.read_json("config.json")["config"])
+
+    # -- files ----------------------------------------------------------------------------------------------
+    def write_json(self, name: str, obj: Any) -> Path:
+        return atomic_write_json(self.path / name, obj)
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).exists()
+
+    def log(self, **record: Any) -> None:
+        """Append one event to metrics.jsonl (flushed at once, so a killed run keeps what it logged)."""
+        record.setdefault("time", round(time.time(), 3))
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(to_jsonable(record)) + "\n")
+            f.flush()
+
+    def metrics(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The logged events, optionally only those with `kind == kind`; a torn last line is ignored."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if kind is None or record.get("kind") == kind:
+                out.append(record)
+        return out
+
+    def truncate_metrics(self, keep: Any) -> None:
+        """Keep only the events for which `keep(record)` is true (used when resuming from a checkpoint)."""
+        from torchbook.io import atomic_write_text
+
+        kept = [r for r in self.metrics() if keep(r)]
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
