@@ -1,0 +1,1 @@
+"""Building blocks shared by every model: attention, positions, norms, feed-forward layers."""

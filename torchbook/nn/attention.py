@@ -1,0 +1,206 @@
+"""Attention (book chapters 14-15 and 17): the one implementation every torchbook transformer uses.
+
+Scaled dot-product attention is softmax(Q K^T / sqrt(d_k)) V (the book's equation 15-1), computed with
+`torch.nn.functional.scaled_dot_product_attention` (FlashAttention or memory-efficient kernels where available).
+`MultiHeadAttention` covers self- and cross-attention, multi-head, grouped-query and multi-query attention
+(`n_kv_heads`), rotary positions, sliding windows and an incremental KV cache for decoding.
+
+Mask conventions: `key_padding_mask` is (batch, key_len) with True where the key is padding (as torch.nn);
+`attn_mask` is a boolean (query_len, key_len) or (batch, 1|heads, query_len, key_len) mask with True where
+attention is *allowed*, or a float mask added to the scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def causal_mask(query_len: int, key_len: int, device: torch.device | None = None, window: int | None = None) -> Tensor:
+    """Boolean (query_len, key_len) mask, True where allowed; queries are the last `query_len` positions.
+
+    With a cache, the query i sits at absolute position key_len - query_len + i and may attend to keys at
+    positions <= its own (and, with a sliding `window`, to the last `window` of them only).
+    """
+    q_pos = torch.arange(key_len - query_len, key_len, device=device)[:, None]
+    k_pos = torch.arange(key_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+def combine_masks(
+    batch: int,
+    query_len: int,
+    key_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    causal: bool = False,
+    window: int | None = None,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor | None:
+    """One additive float mask of shape (batch or 1, 1 or heads, query_len, key_len), or None if nothing masks."""
+    if not causal and key_padding_mask is None and attn_mask is None and window is None:
+        return None
+    mask = torch.zeros(1, 1, query_len, key_len, device=device, dtype=dtype)
+    neg = torch.finfo(dtype).min
+    if causal or window is not None:
+        allowed = causal_mask(query_len, key_len, device, window) if causal else torch.ones(
+            query_len, key_len, dtype=torch.bool, device=device
+        )
+        if not causal and window is not None:
+            allowed = (torch.arange(key_len, device=device)[None] - torch.arange(query_len, device=device)[:, None]).abs() < window
+        mask = mask.masked_fill(~allowed, neg)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            m = attn_mask if attn_mask.dim() == 4 else attn_mask[None, None]
+            mask = mask.masked_fill(~m, neg)
+        else:
+            mask = mask + (attn_mask if attn_mask.dim() == 4 else attn_mask[None, None]).to(dtype)
+    if key_padding_mask is not None:
+        mask = mask.masked_fill(key_padding_mask[:, None, None, :].to(torch.bool), neg)
+    return mask
+
+
+def scaled_dot_product_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0, scale: float | None = None
+) -> Tensor:
+    """q: (B, H, Tq, D), k and v: (B, Hkv, Tk, D) with H a multiple of Hkv (grouped-query attention).
+
+    Returns (B, H, Tq, D). `mask` is additive (see `combine_masks`).
+    """
+    n_heads, n_kv_heads = q.size(1), k.size(1)
+    if n_kv_heads != n_heads:  # each group of H/Hkv query heads shares one key/value head
+        k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
+        v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding.
+
+    Each layer's entry is (B, Hkv, T, D). `reorder` follows beams in beam search.
+    """
+
+    keys: dict[int, Tensor] = field(default_factory=dict)
+    values: dict[int, Tensor] = field(default_factory=dict)
+
+    def length(self, layer: int = 0) -> int:
+        return self.keys[layer].size(2) if layer in self.keys else 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def set(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Store fixed keys/values (cross-attention over the encoder output, computed once)."""
+        self.keys[layer], self.values[layer] = k, v
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (beam search: each surviving beam's parent)."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer].index_select(0, index)
+            self.values[layer] = self.values[layer].index_select(0, index)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (chapter 15): project, split into heads, attend, merge heads, project back.
+
+    Args:
+        d_model: model width (queries' input size and output size).
+        n_heads: query heads.
+        n_kv_heads: key/value heads (n_heads: multi-head; 1: multi-query; between: grouped-query).
+        head_dim: size of each head (default d_model // n_heads).
+        bias: biases on the query/key/value projections; `out_bias` on the output projection.
+        kv_dim: input size of keys/values for cross-attention (default d_model).
+        dropout: dropout on the attention weights (training only).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = True,
+        out_bias: bool | None = None,
+        kv_dim: int | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        if n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        self.head_dim = head_dim or d_model // n_heads
+        kv_dim = kv_dim or d_model
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(kv_dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(kv_dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias if out_bias is None else out_bias)
+        self.dropout = dropout
+
+    def split_heads(self, x: Tensor, n_heads: int) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
+        window: int | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        static_kv: bool = False,
+    ) -> Tensor:
+        """x: (B, Tq, d_model); context: (B, Tk, kv_dim) for cross-attention (default: x). Returns (B, Tq, d_model).
+
+        `rotary` = (cos, sin) for the query positions, each (Tq, head_dim) or (B, Tq, head_dim) (see
+        `torchbook.nn.positions.apply_rotary`). With a `cache`, new keys/values are appended (self-attention) or
+        computed once and reused (`static_kv=True`, cross-attention over a fixed encoder output).
+        `key_padding_mask` covers all keys, cached ones included.
+        """
+        batch, query_len, _ = x.shape
+        q = self.split_heads(self.q_proj(x), self.n_heads)
+        if cache is not None and static_kv and layer in cache.keys:
+            k, v = cache.keys[layer], cache.values[layer]
+        else:
+            source = x if context is None else context
+            k = self.split_heads(self.k_proj(source), self.n_kv_heads)
+            v = self.split_heads(self.v_proj(source), self.n_kv_heads)
+            if rotary is not None:
+                from torchbook.nn.positions import apply_rotary
+
+                cos, sin = rotary
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if cache is not None:
+                if static_kv:
+                    cache.set(layer, k, v)
+                else:
+                    k, v = cache.update(layer, k, v)
+        key_len = k.size(2)
+        # A single new query attends to every cached key anyway: skip building a causal mask then.
+        needs_causal = causal and not (query_len == 1 and window is None)
+        mask = combine_masks(
+            batch, query_len, key_len, x.device, q.dtype, needs_causal, window if causal else None,
+            key_padding_mask, attn_mask,
+        )
+        if causal and window is not None and query_len == 1 and key_len > window:
+            mask = combine_masks(batch, 1, key_len, x.device, q.dtype, True, window, key_padding_mask, attn_mask)
+        out = scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(batch, query_len, self.n_heads * self.head_dim)
+        return self.out_proj(out)
