@@ -1,0 +1,452 @@
+"""The one training loop of torchbook (book chapters 10-11): every supervised recipe trains through `Trainer`.
+
+A recipe hands the trainer a model, data and a loss; the trainer chooses the device, batches the data in a
+seeded order, runs forward/backward with gradient accumulation and clipping, steps the optimizer and the
+learning-rate schedule, validates each epoch with torchmetrics, stops early and restores the best weights,
+logs to the run folder and writes checkpoints from which an interrupted run resumes *exactly*: the model,
+optimizer, schedule, random-number generators and the position in the data are all restored, so a resumed
+run ends with the same weights as an uninterrupted one (on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+
+from torchbook.errors import TrainingDiverged
+from torchbook.runs import RunDir
+from torchbook.train.checkpoint import load_latest, save_checkpoint
+from torchbook.train.config import TrainConfig
+from torchbook.train.optim import PER_EPOCH_SCHEDULES, build_optimizer, build_scheduler
+
+
+@dataclass
+class Step:
+    """What one forward pass gives the trainer: the loss, and optionally predictions and targets for metrics.
+
+    `count` is how many examples (or tokens) the loss averages over, so epoch means are weighted correctly.
+    """
+
+    loss: Tensor
+    preds: Tensor | None = None
+    target: Tensor | None = None
+    count: int | None = None
+
+
+StepFn = Callable[[nn.Module, Any], Step]
+MetricFactory = Callable[[], Any]
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor inside tuples, lists and dicts to `device` (asynchronously from pinned memory on CUDA)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=device.type == "cuda")
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(x, device) for x in batch]
+        return type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def supervised_step(criterion: Callable[[Tensor, Tensor], Tensor]) -> StepFn:
+    """The default step for `(inputs..., target)` batches: loss = criterion(model(*inputs), target)."""
+
+    def step(model: nn.Module, batch: Any) -> Step:
+        *inputs, target = batch
+        preds = model(*inputs)
+        return Step(criterion(preds, target), preds.detach(), target, count=len(target))
+
+    return step
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def monitor_mode(name: str) -> str:
+    """Lower is better for losses and errors, higher for everything else (accuracy, F1, BLEU...)."""
+    lowered = name.lower()
+    return "min" if any(w in lowered for w in ("loss", "mae", "mse", "rmse", "error", "perplexity", "bpc")) else "max"
+
+
+class Trainer:
+    """Train `model` on `train_data`, validating on `val_data`, with the settings of `config`.
+
+    Args:
+        model: any `nn.Module`.
+        config: a `TrainConfig` (recipe configs inherit it).
+        run: the run folder; checkpoints go to `run.checkpoints`, records to `run.metrics`. None: no files.
+        train_data, val_data: map-style datasets; a `TensorDataset` is indexed directly (fast path).
+        criterion: for `(inputs..., target)` batches, the loss `criterion(model(*inputs), target)`.
+        step: or a function `step(model, batch) -> Step` for anything else (exactly one of criterion/step).
+        metrics: name -> factory of a torchmetrics metric updated with `(preds, target)` on validation data.
+        collate_fn: list of dataset items -> batch (default: torch's `default_collate`).
+        batches: `batches(epoch) -> list of index lists`, deterministic per epoch (e.g. length bucketing);
+            default: a shuffle seeded by (seed, epoch), cut into `batch_size` batches.
+        callbacks: objects with any of `on_fit_start(trainer)`, `on_step_end(trainer, loss)`,
+            `on_epoch_end(trainer, record)` and `on_fit_end(trainer)`; setting `trainer.should_stop` stops.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        run: RunDir | None,
+        train_data: Dataset[Any],
+        val_data: Dataset[Any] | None = None,
+        *,
+        criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
+        step: StepFn | None = None,
+        metrics: dict[str, MetricFactory] | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        batches: Callable[[int], Sequence[Sequence[int]]] | None = None,
+        callbacks: Iterable[Any] = (),
+    ):
+        if (criterion is None) == (step is None):
+            raise TypeError("give exactly one of `criterion` (for (inputs, target) batches) or `step`")
+        self.config = config
+        self.run = run
+        self.device = choose_device(config.device)
+        self.model = model.to(self.device)
+        self.train_data = train_data
+        self.val_data = val_data
+        self.step_fn: StepFn = step if step is not None else supervised_step(criterion)  # type: ignore[arg-type]
+        self.metric_factories = dict(metrics or {})
+        self.collate_fn = collate_fn or default_collate
+        self.batches_fn = batches
+        self.callbacks = list(callbacks)
+        self.is_main = True  # rank 0 writes files (distributed training sets this)
+        self.should_stop = False
+        self.optimizer = build_optimizer(self.model, config)
+        self.steps_per_epoch = math.ceil(len(self.batches(0)) / config.grad_accum)
+        total = config.epochs * self.steps_per_epoch
+        self.total_steps = min(total, config.max_steps) if config.max_steps else total
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        # Position and bookkeeping, all saved in checkpoints.
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.epoch_loss_sum = 0.0
+        self.epoch_count = 0
+        self.best_value: float | None = None
+        self.best_state: dict[str, Tensor] | None = None
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.train_time = 0.0
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def batches(self, epoch: int) -> Sequence[Sequence[int]]:
+        """The index batches of `epoch`: the same for the same (seed, epoch), so a resumed run sees the same data."""
+        if self.batches_fn is not None:
+            return self.batches_fn(epoch)
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.train_data), generator=generator).tolist()  # type: ignore[arg-type]
+        size = self.config.batch_size
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    def iterate(self, dataset: Dataset[Any], batches: Sequence[Sequence[int]]) -> Iterable[Any]:
+        """Yield collated batches of `dataset` in the order of `batches`, already on the device."""
+        if isinstance(dataset, TensorDataset) and self.config.num_workers == 0:
+            for idx in batches:
+                index = torch.as_tensor(idx, dtype=torch.long)
+                yield to_device(tuple(t[index] for t in dataset.tensors), self.device)
+            return
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batches,  # type: ignore[arg-type]
+            collate_fn=self.collate_fn,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            yield to_device(batch, self.device)
+
+    def eval_batches(self, dataset: Dataset[Any], batch_size: int | None = None) -> list[list[int]]:
+        size = batch_size or max(self.config.batch_size, 256)
+        n = len(dataset)  # type: ignore[arg-type]
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "position": {
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "epoch_loss_sum": self.epoch_loss_sum,
+                "epoch_count": self.epoch_count,
+                "train_time": self.train_time,
+            },
+            "early_stopping": {
+                "best_value": self.best_value,
+                "best_state": self.best_state,
+                "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        for key, value in state["position"].items():
+            setattr(self, key, value)
+        for key, value in state["early_stopping"].items():
+            setattr(self, key, value)
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        if self.run is not None and self.is_main:
+            save_checkpoint(self.run.checkpoints, self.global_step, self.state_dict(), self.config.keep_checkpoints)
+
+    def resume(self) -> bool:
+        """Load the newest intact checkpoint of the run, if any; drop records logged after it."""
+        if self.run is None:
+            return False
+        state, _ = load_latest(self.run.checkpoints, map_location=self.device)
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        step = self.global_step
+        self.run.truncate_metrics(lambda r: r.get("kind") not in ("step", "epoch") or r.get("step", 0) <= step)
+        print(f"torchbook: resumed from step {step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})", file=sys.stderr)
+        return True
+
+    # -- training -------------------------------------------------------------------------------------------
+    def log(self, **record: Any) -> None:
+        if self.run is not None and self.is_main:
+            self.run.log(**record)
+
+    def callback(self, name: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, name, None)
+            if fn is not None:
+                fn(self, *args)
+
+    def fit(self) -> nn.Module:
+        """Train for `config.epochs` (or until early stopping, max_steps or the time budget); return the model."""
+        config = self.config
+        seed_everything(config.seed)
+        if not self.resume():
+            self.save_checkpoint() if config.checkpoint_every else None
+        self.callback("on_fit_start")
+        stopped_early = False
+        while self.epoch < config.epochs and not self.should_stop:
+            self.train_epoch()
+            if self.should_stop and self.batch_in_epoch != 0:
+                break  # max_steps or the time budget cut the epoch short
+            record = self.end_epoch()
+            if self.improved(record):
+                self.bad_epochs = 0
+            else:
+                self.bad_epochs += 1
+                if config.patience and self.bad_epochs >= config.patience:
+                    stopped_early = True
+                    self.should_stop = True
+            self.save_checkpoint()
+            self.callback("on_epoch_end", record)
+        if config.restore_best and self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        if stopped_early:
+            self.log(kind="early_stop", step=self.global_step, best_epoch=self.best_epoch + 1, best=self.best_value)
+        self.plot()
+        self.callback("on_fit_end")
+        return self.model
+
+    def train_epoch(self) -> None:
+        config = self.config
+        batches = self.batches(self.epoch)
+        self.model.train()
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=len(batches),
+            initial=self.batch_in_epoch,
+            desc=f"epoch {self.epoch + 1}/{config.epochs}",
+            disable=None if config.progress and self.is_main else True,
+            leave=False,
+            file=sys.stderr,
+        )
+        started = time.perf_counter()
+        accumulated = 0
+        remaining = batches[self.batch_in_epoch :]
+        for batch in self.iterate(self.train_data, remaining):
+            with self.autocast():
+                out = self.step_fn(self.model, batch)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at step {self.global_step + 1} (epoch {self.epoch + 1}, "
+                    f"batch {self.batch_in_epoch + 1}); lower lr, clip gradients (grad_clip=1.0) or check the data; "
+                    "the last good checkpoint is kept in the run folder"
+                )
+            count = out.count if out.count is not None else 1
+            self.scaler.scale(loss / config.grad_accum).backward()
+            self.epoch_loss_sum += loss.item() * count
+            self.epoch_count += count
+            self.batch_in_epoch += 1
+            accumulated += 1
+            bar.update(1)
+            if accumulated == config.grad_accum or self.batch_in_epoch == len(batches):
+                accumulated = 0
+                self.optimizer_step()
+                bar.set_postfix(loss=f"{self.epoch_loss_sum / max(1, self.epoch_count):.4f}", lr=f"{self.lr:.2e}")
+                if config.log_every and self.global_step % config.log_every == 0:
+                    self.log(kind="step", step=self.global_step, epoch=self.epoch + 1, loss=loss.item(), lr=self.lr)
+                self.callback("on_step_end", loss.item())
+                self.train_time += time.perf_counter() - started
+                started = time.perf_counter()
+                if self.out_of_budget():
+                    self.should_stop = True
+                if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.should_stop:
+                    break
+        bar.close()
+
+    def optimizer_step(self) -> None:
+        if self.config.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.schedule not in PER_EPOCH_SCHEDULES:
+            self.scheduler.step()
+        self.global_step += 1
+
+    def out_of_budget(self) -> bool:
+        c = self.config
+        return bool((c.max_steps and self.global_step >= c.max_steps) or (c.time_budget_s and self.train_time >= c.time_budget_s))
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def end_epoch(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "kind": "epoch",
+            "epoch": self.epoch + 1,
+            "step": self.global_step,
+            "lr": self.lr,
+            "train_loss": self.epoch_loss_sum / max(1, self.epoch_count),
+            "train_time_s": round(self.train_time, 3),
+        }
+        if self.val_data is not None:
+            record.update({f"val_{k}": v for k, v in self.evaluate(self.val_data).items()})
+        if self.config.schedule in PER_EPOCH_SCHEDULES:
+            self.scheduler.step(record.get(self.config.monitor, record["train_loss"]))
+        self.log(**record)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.epoch_loss_sum = 0.0
+        self.epoch_count = 0
+        return record
+
+    def improved(self, record: dict[str, Any]) -> bool:
+        """Track the best epoch by `config.monitor` (falls back to train_loss without validation data)."""
+        key = self.config.monitor if self.config.monitor in record else "train_loss"
+        value = float(record[key])
+        better = self.best_value is None or (
+            value < self.best_value if monitor_mode(key) == "min" else value > self.best_value
+        )
+        if better:
+            self.best_value, self.best_epoch = value, self.epoch - 1
+            if self.val_data is not None and self.config.restore_best:
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return better
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset[Any], batch_size: int | None = None) -> dict[str, float]:
+        """Mean loss and every metric over `dataset`, in eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        metrics = {name: factory().to(self.device) for name, factory in self.metric_factories.items()}
+        loss_sum, count = 0.0, 0
+        for batch in self.iterate(dataset, self.eval_batches(dataset, batch_size)):
+            with self.autocast():
+                out = self.step_fn(self.model, batch)
+            n = out.count if out.count is not None else 1
+            loss_sum += out.loss.item() * n
+            count += n
+            if out.preds is not None and out.target is not None:
+                for metric in metrics.values():
+                    metric.update(out.preds.float(), out.target)
+        self.model.train(was_training)
+        results = {"loss": loss_sum / max(1, count)}
+        results.update({name: float(metric.compute()) for name, metric in metrics.items()})
+        return results
+
+    @torch.no_grad()
+    def predict(self, dataset: Dataset[Any], batch_size: int | None = None) -> Tensor:
+        """The model's outputs for every example of `dataset` (inputs = all but the last item of each example)."""
+        self.model.eval()
+        outputs = []
+        for batch in self.iterate(dataset, self.eval_batches(dataset, batch_size)):
+            inputs = batch[:-1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else (batch,)
+            with self.autocast():
+                outputs.append(self.model(*inputs).float().cpu())
+        return torch.cat(outputs)
+
+    def plot(self) -> None:
+        if self.run is None or not self.is_main:
+            return
+        epochs = self.run.metrics("epoch")
+        if epochs:
+            from torchbook.plots import learning_curves
+
+            learning_curves(self.run.plots / "learning_curves.png", epochs)
