@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserInputError(f"{args.resume!r} is a run of {run.recipe!r}, not {recipe.name!r}")
         if args.overrides or args.preset or args.config:
             raise UserInputError("--resume continues a run with its own config.json; drop key=value, --preset and --config")
-        config = build_config(recipe.config, base=run.config_values())
+        config: Any = build_config(recipe.config, base=run.config_values())
     else:
         base = load_config_file(args.config) if args.config else None
         config = build_config(recipe.config, preset=args.preset, overrides=args.overrides, base=base)

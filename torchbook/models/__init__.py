@@ -41,7 +41,8 @@ def save_model(model: nn.Module, folder: str | Path, extra: dict[str, Any] | Non
         key = tensor.data_ptr()
         tensors[name] = tensor.detach().cpu().clone() if key in seen else tensor.detach().cpu().contiguous()
         seen.setdefault(key, name)
-    atomic_write(folder / WEIGHTS, lambda f: f.write(save(tensors)))
+    payload = save(tensors)
+    atomic_write(folder / WEIGHTS, lambda f: f.write(payload))
     atomic_write_json(
         folder / CONFIG,
         {
@@ -68,7 +69,7 @@ def model_class(spec: str) -> type[nn.Module]:
 
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by `save_model`, in eval mode; a clear error for a missing or corrupt folder."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -85,7 +86,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     model = cls(config_cls(**meta["config"]))
     try:
         state = load_file(str(weights_path), device=str(map_location))
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{str(weights_path)!r} is corrupt or truncated ({e})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

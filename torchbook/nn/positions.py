@@ -21,6 +21,7 @@ class SinusoidalPositionalEncoding(nn.Module):
         table = torch.zeros(max_len, d_model)
         table[:, 0::2] = torch.sin(position * inv_freq)
         table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
+        self.table: Tensor
         self.register_buffer("table", table, persistent=False)
         self.dropout = nn.Dropout(dropout)
 
@@ -65,6 +66,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if inv_freq is None:
             inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.inv_freq: Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scaling = scaling  # attention scaling some variants apply to cos/sin (1.0 for plain RoPE)
 

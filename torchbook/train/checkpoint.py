@@ -71,7 +71,7 @@ def verify(path: Path) -> str | None:
 
 def load_latest(folder: Path, map_location: Any = "cpu") -> tuple[dict[str, Any] | None, list[str]]:
     """The newest intact checkpoint's state (or None) and warnings about the damaged ones skipped on the way."""
-    warnings = []
+    warnings: list[str] = []
     for path in list_checkpoints(folder):
         problem = verify(path)
         if problem is None:

@@ -39,12 +39,15 @@ def _warmup(step: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def _lambda_schedule(fn: Callable[[int], float]) -> Callable[[torch.optim.Optimizer, TrainConfig, int], Any]:
-    return lambda opt, c, total: torch.optim.lr_scheduler.LambdaLR(opt, fn_with(fn, c, total))
+def _lambda_schedule(
+    factor: Callable[[int, TrainConfig, int], float],
+) -> Callable[[torch.optim.Optimizer, TrainConfig, int], Any]:
+    """A schedule given as lr(step) / lr, stepped once per optimizer step."""
 
+    def build(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step, config, total))
 
-def fn_with(fn: Callable[..., float], c: TrainConfig, total: int) -> Callable[[int], float]:
-    return lambda step: fn(step, c, total)
+    return build
 
 
 def _constant(step: int, c: TrainConfig, total: int) -> float:
