@@ -79,9 +79,9 @@ class RunDir:
         return rd
 
     @classmethod
-    def open(cls, path: str | Path) -> RunDir:
+    def open(cls, path: RunDir | str | Path) -> RunDir:
         """Open an existing run folder; a clear error if it is not one."""
-        rd = cls(path)
+        rd = cls(path.path if isinstance(path, RunDir) else path)
         if not rd.path.is_dir():
             raise CheckpointError(f"run folder {str(path)!r} does not exist")
         if not rd.config_path.exists():
