@@ -80,6 +80,5 @@ def load_latest(folder: Path, map_location: Any = "cpu") -> tuple[dict[str, Any]
             except Exception as e:  # torch.load raises many kinds on damaged data
                 problem = f"it cannot be read ({type(e).__name__}: {e})"
         warnings.append(f"skipping checkpoint {path}: {problem}")
-    for warning in warnings:
-        print(f"torchbook: {warning}", file=sys.stderr)
+        print(f"torchbook: {warnings[-1]}", file=sys.stderr)
     return None, warnings

@@ -1,0 +1,31 @@
+"""Shared test set-up: the book's datasets come from the offline mirror; caches and runs go to temporary folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+if not os.environ.get("TORCHBOOK_MIRROR") and SHARED_DATA.is_dir():
+    os.environ["TORCHBOOK_MIRROR"] = str(SHARED_DATA)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh download cache for the session, so tests never depend on what a user's cache holds."""
+    cache = tmp_path_factory.mktemp("torchbook-cache")
+    os.environ["TORCHBOOK_CACHE"] = str(cache)
+    return cache
+
+
+def mirror_has(name: str) -> bool:
+    mirror = os.environ.get("TORCHBOOK_MIRROR")
+    return bool(mirror) and (Path(mirror) / name).is_file()
+
+
+needs_housing = pytest.mark.skipif(not mirror_has("housing.tgz"), reason="the book's housing.tgz is not in $TORCHBOOK_MIRROR")

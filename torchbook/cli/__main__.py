@@ -1,0 +1,7 @@
+"""`python -m torchbook.cli` is the `torchbook` command."""
+
+import sys
+
+from torchbook.cli import main
+
+sys.exit(main())
