@@ -1,0 +1,70 @@
+"""The `torchbook` command: listing, running, and one clear line (exit 2, no traceback) for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchbook.cli import main
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "torchbook", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_list_shows_implemented_recipes_with_chapter(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "image-classifier" in out and "regression-mlp" in out and "ch 10" in out
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "image-clasifier"], "unknown recipe 'image-clasifier'; accepted: image-classifier"),
+        (["run", "image-classifier", "lrr=0.1"], "unknown config key 'lrr'; accepted: lr"),
+        (["run", "image-classifier", "epochs=two"], "epochs='two' is not int"),
+        (["run", "image-classifier", "--preset", "fast"], "unknown preset 'fast'; accepted:"),
+        (["run", "image-classifier", "--config", "nowhere.json"], "config file 'nowhere.json' does not exist"),
+        (["run", "image-classifier", "--resume", "nowhere"], "run folder 'nowhere' does not exist"),
+        (["report", "nowhere"], "run folder 'nowhere' does not exist"),
+        (["eval", "."], "is not a torchbook run folder (no config.json)"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, args, expected):
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_command_and_flag_exit_2(tmp_path):
+    for args in (["trian"], ["run", "image-classifier", "--presett", "smoke"]):
+        result = cli(*args, cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_malformed_config_file(tmp_path):
+    (tmp_path / "bad.json").write_text("{oops")
+    result = cli("run", "image-classifier", "--config", "bad.json", cwd=tmp_path)
+    assert result.returncode == 2 and "is not valid JSON" in result.stderr
+
+
+def test_resume_refuses_another_recipes_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"recipe": "regression-mlp", "config": {}}))
+    result = cli("run", "image-classifier", "--resume", str(run), cwd=tmp_path)
+    assert result.returncode == 2 and "is a run of 'regression-mlp', not 'image-classifier'" in result.stderr
+
+
+def test_help_lists_commands():
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("list", "run", "report", "eval"):
+        assert command in result.stdout
