@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torchbook.errors import UserInputError, unknown
 
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+
 
 @dataclass
 class TrainConfig:
@@ -33,6 +35,22 @@ class TrainConfig:
     log_every: int = 20  # optimizer steps between kind="step" records
     num_workers: int = 0  # data-loader worker processes
     progress: bool = True  # progress bar (shown on a terminal only)
+    # Training at scale (chapters 11 and 17, appendix B); the defaults keep plain single-process fp32 training.
+    compile: bool = False  # torch.compile the training forward (falls back to eager, with a message, if it cannot)
+    activation_checkpointing: bool = False  # recompute the blocks' activations in backward (less memory, more time)
+    parallel: str = "none"  # none, ddp (DistributedDataParallel), fsdp (FSDP2 fully_shard); launch with torchrun
+    tensorboard: bool = False  # TensorBoard events in <run>/tensorboard: scalars, lr, weight histograms
+    # Regularization (chapter 11): L1/L2 penalties on the weights parameter group (not biases or norm scales),
+    # max-norm on each neuron's incoming weights after every step.
+    l1: float = 0.0
+    l2: float = 0.0
+    max_norm: float = 0.0  # 0 = off
+    # Schedule settings (see torchbook.train.optim.SCHEDULES).
+    decay_steps: int = 0  # exponential: lr falls 10x every decay_steps steps (0: over the whole run)
+    restart_steps: int = 0  # cosine_restarts: steps of the first cycle (0: a tenth of the run)
+    restart_mult: int = 1  # cosine_restarts: each cycle is this many times longer than the previous
+    plateau_factor: float = 0.5  # plateau: multiply lr by this...
+    plateau_patience: int = 2  # ...after this many epochs without improvement of `monitor`
 
     def validate(self) -> None:
         from torchbook.train.optim import OPTIMIZERS, SCHEDULES
@@ -48,3 +66,12 @@ class TrainConfig:
                 raise UserInputError(f"{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0:
             raise UserInputError(f"lr={self.lr} must be positive")
+        if self.parallel not in PARALLEL_MODES:
+            raise unknown("parallel mode", self.parallel, PARALLEL_MODES)
+        for name in ("l1", "l2", "max_norm", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise UserInputError(f"{name}={getattr(self, name)} must be 0 (off) or positive")
+        if not 0 < self.plateau_factor < 1:
+            raise UserInputError(f"plateau_factor={self.plateau_factor} must be between 0 and 1")
+        if self.restart_mult < 1:
+            raise UserInputError(f"restart_mult={self.restart_mult} must be at least 1")

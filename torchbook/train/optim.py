@@ -30,9 +30,25 @@ OPTIMIZERS: dict[str, Callable[[Iterable[Any], TrainConfig], torch.optim.Optimiz
 }
 
 
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """Two groups (chapter 11): "weights" (matrices and kernels, ndim >= 2) carry the L1/L2 penalties and max-norm;
+    "biases_and_norms" (vectors: biases, normalization scales) carry none. Each group keeps its own `l1`, `l2` and
+    `max_norm` keys, which the trainer reads at every step, so a caller can change them per group.
+    `weight_decay` (the optimizer's own decay) applies to both groups, as torch does by default."""
+    weights: list[nn.Parameter] = []
+    others: list[nn.Parameter] = []
+    for param in model.parameters():
+        if param.requires_grad:
+            (weights if param.ndim >= 2 else others).append(param)
+    groups = [
+        {"params": weights, "name": "weights", "l1": config.l1, "l2": config.l2, "max_norm": config.max_norm},
+        {"params": others, "name": "biases_and_norms", "l1": 0.0, "l2": 0.0, "max_norm": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return OPTIMIZERS[config.optimizer](params, config)
+    return OPTIMIZERS[config.optimizer](parameter_groups(model, config), config)
 
 
 def _warmup(step: int, warmup: int) -> float:
@@ -71,16 +87,42 @@ def _inverse_sqrt(step: int, c: TrainConfig, total: int) -> float:
 
 
 def _exponential(step: int, c: TrainConfig, total: int) -> float:
-    """Exponential scheduling (chapter 11): lr drops by 10x over the whole run, lr(t) = lr0 * 0.1^(t/total)."""
-    return _warmup(step, c.warmup_steps) * 0.1 ** (step / max(1, total))
+    """Exponential scheduling (chapter 11): lr(t) = lr0 * 0.1^(t/s), s = decay_steps (default: the whole run)."""
+    return _warmup(step, c.warmup_steps) * 0.1 ** (step / max(1, c.decay_steps or total))
+
+
+def _cosine_restarts(step: int, c: TrainConfig, total: int) -> float:
+    """Cosine annealing with warm restarts (SGDR, Loshchilov & Hutter 2017), after an optional linear warm-up:
+    cycles of restart_steps, restart_steps*restart_mult, ... steps, each decaying from lr to 0 along a half cosine."""
+    if step < c.warmup_steps:
+        return _warmup(step, c.warmup_steps)
+    t = step - c.warmup_steps
+    period = c.restart_steps or max(1, (total - c.warmup_steps) // 10)
+    while t >= period:
+        t -= period
+        period *= c.restart_mult
+    return 0.5 * (1.0 + math.cos(math.pi * t / period))
 
 
 def _onecycle(opt: torch.optim.Optimizer, c: TrainConfig, total: int) -> Any:
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=max(1, total))
+    """1cycle (Smith 2018): lr rises from lr/25 to lr over the first 30% of the steps (or warmup_steps), then
+    anneals to lr/25e4; momentum (SGD) or beta1 (Adam family) cycles the other way."""
+    total = max(2, total)
+    pct_start = min(0.99, c.warmup_steps / total) if c.warmup_steps else 0.3
+    cycle_momentum = "momentum" in opt.defaults and c.momentum > 0 or "betas" in opt.defaults
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=c.lr, total_steps=total, pct_start=pct_start, cycle_momentum=cycle_momentum
+    )
 
 
 def _plateau(opt: torch.optim.Optimizer, c: TrainConfig, total: int) -> Any:
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=2)
+    """Performance scheduling: multiply lr by plateau_factor when `monitor` has not improved for plateau_patience
+    epochs (stepped once per epoch with the monitored value)."""
+    from torchbook.train.trainer import monitor_mode
+
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min" if monitor_mode(c.monitor) == "min" else "max", factor=c.plateau_factor, patience=c.plateau_patience
+    )
 
 
 SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, TrainConfig, int], Any]] = {
@@ -88,6 +130,7 @@ SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, TrainConfig, int], Any]] =
     "cosine": _lambda_schedule(_cosine),
     "warmup": _lambda_schedule(_inverse_sqrt),
     "exponential": _lambda_schedule(_exponential),
+    "cosine_restarts": _lambda_schedule(_cosine_restarts),
     "onecycle": _onecycle,
     "plateau": _plateau,
 }

@@ -6,6 +6,10 @@ learning-rate schedule, validates each epoch with torchmetrics, stops early and 
 logs to the run folder and writes checkpoints from which an interrupted run resumes *exactly*: the model,
 optimizer, schedule, random-number generators and the position in the data are all restored, so a resumed
 run ends with the same weights as an uninterrupted one (on CPU).
+
+Training at scale (chapters 11 and 17, appendix B) is configuration of the same loop: `precision=bf16|fp16`
+(autocast; fp16 adds gradient scaling), `compile=true`, `activation_checkpointing=true`, `parallel=ddp|fsdp`
+under torchrun (see torchbook.train.distributed), `l1`/`l2`/`max_norm` regularization, `tensorboard=true`.
 """
 
 from __future__ import annotations
@@ -26,9 +30,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from torchbook.errors import TrainingDiverged
 from torchbook.runs import RunDir
+from torchbook.train import distributed
+from torchbook.train.callbacks import TensorBoardLogger, active_extra_callbacks
 from torchbook.train.checkpoint import load_latest, save_checkpoint
 from torchbook.train.config import TrainConfig
 from torchbook.train.optim import PER_EPOCH_SCHEDULES, build_optimizer, build_scheduler
+from torchbook.train.regularization import add_penalty_gradients, apply_max_norm, mc_dropout
+from torchbook.train.speed import Compiled, enable_activation_checkpointing
 
 
 @dataclass
@@ -125,6 +133,10 @@ class Trainer:
             default: a shuffle seeded by (seed, epoch), cut into `batch_size` batches.
         callbacks: objects with any of `on_fit_start(trainer)`, `on_step_end(trainer, loss)`,
             `on_epoch_end(trainer, record)` and `on_fit_end(trainer)`; setting `trainer.should_stop` stops.
+            Callbacks registered with `torchbook.train.callbacks.extra_callbacks` are added after these.
+
+    `trainer.model` is always the plain model (under DDP, FSDP or compile, `trainer.train_module` is the wrapped
+    one that trains); after `fit()` it holds the final (or best) weights on every process.
     """
 
     def __init__(
@@ -146,7 +158,8 @@ class Trainer:
             raise TypeError("give exactly one of `criterion` (for (inputs, target) batches) or `step`")
         self.config = config
         self.run = run
-        self.device = choose_device(config.device)
+        self.dist, dist_device = distributed.setup(config.parallel, config.device)
+        self.device = dist_device or choose_device(config.device)
         self.model = model.to(self.device)
         self.train_data = train_data
         self.val_data = val_data
@@ -154,16 +167,30 @@ class Trainer:
         self.metric_factories = dict(metrics or {})
         self.collate_fn = collate_fn or default_collate
         self.batches_fn = batches
-        self.callbacks = list(callbacks)
-        self.is_main = True  # rank 0 writes files (distributed training sets this)
+        self.callbacks = list(callbacks) + active_extra_callbacks()
+        if config.tensorboard:
+            self.callbacks.append(TensorBoardLogger())
+        self.is_main = self.dist.is_main  # only rank 0 writes files
         self.should_stop = False
-        self.optimizer = build_optimizer(self.model, config)
+        # The module that trains: the model itself, or DDP around it, or a fully sharded copy (FSDP).
+        self.train_module = distributed.wrap(self.model, self.dist, self.device)
+        if config.activation_checkpointing:
+            inner = self.train_module.module if self.dist.mode == "ddp" else self.train_module
+            enable_activation_checkpointing(inner)  # type: ignore[arg-type]
+        self.forward_module: Any = Compiled(self.train_module) if config.compile else self.train_module
+        self.fitting = False
+        self.optimizer = build_optimizer(self.train_module if self.dist.mode == "fsdp" else self.model, config)
         self.steps_per_epoch = math.ceil(len(self.batches(0)) / config.grad_accum)
         total = config.epochs * self.steps_per_epoch
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        if self.dist.mode == "fsdp" and config.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler: Any = ShardedGradScaler(self.device.type)  # agrees on inf/NaN across the shards
+        else:
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         # Position and bookkeeping, all saved in checkpoints.
         self.global_step = 0
         self.epoch = 0
@@ -214,10 +241,19 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The current weights as a plain state dict (gathered from the shards under FSDP: a collective call)."""
+        if self.dist.mode == "fsdp" and self.fitting:
+            return distributed.full_model_state(self.train_module, self.dist)
+        return self.model.state_dict()
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, whole and rank-independent (resumable on any number of processes).
+        Under FSDP every process must call it (it gathers the shards)."""
+        loss_sum, count = distributed.all_reduce_sum([self.epoch_loss_sum, float(self.epoch_count)], self.dist)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.full_state_dict(),
+            "optimizer": distributed.optimizer_state(self.train_module, self.optimizer, self.dist),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -225,8 +261,8 @@ class Trainer:
                 "global_step": self.global_step,
                 "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch,
-                "epoch_loss_sum": self.epoch_loss_sum,
-                "epoch_count": self.epoch_count,
+                "epoch_loss_sum": loss_sum,
+                "epoch_count": int(count),
                 "train_time": self.train_time,
             },
             "early_stopping": {
@@ -238,30 +274,39 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.dist.mode == "fsdp":
+            distributed.load_model_state(self.train_module, state["model"], self.dist)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(self.train_module, self.optimizer, state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         for key, value in state["position"].items():
             setattr(self, key, value)
         for key, value in state["early_stopping"].items():
             setattr(self, key, value)
+        if not self.is_main:  # the saved loss sum is the sum over all processes: count it once
+            self.epoch_loss_sum, self.epoch_count = 0.0, 0
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
-        if self.run is not None and self.is_main:
-            save_checkpoint(self.run.checkpoints, self.global_step, self.state_dict(), self.config.keep_checkpoints)
+        if self.run is None:
+            return
+        state = self.state_dict()  # on every process: gathering FSDP shards is collective
+        if self.is_main:
+            save_checkpoint(self.run.checkpoints, self.global_step, state, self.config.keep_checkpoints)
 
     def resume(self) -> bool:
         """Load the newest intact checkpoint of the run, if any; drop records logged after it."""
         if self.run is None:
             return False
-        state, _ = load_latest(self.run.checkpoints, map_location=self.device)
+        state = load_latest(self.run.checkpoints, map_location="cpu")[0] if self.is_main else None
+        state = distributed.broadcast_object(state, self.dist)  # rank 0 reads, everyone resumes
         if state is None:
             return False
         self.load_state_dict(state)
         step = self.global_step
-        self.run.truncate_metrics(lambda r: r.get("kind") not in ("step", "epoch") or r.get("step", 0) <= step)
+        if self.is_main:
+            self.run.truncate_metrics(lambda r: r.get("kind") not in ("step", "epoch") or r.get("step", 0) <= step)
         print(f"torchbook: resumed from step {step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})", file=sys.stderr)
         return True
 
@@ -280,6 +325,7 @@ class Trainer:
         """Train for `config.epochs` (or until early stopping, max_steps or the time budget); return the model."""
         config = self.config
         seed_everything(config.seed)
+        self.fitting = True
         if not self.resume():
             self.save_checkpoint() if config.checkpoint_every else None
         self.callback("on_fit_start")
@@ -298,8 +344,13 @@ class Trainer:
                     self.should_stop = True
             self.save_checkpoint()
             self.callback("on_epoch_end", record)
+        if self.dist.mode == "fsdp":  # hand the plain model the trained weights, gathered from the shards
+            self.model.load_state_dict(distributed.full_model_state(self.train_module, self.dist))
+        self.fitting = False
         if config.restore_best and self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+            if self.dist.mode == "fsdp":
+                distributed.load_model_state(self.train_module, self.best_state, self.dist)
         if stopped_early:
             self.log(kind="early_stop", step=self.global_step, best_epoch=self.best_epoch + 1, best=self.best_value)
         self.plot()
@@ -323,19 +374,29 @@ class Trainer:
         started = time.perf_counter()
         accumulated = 0
         remaining = batches[self.batch_in_epoch :]
-        for batch in self.iterate(self.train_data, remaining):
-            with self.autocast():
-                out = self.step_fn(self.model, batch)
-            loss = out.loss
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at step {self.global_step + 1} (epoch {self.epoch + 1}, "
+        shards = [distributed.shard(idx, self.dist) for idx in remaining] if self.dist.active else None
+        local_batches = [s[0] for s in shards] if shards is not None else remaining
+        for i, batch in enumerate(self.iterate(self.train_data, local_batches)):
+            last_micro_batch = accumulated + 1 == config.grad_accum or self.batch_in_epoch + 1 == len(batches)
+            sync = nullcontext() if last_micro_batch else distributed.no_gradient_sync(self.train_module, self.dist)
+            with sync:
+                with self.autocast():
+                    out = self.step_fn(self.forward_module, batch)
+                loss = out.loss
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(
+                        f"the loss became {loss_value} at step {self.global_step + 1} (epoch {self.epoch + 1}, "
                     f"batch {self.batch_in_epoch + 1}); lower lr, clip gradients (grad_clip=1.0) or check the data; "
-                    "the last good checkpoint is kept in the run folder"
-                )
-            count = out.count if out.count is not None else 1
-            self.scaler.scale(loss / config.grad_accum).backward()
-            self.epoch_loss_sum += loss.item() * count
+                        "the last good checkpoint is kept in the run folder"
+                    )
+                count = out.count if out.count is not None else 1
+                if shards is not None:  # weight each process's mean so that their average is the global mean
+                    weight, real = shards[i][1], shards[i][2]
+                    loss = loss * weight
+                    count = count if real else 0
+                self.scaler.scale(loss / config.grad_accum).backward()
+            self.epoch_loss_sum += loss_value * count
             self.epoch_count += count
             self.batch_in_epoch += 1
             accumulated += 1
@@ -345,8 +406,8 @@ class Trainer:
                 self.optimizer_step()
                 bar.set_postfix(loss=f"{self.epoch_loss_sum / max(1, self.epoch_count):.4f}", lr=f"{self.lr:.2e}")
                 if config.log_every and self.global_step % config.log_every == 0:
-                    self.log(kind="step", step=self.global_step, epoch=self.epoch + 1, loss=loss.item(), lr=self.lr)
-                self.callback("on_step_end", loss.item())
+                    self.log(kind="step", step=self.global_step, epoch=self.epoch + 1, loss=loss_value, lr=self.lr)
+                self.callback("on_step_end", loss_value)
                 self.train_time += time.perf_counter() - started
                 started = time.perf_counter()
                 if self.out_of_budget():
@@ -358,12 +419,19 @@ class Trainer:
         bar.close()
 
     def optimizer_step(self) -> None:
-        if self.config.grad_clip:
+        config = self.config
+        penalties = config.l1 or config.l2 or any(g.get("l1") or g.get("l2") for g in self.optimizer.param_groups)
+        if config.grad_clip or penalties:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if penalties:
+            add_penalty_gradients(self.optimizer)
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(self.train_module.parameters(), config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if config.max_norm or any(g.get("max_norm") for g in self.optimizer.param_groups):
+            apply_max_norm(self.optimizer)
         if self.config.schedule not in PER_EPOCH_SCHEDULES:
             self.scheduler.step()
         self.global_step += 1
@@ -382,7 +450,7 @@ class Trainer:
             "epoch": self.epoch + 1,
             "step": self.global_step,
             "lr": self.lr,
-            "train_loss": self.epoch_loss_sum / max(1, self.epoch_count),
+            "train_loss": self.train_loss(),
             "train_time_s": round(self.train_time, 3),
         }
         if self.val_data is not None:
@@ -396,6 +464,11 @@ class Trainer:
         self.epoch_count = 0
         return record
 
+    def train_loss(self) -> float:
+        """The epoch's mean training loss so far (over all processes)."""
+        loss_sum, count = distributed.all_reduce_sum([self.epoch_loss_sum, float(self.epoch_count)], self.dist)
+        return loss_sum / max(1.0, count)
+
     def improved(self, record: dict[str, Any]) -> bool:
         """Track the best epoch by `config.monitor` (falls back to train_loss without validation data)."""
         key = self.config.monitor if self.config.monitor in record else "train_loss"
@@ -406,41 +479,71 @@ class Trainer:
         if better:
             self.best_value, self.best_epoch = value, self.epoch - 1
             if self.val_data is not None and self.config.restore_best:
-                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.full_state_dict().items()}
         return better
 
     # -- evaluation -----------------------------------------------------------------------------------------
+    @property
+    def eval_module(self) -> nn.Module:
+        """The module that evaluates: the sharded one while FSDP trains, else the plain model (eager)."""
+        return self.train_module if self.dist.mode == "fsdp" and self.fitting else self.model
+
     @torch.no_grad()
     def evaluate(self, dataset: Dataset[Any], batch_size: int | None = None) -> dict[str, float]:
-        """Mean loss and every metric over `dataset`, in eval mode."""
-        was_training = self.model.training
-        self.model.eval()
+        """Mean loss and every metric over `dataset`, in eval mode (split across processes when distributed;
+        torchmetrics gathers the metric states)."""
+        module = self.eval_module
+        was_training = module.training
+        module.eval()
         metrics = {name: factory().to(self.device) for name, factory in self.metric_factories.items()}
         loss_sum, count = 0.0, 0
-        for batch in self.iterate(dataset, self.eval_batches(dataset, batch_size)):
+        shards = [distributed.shard(idx, self.dist) for idx in self.eval_batches(dataset, batch_size)]
+        for (_, _, real), batch in zip(shards, self.iterate(dataset, [s[0] for s in shards])):
             with self.autocast():
-                out = self.step_fn(self.model, batch)
+                out = self.step_fn(module, batch)
+            if not real:
+                continue
             n = out.count if out.count is not None else 1
             loss_sum += out.loss.item() * n
             count += n
             if out.preds is not None and out.target is not None:
                 for metric in metrics.values():
                     metric.update(out.preds.float(), out.target)
-        self.model.train(was_training)
-        results = {"loss": loss_sum / max(1, count)}
+        module.train(was_training)
+        loss_sum, total = distributed.all_reduce_sum([loss_sum, float(count)], self.dist)
+        results = {"loss": loss_sum / max(1.0, total)}
         results.update({name: float(metric.compute()) for name, metric in metrics.items()})
         return results
 
     @torch.no_grad()
     def predict(self, dataset: Dataset[Any], batch_size: int | None = None) -> Tensor:
         """The model's outputs for every example of `dataset` (inputs = all but the last item of each example)."""
-        self.model.eval()
+        module = self.eval_module
+        module.eval()
         outputs = []
         for batch in self.iterate(dataset, self.eval_batches(dataset, batch_size)):
             inputs = batch[:-1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else (batch,)
             with self.autocast():
-                outputs.append(self.model(*inputs).float().cpu())
+                outputs.append(module(*inputs).float().cpu())
         return torch.cat(outputs)
+
+    def predict_mc(
+        self,
+        dataset: Dataset[Any],
+        samples: int = 30,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        batch_size: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """MC dropout (chapter 11): mean and standard deviation over `samples` passes with dropout left on, e.g.
+        `transform=lambda z: z.softmax(-1)` for class probabilities. Seed torch first for repeatable draws."""
+        means, stds = [], []
+        for batch in self.iterate(dataset, self.eval_batches(dataset, batch_size)):
+            inputs = batch[:-1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else (batch,)
+            with self.autocast():
+                mean, std = mc_dropout(self.eval_module, tuple(inputs), samples, transform)
+            means.append(mean.cpu())
+            stds.append(std.cpu())
+        return torch.cat(means), torch.cat(stds)
 
     def plot(self) -> None:
         if self.run is None or not self.is_main:

@@ -1,0 +1,119 @@
+"""DDP and FSDP (chapter 17) on 2 CPU processes (gloo): each ends with the weights of a single-process run with
+the same global batch, and checkpoints resume on a different number of processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from torchbook.runs import RunDir
+from torchbook.train import TrainConfig, Trainer
+
+ATOL = 1e-6
+
+
+def data() -> tuple[TensorDataset, TensorDataset]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 6, generator=generator)
+    y = (x @ torch.randn(6, 2, generator=generator)).tanh() + 0.05 * torch.randn(100, 2, generator=generator)
+    return TensorDataset(x[:84], y[:84]), TensorDataset(x[84:], y[84:])
+
+
+class Net(nn.Module):
+    """No dropout, no batch norm: every process computes the same function of its shard. Two blocks in a
+    ModuleList, so FSDP shards them one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 16), nn.Tanh()), nn.Sequential(nn.Linear(16, 16), nn.Tanh())])
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+# 84 examples in global batches of 16: the last holds 4, so uneven shards are exercised too.
+BASE: dict[str, Any] = dict(epochs=3, batch_size=16, lr=0.05, optimizer="adam", grad_accum=2, grad_clip=0.5,
+                            l2=1e-3, max_norm=2.0, schedule="cosine", progress=False, seed=3, log_every=1)
+
+
+class StopAt:
+    """Interrupt training after optimizer step `step` (its checkpoint written), like a killed run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer, loss: float) -> None:
+        trainer.should_stop = trainer.should_stop or trainer.global_step == self.step
+
+
+def train(run_dir: str | None, stop_at: int = 0, **overrides: Any) -> dict[str, torch.Tensor]:
+    config = TrainConfig(**{**BASE, "checkpoint_every": 5, **overrides})
+    config.validate()
+    train_set, val_set = data()
+    torch.manual_seed(1)
+    trainer = Trainer(Net(), config, RunDir(run_dir) if run_dir else None, train_set, val_set,
+                      criterion=nn.MSELoss(), callbacks=[StopAt(stop_at)] if stop_at else [])
+    trainer.fit()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def _worker(rank: int, world: int, port: int, out: str, jobs: list[tuple[str, str | None, dict[str, Any]]]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    results = {name: train(run_dir, **overrides) for name, run_dir, overrides in jobs}
+    if rank == 0:
+        torch.save(results, out)
+
+
+def launch(world: int, tmp_path: Path, jobs: list[tuple[str, str | None, dict[str, Any]]]) -> dict[str, Any]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / f"result-{port}.pt")
+    mp.start_processes(_worker, args=(world, port, out, jobs), nprocs=world, start_method="fork")
+    return torch.load(out)
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= ATOL, f"max |difference| {diff:.3g} > {ATOL}"
+    return diff
+
+
+@pytest.fixture(scope="module")
+def single() -> dict[str, torch.Tensor]:
+    return train(None)
+
+
+@pytest.mark.timeout(120)
+def test_ddp_and_fsdp_match_one_process_and_resume_across_process_counts(tmp_path: Path, single: Any) -> None:
+    # Single-process runs interrupted after step 5 (mid-epoch), to be resumed by 2 processes.
+    for name in ("single_to_ddp", "single_to_fsdp"):
+        train(str(tmp_path / name), stop_at=5)
+    # One launch of 2 processes runs every distributed job (starting processes is the slow part).
+    jobs = [
+        ("ddp", None, {"parallel": "ddp"}),
+        ("fsdp", None, {"parallel": "fsdp"}),
+        ("fsdp_interrupted", str(tmp_path / "fsdp_to_single"), {"parallel": "fsdp", "stop_at": 5}),
+        ("ddp_resumed", str(tmp_path / "single_to_ddp"), {"parallel": "ddp"}),
+        ("fsdp_resumed", str(tmp_path / "single_to_fsdp"), {"parallel": "fsdp"}),
+    ]
+    results = launch(2, tmp_path, jobs)
+    diffs = {name: assert_same(results[name], single) for name in ("ddp", "fsdp", "ddp_resumed", "fsdp_resumed")}
+    # FSDP's checkpoint (written by rank 0 of 2 processes) resumed by one process without any parallel mode.
+    diffs["fsdp_to_single"] = assert_same(train(str(tmp_path / "fsdp_to_single")), single)
+    print("max |difference| to the one-process run:", {k: f"{v:.2g}" for k, v in diffs.items()})
+    assert (results["fsdp_interrupted"]["head.weight"] - single["head.weight"]).abs().max() > 1e-3  # it did stop
