@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs_housing
 
 import torchbook
 from torchbook.cli import main
 from torchbook.config import build_config
 from torchbook.errors import CheckpointError
 from torchbook.recipes import image_classifier, regression_mlp
-
-from conftest import needs_housing
 
 
 def check_run_folder(run_dir: Path) -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from torchbook.errors import TrainingDiverged
 from torchbook.runs import RunDir
-from torchbook.train import Step, Trainer, TrainConfig
+from torchbook.train import Step, TrainConfig, Trainer
 
 # Dropout (so the RNG state matters), Adam (optimizer state), a schedule, grad accumulation, validation with
 # early-stopping bookkeeping, and a checkpoint every 3 optimizer steps.
