@@ -136,6 +136,17 @@ def presets_of(cls: type) -> dict[str, dict[str, Any]]:
     return dict(getattr(cls, "PRESETS", {}))
 
 
+def split_override(item: str, types_: dict[str, Any], expected: str = "key=value") -> tuple[str, str]:
+    """`"hidden-size=3"` -> `("hidden_size", "3")`, with a clear error for a missing `=` or an unknown key."""
+    if "=" not in item:
+        raise UserInputError(f"expected {expected}, got {item!r}; accepted keys: {', '.join(sorted(types_))}")
+    key, text = item.split("=", 1)
+    key = key.strip().replace("-", "_")
+    if key not in types_:
+        raise unknown("config key", key, types_)
+    return key, text
+
+
 def build_config(
     cls: type[C],
     preset: str | None = None,
@@ -156,12 +167,7 @@ def build_config(
             raise unknown("preset", preset, presets)
         values.update(presets[preset])
     for item in overrides or []:
-        if "=" not in item:
-            raise UserInputError(f"expected key=value, got {item!r}; accepted keys: {', '.join(sorted(types_))}")
-        key, text = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        if key not in types_:
-            raise unknown("config key", key, types_)
+        key, text = split_override(item, types_)
         values[key] = parse_value(text, types_[key], key)
     config = cls(**values)
     validate = getattr(config, "validate", None)

@@ -9,10 +9,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+# Folders this process must not write to: a run folder on a process other than rank 0 of a distributed run
+# (only rank 0 writes run files; see RunDir.start). Writes below them are skipped.
+_READ_ONLY_FOLDERS: set[Path] = set()
+
+
+def is_main_process() -> bool:
+    """False on every process but rank 0 of a distributed run (torchrun sets RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def make_read_only(folder: str | Path) -> None:
+    _READ_ONLY_FOLDERS.add(Path(folder).resolve())
+
+
+def is_read_only(path: str | Path) -> bool:
+    if not _READ_ONLY_FOLDERS:
+        return False
+    resolved = Path(path).resolve()
+    return any(resolved == f or f in resolved.parents for f in _READ_ONLY_FOLDERS)
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call `write(f)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
+    if is_read_only(path):
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

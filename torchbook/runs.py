@@ -21,7 +21,7 @@ from typing import Any
 
 from torchbook.config import to_dict
 from torchbook.errors import CheckpointError, UserInputError
-from torchbook.io import atomic_write_json, to_jsonable
+from torchbook.io import atomic_write_json, is_main_process, is_read_only, make_read_only, to_jsonable
 
 RUNS_ROOT = Path("runs")
 
@@ -63,6 +63,9 @@ class RunDir:
             path = Path(run_dir)
         rd = cls(path)
         record = {"recipe": recipe, "config": to_dict(config) if dataclasses.is_dataclass(config) else config}
+        if not is_main_process():  # distributed: rank 0 writes the run folder, the other processes only train
+            make_read_only(path)
+            return rd
         if rd.config_path.exists() and not overwrite:
             old = rd.read_json("config.json")
             if to_jsonable(old) != to_jsonable(record):
@@ -108,7 +111,8 @@ class RunDir:
     @property
     def plots(self) -> Path:
         p = self.path / "plots"
-        p.mkdir(parents=True, exist_ok=True)
+        if not is_read_only(p):
+            p.mkdir(parents=True, exist_ok=True)
         return p
 
     @property
@@ -131,6 +135,8 @@ class RunDir:
     def log(self, **record: Any) -> None:
         """Append one event to metrics.jsonl (flushed at once, so a killed run keeps what it logged)."""
         record.setdefault("time", round(time.time(), 3))
+        if is_read_only(self.path):
+            return
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(to_jsonable(record)) + "\n")
             f.flush()
