@@ -35,36 +35,48 @@ def test_list_shows_implemented_recipes_with_chapter(capsys):
         (["eval", "."], "is not a torchbook run folder (no config.json)"),
     ],
 )
-def test_bad_input_is_one_clear_line(tmp_path, args, expected):
-    result = cli(*args, cwd=tmp_path)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert expected in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchbook: error: ") and expected in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_unknown_command_and_flag_exit_2(tmp_path):
+def test_console_command_prints_one_line_without_traceback(tmp_path):
+    result = cli("run", "image-clasifier", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "torchbook: error: unknown recipe 'image-clasifier'; accepted: " + result.stderr.split(
+        "accepted: ")[1].strip()
+
+
+def test_unknown_command_and_flag_exit_2(capsys):
     for args in (["trian"], ["run", "image-classifier", "--presett", "smoke"]):
-        result = cli(*args, cwd=tmp_path)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == 2
+        assert "error:" in capsys.readouterr().err
 
 
-def test_malformed_config_file(tmp_path):
+def test_malformed_config_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.json").write_text("{oops")
-    result = cli("run", "image-classifier", "--config", "bad.json", cwd=tmp_path)
-    assert result.returncode == 2 and "is not valid JSON" in result.stderr
+    assert main(["run", "image-classifier", "--config", "bad.json"]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
 
 
-def test_resume_refuses_another_recipes_run(tmp_path):
+def test_resume_refuses_another_recipes_run(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"recipe": "regression-mlp", "config": {}}))
-    result = cli("run", "image-classifier", "--resume", str(run), cwd=tmp_path)
-    assert result.returncode == 2 and "is a run of 'regression-mlp', not 'image-classifier'" in result.stderr
+    assert main(["run", "image-classifier", "--resume", str(run)]) == 2
+    assert "is a run of 'regression-mlp', not 'image-classifier'" in capsys.readouterr().err
 
 
-def test_help_lists_commands():
-    result = cli("--help")
-    assert result.returncode == 0
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
     for command in ("list", "run", "report", "eval"):
-        assert command in result.stdout
+        assert command in out

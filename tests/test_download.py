@@ -26,8 +26,8 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         body = PAYLOAD[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        RangeHandler.sent += len(body)  # counted before sending: the client may finish before this thread resumes
         self.wfile.write(body)
-        RangeHandler.sent += len(body)
 
     def log_message(self, *args):
         pass
