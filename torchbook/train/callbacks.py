@@ -31,8 +31,8 @@ def active_extra_callbacks() -> list[Any]:
 
 class TensorBoardLogger:
     """TensorBoard events in `<run>/tensorboard` (`tensorboard=true`; view with `tensorboard --logdir runs`):
-    the training loss and learning rate every `log_every` steps, every epoch metric, and histograms of the weights
-    at each epoch end. Written by rank 0 only; on resume, events after the checkpoint's step are purged."""
+    `step/loss` and `step/lr` every `log_every` steps, `epoch/<metric>` for every epoch record (train_loss,
+    val_loss, val_accuracy, lr...), and `weights/<name>` histograms at each epoch end (x axis: optimizer step). Written by rank 0 only; on resume, events after the checkpoint's step are purged."""
 
     def __init__(self) -> None:
         self.writer: Any = None
@@ -42,13 +42,15 @@ class TensorBoardLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(trainer.run.path / "tensorboard"), purge_step=trainer.global_step or None)
+        # Resumed: events logged after the checkpoint's step by the interrupted run are purged.
+        purge = trainer.global_step + 1 if trainer.global_step else None
+        self.writer = SummaryWriter(str(trainer.run.path / "tensorboard"), purge_step=purge)
 
     def on_step_end(self, trainer: Any, loss: float) -> None:
         every = trainer.config.log_every
         if self.writer is not None and every and trainer.global_step % every == 0:
-            self.writer.add_scalar("train/loss", loss, trainer.global_step)
-            self.writer.add_scalar("train/lr", trainer.lr, trainer.global_step)
+            self.writer.add_scalar("step/loss", loss, trainer.global_step)
+            self.writer.add_scalar("step/lr", trainer.lr, trainer.global_step)
 
     def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
         weights = trainer.full_state_dict()  # collective under FSDP: every rank takes part
@@ -57,8 +59,7 @@ class TensorBoardLogger:
         step = trainer.global_step
         for key, value in record.items():
             if key not in ("kind", "epoch", "step") and isinstance(value, (int, float)):
-                group = "val" if key.startswith("val_") else "train" if key.startswith("train_") else "epoch"
-                self.writer.add_scalar(f"{group}/{key.split('_', 1)[1] if group != 'epoch' else key}", value, step)
+                self.writer.add_scalar(f"epoch/{key}", value, step)  # epoch/train_loss, epoch/val_loss, epoch/lr...
         for name, tensor in weights.items():
             if tensor.is_floating_point() and tensor.numel():
                 self.writer.add_histogram(f"weights/{name}", tensor.detach().float().cpu(), step)
