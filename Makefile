@@ -6,6 +6,8 @@ PIP         := $(PY) -m pip --disable-pip-version-check
 CONSTRAINTS := constraints.txt
 TORCH_PIN   := 2.13.0
 PYTEST_ARGS ?=
+# The default suite runs on every core (pytest-xdist); `make test WORKERS=0` runs it in one process.
+WORKERS     ?= auto
 # The book's datasets: an offline mirror, searched before any download (checksums still verified).
 SHARED_DATA := $(abspath ../shared/data)
 export TORCHBOOK_MIRROR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
@@ -38,7 +40,7 @@ demo: install
 	@cat runs/image-classifier/demo/report.md
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

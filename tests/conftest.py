@@ -11,6 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # With one test worker per core, one thread per worker gives the most throughput (no oversubscription).
+    import torch
+
+    torch.set_num_threads(1)
 if not os.environ.get("TORCHBOOK_MIRROR") and SHARED_DATA.is_dir():
     os.environ["TORCHBOOK_MIRROR"] = str(SHARED_DATA)
 
