@@ -31,15 +31,16 @@ OPTIMIZERS: dict[str, Callable[[Iterable[Any], TrainConfig], torch.optim.Optimiz
 
 
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """Two groups (chapter 11): "weights" (matrices and kernels, ndim >= 2) carry the L1/L2 penalties and max-norm;
-    "biases_and_norms" (vectors: biases, normalization scales) carry none. Each group keeps its own `l1`, `l2` and
-    `max_norm` keys, which the trainer reads at every step, so a caller can change them per group.
+    """With l1, l2 or max_norm set, two groups (chapter 11): "weights" (matrices and kernels, ndim >= 2) carry the
+    L1/L2 penalties and max-norm; "biases_and_norms" (vectors: biases, normalization scales) carry none. Each group
+    keeps its own `l1`, `l2` and `max_norm` keys, which the trainer reads at every step, so a caller can change
+    them per group. Without any of them, one group "all".
     `weight_decay` (the optimizer's own decay) applies to both groups, as torch does by default."""
-    weights: list[nn.Parameter] = []
-    others: list[nn.Parameter] = []
-    for param in model.parameters():
-        if param.requires_grad:
-            (weights if param.ndim >= 2 else others).append(param)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not (config.l1 or config.l2 or config.max_norm):  # one group: one optimizer kernel per step (faster)
+        return [{"params": params, "name": "all", "l1": 0.0, "l2": 0.0, "max_norm": 0.0}]
+    weights = [p for p in params if p.ndim >= 2]
+    others = [p for p in params if p.ndim < 2]
     groups = [
         {"params": weights, "name": "weights", "l1": config.l1, "l2": config.l2, "max_norm": config.max_norm},
         {"params": others, "name": "biases_and_norms", "l1": 0.0, "l2": 0.0, "max_norm": 0.0},

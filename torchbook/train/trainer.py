@@ -216,9 +216,12 @@ class Trainer:
     def iterate(self, dataset: Dataset[Any], batches: Sequence[Sequence[int]]) -> Iterable[Any]:
         """Yield collated batches of `dataset` in the order of `batches`, already on the device."""
         if isinstance(dataset, TensorDataset) and self.config.num_workers == 0:
-            for idx in batches:
-                index = torch.as_tensor(idx, dtype=torch.long)
-                yield to_device(tuple(t[index] for t in dataset.tensors), self.device)
+            # One index tensor for the whole epoch, cut into batches (cheaper than one conversion per batch).
+            flat = torch.as_tensor([i for idx in batches for i in idx], dtype=torch.long)
+            on_device = all(t.device == self.device for t in dataset.tensors)
+            for index in flat.split([len(idx) for idx in batches]):
+                batch = tuple(t[index] for t in dataset.tensors)
+                yield batch if on_device else to_device(batch, self.device)
             return
         loader = DataLoader(
             dataset,
@@ -395,7 +398,7 @@ class Trainer:
                     weight, real = shards[i][1], shards[i][2]
                     loss = loss * weight
                     count = count if real else 0
-                self.scaler.scale(loss / config.grad_accum).backward()
+                self.scaler.scale(loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
             self.epoch_loss_sum += loss_value * count
             self.epoch_count += count
             self.batch_in_epoch += 1
@@ -404,7 +407,8 @@ class Trainer:
             if accumulated == config.grad_accum or self.batch_in_epoch == len(batches):
                 accumulated = 0
                 self.optimizer_step()
-                bar.set_postfix(loss=f"{self.epoch_loss_sum / max(1, self.epoch_count):.4f}", lr=f"{self.lr:.2e}")
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{self.epoch_loss_sum / max(1, self.epoch_count):.4f}", lr=f"{self.lr:.2e}")
                 if config.log_every and self.global_step % config.log_every == 0:
                     self.log(kind="step", step=self.global_step, epoch=self.epoch + 1, loss=loss_value, lr=self.lr)
                 self.callback("on_step_end", loss_value)
