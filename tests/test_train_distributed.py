@@ -117,3 +117,24 @@ def test_ddp_and_fsdp_match_one_process_and_resume_across_process_counts(tmp_pat
     diffs["fsdp_to_single"] = assert_same(train(str(tmp_path / "fsdp_to_single")), single)
     print("max |difference| to the one-process run:", {k: f"{v:.2g}" for k, v in diffs.items()})
     assert (results["fsdp_interrupted"]["head.weight"] - single["head.weight"]).abs().max() > 1e-3  # it did stop
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_cli_trains_a_recipe_with_fsdp_and_only_rank_0_writes(tmp_path: Path) -> None:
+    """The real launcher and the real CLI: `torchrun --nproc_per_node 2 torchbook run image-classifier parallel=fsdp`."""
+    import shutil
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", shutil.which("torchbook") or "torchbook",
+               "run", "image-classifier", "parallel=fsdp", "epochs=2", "--preset", "smoke", "--run-dir", str(run_dir)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run_dir / "report.md").exists() and (run_dir / "model" / "model.safetensors").exists()
+    epochs = RunDir(run_dir).metrics("epoch")
+    assert [r["epoch"] for r in epochs] == [1, 2]  # logged once (rank 0), not once per process
+    assert done.stdout.count("report:") >= 1
