@@ -252,3 +252,13 @@ def test_tensorboard_scalars_lr_and_weight_histograms(tmp_path: Path) -> None:
     histograms = [t for t in tags["histograms"] if t.startswith("weights/")]
     assert "weights/head.weight" in histograms and len(histograms) == len(trainer.model.state_dict())
     assert len(events.Histograms("weights/head.weight")) == 3  # one per epoch
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compile_with_inductor_trains_like_eager() -> None:
+    """The default backend (inductor, C++ code generation on CPU): minutes on a busy machine, so in the slow tier."""
+    torch._dynamo.reset()
+    compiled = fit(compile=True, epochs=2)
+    assert compiled.forward_module.compiled is not None, compiled.forward_module.problem
+    assert_same_weights(weights(compiled), weights(fit(epochs=2)), atol=1e-5)

@@ -127,3 +127,19 @@ def test_cli_tunes_the_book_image_classifier(tmp_path: Path, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert "best trial" in out and (tmp_path / "t" / "report.md").exists()
     assert main(["tune", "image-classifier", "--trials", "2", "lr=normal(1,2)", "--dir", str(tmp_path / "u")]) == 2
+
+
+def test_a_killed_trial_left_running_is_resumed_with_its_parameters(tmp_path: Path) -> None:
+    folder = tmp_path / "search"
+    items = ["lr=loguniform(1e-4,3e-1)", "hidden=int(2,32)", "epochs=2"]
+    tune(TINY, trials=1, items=items, folder=folder)
+    study = optuna.load_study(study_name="torchbook-tune", storage=f"sqlite:///{folder / 'study.db'}")
+    killed = study.ask()  # what a SIGKILLed process leaves behind: a RUNNING trial with its parameters
+    killed.suggest_float("lr", 1e-4, 3e-1, log=True)
+    killed.suggest_int("hidden", 2, 32)
+    killed.set_user_attr("run_dir", str(folder / "trials" / "trial-0001"))
+    tune(TINY, trials=2, items=items, folder=folder)
+    trials = optuna.load_study(study_name="torchbook-tune", storage=f"sqlite:///{folder / 'study.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].user_attrs["resumes_trial"] == 1 and trials[2].params == trials[1].params
+    assert trials[2].user_attrs["run_dir"] == str(folder / "trials" / "trial-0001")

@@ -295,7 +295,7 @@ def write_report(study: Any, folder: Path, recipe: Any, metric: str, settings: d
     best = study.best_trial
     try:
         importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
-        importance_note = "fANOVA importance of each parameter for the objective (sums to 1)."
+        importance_note = "How much each parameter explains the objective (Optuna's default importance evaluator; sums to 1)."
     except (RuntimeError, ValueError) as e:
         importances = {}
         importance_note = f"not computable yet ({e}); it needs at least two completed trials with varied values."
