@@ -138,3 +138,13 @@ def test_torchrun_cli_trains_a_recipe_with_fsdp_and_only_rank_0_writes(tmp_path:
     epochs = RunDir(run_dir).metrics("epoch")
     assert [r["epoch"] for r in epochs] == [1, 2]  # logged once (rank 0), not once per process
     assert done.stdout.count("report:") >= 1
+
+
+def test_torchrun_processes_without_a_parallel_mode_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchbook.errors import UserInputError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserInputError, match="add parallel=ddp or parallel=fsdp"):
+        Trainer(Net(), TrainConfig(progress=False), None, data()[0], criterion=nn.MSELoss())
+    with pytest.raises(UserInputError, match="accepted: ddp"):
+        TrainConfig(parallel="dpp").validate()

@@ -53,6 +53,8 @@ class TensorBoardLogger:
             self.writer.add_scalar("step/lr", trainer.lr, trainer.global_step)
 
     def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        if trainer.run is None:
+            return
         weights = trainer.full_state_dict()  # collective under FSDP: every rank takes part
         if self.writer is None:
             return

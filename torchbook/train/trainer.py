@@ -347,6 +347,7 @@ class Trainer:
                     self.should_stop = True
             self.save_checkpoint()
             self.callback("on_epoch_end", record)
+            self.agree_to_stop()
         if self.dist.mode == "fsdp":  # hand the plain model the trained weights, gathered from the shards
             self.model.load_state_dict(distributed.full_model_state(self.train_module, self.dist))
         self.fitting = False
@@ -416,6 +417,7 @@ class Trainer:
                 started = time.perf_counter()
                 if self.out_of_budget():
                     self.should_stop = True
+                self.agree_to_stop()
                 if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
                     self.save_checkpoint()
                 if self.should_stop:
@@ -439,6 +441,11 @@ class Trainer:
         if self.config.schedule not in PER_EPOCH_SCHEDULES:
             self.scheduler.step()
         self.global_step += 1
+
+    def agree_to_stop(self) -> None:
+        """Distributed: stop on every process when any wants to (a time budget or a callback may differ)."""
+        if self.dist.active and self.dist.world_size > 1:
+            self.should_stop = distributed.all_reduce_sum([float(self.should_stop)], self.dist)[0] > 0
 
     def out_of_budget(self) -> bool:
         c = self.config
