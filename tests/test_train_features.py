@@ -103,6 +103,36 @@ def test_fp16_gradient_scaler_skips_overflowing_steps() -> None:
     assert any(not torch.equal(seen[3][1][k], seen[4][1][k]) for k in seen[3][1])  # and training went on
 
 
+def test_deferred_loss_readback_as_on_cuda_changes_nothing_but_when_the_loss_is_read(tmp_path: Path) -> None:
+    """On CUDA the trainer reads losses back only at logs, checkpoints and epoch ends (no stall per step); the
+    same code path forced on CPU gives the same weights, the same logs and still catches a NaN."""
+    results = {}
+    for sync in (True, False):
+        config = TrainConfig(epochs=2, batch_size=16, lr=0.05, log_every=3, checkpoint_every=4, progress=False)
+        train, val = problem()
+        torch.manual_seed(0)
+        trainer = Trainer(Net(), config, RunDir(tmp_path / str(sync)), train, val, criterion=nn.MSELoss())
+        trainer.sync_every_step = sync
+        trainer.fit()
+        logs = [{k: v for k, v in r.items() if k not in ("time", "train_time_s")} for r in RunDir(tmp_path / str(sync)).metrics()]
+        results[sync] = (weights(trainer), logs)
+    assert_same_weights(results[True][0], results[False][0])
+    assert results[True][1] == results[False][1] and len(results[True][1]) > 4
+
+    class Exploding(Net):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * (float("nan") if self.training and trainer.global_step >= 2 else 1.0)
+
+    from torchbook.errors import TrainingDiverged
+
+    train, _ = problem()
+    trainer = Trainer(Exploding(), TrainConfig(epochs=1, batch_size=8, log_every=5, progress=False), None, train,
+                      criterion=nn.MSELoss())
+    trainer.sync_every_step = False
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan at or before step 5 \(epoch 1, batch 5\)"):
+        trainer.fit()
+
+
 # -- compile and activation checkpointing -------------------------------------------------------------------
 def test_compile_trains_like_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")  # dynamo + AOTAutograd, no C++ build (fast)

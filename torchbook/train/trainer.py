@@ -179,6 +179,10 @@ class Trainer:
             enable_activation_checkpointing(inner)  # type: ignore[arg-type]
         self.forward_module: Any = Compiled(self.train_module) if config.compile else self.train_module
         self.fitting = False
+        # Reading the loss back every step stalls a GPU; on CUDA it is read when a log, a checkpoint, the progress
+        # bar, an on_step_end callback or the epoch end needs it (the NaN check then names "at or before step N").
+        self.sync_every_step = self.device.type != "cuda"
+        self.step_callbacks = False  # set by fit(): does any callback want the loss of every step?
         self.optimizer = build_optimizer(self.train_module if self.dist.mode == "fsdp" else self.model, config)
         self.steps_per_epoch = math.ceil(len(self.batches(0)) / config.grad_accum)
         total = config.epochs * self.steps_per_epoch
@@ -329,6 +333,7 @@ class Trainer:
         config = self.config
         seed_everything(config.seed)
         self.fitting = True
+        self.step_callbacks = any(hasattr(cb, "on_step_end") for cb in self.callbacks)
         if not self.resume():
             self.save_checkpoint() if config.checkpoint_every else None
         self.callback("on_fit_start")
@@ -377,6 +382,8 @@ class Trainer:
         )
         started = time.perf_counter()
         accumulated = 0
+        pending: list[tuple[Tensor, int]] = []  # CUDA: losses not yet read back (see sync_every_step)
+        loss_value = math.nan
         remaining = batches[self.batch_in_epoch :]
         shards = [distributed.shard(idx, self.dist) for idx in remaining] if self.dist.active else None
         local_batches = [s[0] for s in shards] if shards is not None else remaining
@@ -387,20 +394,18 @@ class Trainer:
                 with self.autocast():
                     out = self.step_fn(self.forward_module, batch)
                 loss = out.loss
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(
-                        f"the loss became {loss_value} at step {self.global_step + 1} (epoch {self.epoch + 1}, "
-                    f"batch {self.batch_in_epoch + 1}); lower lr, clip gradients (grad_clip=1.0) or check the data; "
-                        "the last good checkpoint is kept in the run folder"
-                    )
                 count = out.count if out.count is not None else 1
+                if shards is not None and not shards[i][2]:
+                    count = 0  # a stand-in example on a process whose share of this batch is empty
+                if self.sync_every_step:
+                    loss_value = loss.item()
+                    self.check_finite([loss_value], exact=True)
+                    self.epoch_loss_sum += loss_value * count
+                else:
+                    pending.append((loss.detach(), count))
                 if shards is not None:  # weight each process's mean so that their average is the global mean
-                    weight, real = shards[i][1], shards[i][2]
-                    loss = loss * weight
-                    count = count if real else 0
+                    loss = loss * shards[i][1]
                 self.scaler.scale(loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
-            self.epoch_loss_sum += loss_value * count
             self.epoch_count += count
             self.batch_in_epoch += 1
             accumulated += 1
@@ -408,9 +413,14 @@ class Trainer:
             if accumulated == config.grad_accum or self.batch_in_epoch == len(batches):
                 accumulated = 0
                 self.optimizer_step()
+                log_due = bool(config.log_every and self.global_step % config.log_every == 0)
+                checkpoint_due = bool(config.checkpoint_every and self.global_step % config.checkpoint_every == 0)
+                if pending and (log_due or checkpoint_due or not bar.disable or self.step_callbacks
+                                or self.batch_in_epoch == len(batches) or self.out_of_budget()):
+                    loss_value = self.flush(pending)
                 if not bar.disable:
                     bar.set_postfix(loss=f"{self.epoch_loss_sum / max(1, self.epoch_count):.4f}", lr=f"{self.lr:.2e}")
-                if config.log_every and self.global_step % config.log_every == 0:
+                if log_due:
                     self.log(kind="step", step=self.global_step, epoch=self.epoch + 1, loss=loss_value, lr=self.lr)
                 self.callback("on_step_end", loss_value)
                 self.train_time += time.perf_counter() - started
@@ -418,11 +428,35 @@ class Trainer:
                 if self.out_of_budget():
                     self.should_stop = True
                 self.agree_to_stop()
-                if config.checkpoint_every and self.global_step % config.checkpoint_every == 0:
+                if self.should_stop and pending:
+                    loss_value = self.flush(pending)
+                if checkpoint_due:
                     self.save_checkpoint()
                 if self.should_stop:
                     break
+        if pending:
+            self.flush(pending)
         bar.close()
+
+    def flush(self, pending: list[tuple[Tensor, int]]) -> float:
+        """Read the pending losses back in one transfer, check them, add them to the epoch sum; the last one."""
+        values = torch.stack([loss.float() for loss, _ in pending]).tolist()
+        self.check_finite(values, exact=False)
+        for value, (_, count) in zip(values, pending):
+            self.epoch_loss_sum += value * count
+        pending.clear()
+        return float(values[-1])
+
+    def check_finite(self, values: list[float], exact: bool) -> None:
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        if bad is None:
+            return
+        where = f"at step {self.global_step + 1}" if exact else f"at or before step {self.global_step}"
+        batch = self.batch_in_epoch + 1 if exact else self.batch_in_epoch
+        raise TrainingDiverged(
+            f"the loss became {bad} {where} (epoch {self.epoch + 1}, batch {batch}); lower lr, "
+            "clip gradients (grad_clip=1.0) or check the data; the last good checkpoint is kept in the run folder"
+        )
 
     def optimizer_step(self) -> None:
         config = self.config
