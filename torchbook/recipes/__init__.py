@@ -31,6 +31,7 @@ class Recipe:
     config: type
     run: Callable[..., Any]
     evaluate: Callable[..., dict[str, Any]] | None = None
+    predict: Callable[..., Any] | None = None  # predict(run_dir, input_path) -> DataFrame, for `torchbook predict`
 
     @property
     def module(self) -> str:
