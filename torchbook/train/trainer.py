@@ -333,6 +333,8 @@ class Trainer:
         config = self.config
         seed_everything(config.seed)
         self.fitting = True
+        if self.dist.mode == "fsdp" and self.device.type == "cuda":
+            self.model.to("cpu")  # the plain model waits on the CPU while training: only shards occupy the GPU
         self.step_callbacks = any(hasattr(cb, "on_step_end") for cb in self.callbacks)
         if not self.resume():
             self.save_checkpoint() if config.checkpoint_every else None
@@ -354,6 +356,7 @@ class Trainer:
             self.callback("on_epoch_end", record)
             self.agree_to_stop()
         if self.dist.mode == "fsdp":  # hand the plain model the trained weights, gathered from the shards
+            self.model.to(self.device)
             self.model.load_state_dict(distributed.full_model_state(self.train_module, self.dist))
         self.fitting = False
         if config.restore_best and self.best_state is not None:
