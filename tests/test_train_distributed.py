@@ -110,8 +110,13 @@ def test_ddp_and_fsdp_match_one_process_and_resume_across_process_counts(tmp_pat
         ("fsdp_interrupted", str(tmp_path / "fsdp_to_single"), {"parallel": "fsdp", "stop_at": 5}),
         ("ddp_resumed", str(tmp_path / "single_to_ddp"), {"parallel": "ddp"}),
         ("fsdp_resumed", str(tmp_path / "single_to_fsdp"), {"parallel": "fsdp"}),
+        ("fsdp_fp16", None, {"parallel": "fsdp", "precision": "fp16"}),  # sharded gradient scaler
+        ("ddp_bf16", None, {"parallel": "ddp", "precision": "bf16"}),
     ]
     results = launch(2, tmp_path, jobs)
+    for name in ("fsdp_fp16", "ddp_bf16"):  # the same trajectory, within half-precision rounding
+        reference = train(None, precision=name.split("_")[1])
+        assert max((results[name][k] - reference[k]).abs().max().item() for k in reference) < 5e-3
     diffs = {name: assert_same(results[name], single) for name in ("ddp", "fsdp", "ddp_resumed", "fsdp_resumed")}
     # FSDP's checkpoint (written by rank 0 of 2 processes) resumed by one process without any parallel mode.
     diffs["fsdp_to_single"] = assert_same(train(str(tmp_path / "fsdp_to_single")), single)
