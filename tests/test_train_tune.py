@@ -121,7 +121,7 @@ def test_cli_tunes_the_book_image_classifier(tmp_path: Path, capsys: pytest.Capt
     """The book's example: learning rate and hidden size of the chapter-10 MLP (offline digits, smoke preset)."""
     from torchbook.cli import main
 
-    code = main(["tune", "image-classifier", "--trials", "3", "--preset", "smoke", "lr=loguniform(1e-4,1e-1)",
+    code = main(["tune", "image-classifier", "--trials", "2", "--preset", "smoke", "lr=loguniform(1e-4,1e-1)",
                  "hidden=int(20,300)", "monitor=val_accuracy", "epochs=2", "--dir", str(tmp_path / "t")])
     assert code == 0
     out = capsys.readouterr().out

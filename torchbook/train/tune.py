@@ -19,6 +19,7 @@ import dataclasses
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,7 +295,9 @@ def write_report(study: Any, folder: Path, recipe: Any, metric: str, settings: d
         raise UserInputError(f"no trial of {str(folder)!r} completed (all pruned or failed); run more --trials")
     best = study.best_trial
     try:
-        importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        with warnings.catch_warnings():  # "too few trials": the note below says so
+            warnings.simplefilter("ignore")
+            importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
         importance_note = "How much each parameter explains the objective (Optuna's default importance evaluator; sums to 1)."
     except (RuntimeError, ValueError) as e:
         importances = {}
