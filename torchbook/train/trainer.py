@@ -504,7 +504,10 @@ class Trainer:
         if self.val_data is not None:
             record.update({f"val_{k}": v for k, v in self.evaluate(self.val_data).items()})
         if self.config.schedule in PER_EPOCH_SCHEDULES:
-            self.scheduler.step(record.get(self.config.monitor, record["train_loss"]))
+            monitor = self.config.monitor
+            # Without `monitor` in the record (no validation data), the training loss; negated for a "max" scheduler.
+            fallback = record["train_loss"] if monitor_mode(monitor) == "min" else -record["train_loss"]
+            self.scheduler.step(record.get(monitor, fallback))
         self.log(**record)
         self.epoch += 1
         self.batch_in_epoch = 0
