@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tarfile
 
+import numpy as np
 import pandas as pd
 
 from torchbook.data.download import RemoteFile, cache_dir, fetch
@@ -33,3 +34,41 @@ def extract(remote: RemoteFile, member: str) -> str:
 def load_housing() -> pd.DataFrame:
     """The book's California housing table: 20,640 districts, 10 columns including ocean_proximity."""
     return pd.read_csv(extract(HOUSING, "housing/housing.csv"))
+
+
+_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+_MNIST_OFFLINE = "data=digits (scikit-learn's bundled 8x8 digits)"
+# The original IDX files (LeCun, Cortes and Burges), saved under mnist-* names so they never collide with
+# Fashion-MNIST's files of the same names in the cache. Same images and order as OpenML's mnist_784.
+MNIST = {
+    key: RemoteFile(_MNIST_URL + name, sha256, filename="mnist-" + name, offline=_MNIST_OFFLINE)
+    for key, name, sha256 in (
+        ("train_images", "train-images-idx3-ubyte.gz", "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+        ("train_labels", "train-labels-idx1-ubyte.gz", "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+        ("test_images", "t10k-images-idx3-ubyte.gz", "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+        ("test_labels", "t10k-labels-idx1-ubyte.gz", "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+    )
+}
+MNIST_SOURCE = "MNIST (LeCun, Cortes and Burges), 70,000 28x28 digits, the book's mnist_784: first 60,000 train"
+
+
+def load_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MNIST as the book uses it: flat 784-pixel rows in 0..255 (float64) and string-free int labels, 60k / 10k."""
+    from torchbook.data.images import read_idx
+
+    arrays = {key: read_idx(str(fetch(remote))) for key, remote in MNIST.items()}
+    return (arrays["train_images"].reshape(-1, 784).astype(np.float64), arrays["train_labels"].astype(np.int64),
+            arrays["test_images"].reshape(-1, 784).astype(np.float64), arrays["test_labels"].astype(np.int64))
+
+
+DIGITS_SOURCE = "scikit-learn's bundled digits (UCI optical recognition of handwritten digits, 1,797 8x8 images)"
+
+
+def load_digits_split(test_size: float = 0.2, seed: int = 42) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The offline stand-in for MNIST: scikit-learn's digits (pixels 0..16), split stratified train / test."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed)
+    return x_train, y_train, x_test, y_test

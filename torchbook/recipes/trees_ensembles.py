@@ -9,6 +9,7 @@ histogram-based boosting on the housing archive (when the mirror has it); stacki
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -68,9 +69,11 @@ def moons(config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     return train_test_split(x, y, random_state=config.seed)
 
 
-def voters(seed: int) -> list[tuple[str, Any]]:
+def voters(seed: int, probability: bool = False) -> list[tuple[str, Any]]:
+    """The three voters. Soft voting and stacking use the SVC's probabilities, as the book does (scikit-learn 1.9
+    deprecates `SVC(probability=True)`; we keep the book's model and silence that warning)."""
     return [("lr", LogisticRegression(random_state=seed)), ("rf", RandomForestClassifier(random_state=seed)),
-            ("svc", SVC(random_state=seed))]
+            ("svc", SVC(probability=probability, random_state=seed))]
 
 
 def iris_tree(seed: int = 42) -> tuple[DecisionTreeClassifier, dict[str, Any]]:
@@ -134,6 +137,12 @@ def housing_boosting(seed: int = 42) -> dict[str, float]:
 
 
 def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`probability` parameter was deprecated", category=FutureWarning)
+        return _run(config, run_dir)
+
+
+def _run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     run = RunDir.start(run_dir, NAME, config)
     report = Report("Decision trees and ensemble learning", NAME, "5-6", SOURCE)
     tree, results = iris_tree(config.seed)
@@ -149,8 +158,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     for name, fitted in hard.named_estimators_.items():
         results[{"lr": "logistic", "rf": "random_forest", "svc": "svc"}[name]] = fitted.score(x_test, y_test)
     results["hard_voting"] = hard.score(x_test, y_test)
-    soft = VotingClassifier(voters(config.seed), voting="soft")
-    soft.set_params(svc__probability=True)
+    soft = VotingClassifier(voters(config.seed, probability=True), voting="soft")
     results["soft_voting"] = soft.fit(x_train, y_train).score(x_test, y_test)
 
     bagging = BaggingClassifier(DecisionTreeClassifier(), n_estimators=config.bagging_estimators, oob_score=True,
@@ -171,7 +179,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
                              random_state=config.seed).fit(x_train, y_train)
     results["adaboost"] = ada.score(x_test, y_test)
     results.update(gradient_boosting_by_hand(config.seed))
-    stacking = StackingClassifier(voters(config.seed), final_estimator=RandomForestClassifier(random_state=config.seed + 1),
+    stacking = StackingClassifier(voters(config.seed, probability=True), final_estimator=RandomForestClassifier(random_state=config.seed + 1),
                                   cv=config.stacking_cv).fit(x_train, y_train)
     results["stacking"] = stacking.score(x_test, y_test)
     if config.boosting_housing:

@@ -1,0 +1,154 @@
+"""Part I (chapters 3-9): the book's printed figures, reproduced by the library functions the recipes run.
+
+Every expected value below is the book's (see ../shared/BOOK_MAP.md, Part I). Tolerances are the book's own
+rounding unless a comment gives another reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from torchbook.config import build_config
+from torchbook.recipes import linear_models as lm
+from torchbook.recipes import mlp_sklearn, trees_ensembles, unsupervised
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """These matrices are small: BLAS threads only fight the other test workers for the 2 cores."""
+    with threadpool_limits(1), warnings.catch_warnings():
+        # the book's SVC(probability=True), deprecated in scikit-learn 1.9 (see trees_ensembles.voters)
+        warnings.filterwarnings("ignore", message=".*`probability` parameter was deprecated", category=FutureWarning)
+        yield
+
+
+# -- chapter 4 -----------------------------------------------------------------------------------------------
+def test_normal_equation_and_gradient_descents_give_the_books_thetas():
+    x, y = lm.linear_data()
+    assert x.shape == y.shape == (200, 1)
+    normal = lm.normal_equation(x, y).ravel()
+    np.testing.assert_allclose(normal, [3.69084138, 3.32960458], atol=5e-9)  # the book prints 8 decimals
+    lstsq = np.linalg.lstsq(lm.add_bias(x), y, rcond=None)[0].ravel()  # parity with NumPy's least squares
+    np.testing.assert_allclose(normal, lstsq, rtol=1e-10)
+    batch, path = lm.batch_gradient_descent(x, y, lr=0.1, epochs=1000)
+    np.testing.assert_allclose(batch.ravel(), normal, atol=1e-8)
+    assert len(path) == 1001
+    sgd, _ = lm.stochastic_gradient_descent(x, y, epochs=50, t0=5, t1=50)
+    np.testing.assert_allclose(sgd.ravel(), [3.698, 3.307], atol=5e-4)  # the book: "about (3.698, 3.307)"
+    minibatch, _ = lm.minibatch_gradient_descent(x, y)
+    assert np.abs(minibatch.ravel() - normal).max() < 0.15  # no book figure: it lands near the optimum
+
+
+def test_polynomial_regression_and_iris_logistic_models_match_the_book():
+    config = lm.Config()
+    from sklearn.linear_model import LinearRegression
+    from sklearn.preprocessing import PolynomialFeatures
+
+    x, y = lm.quadratic_data()
+    model = LinearRegression().fit(PolynomialFeatures(degree=2, include_bias=False).fit_transform(x), y)
+    assert model.intercept_[0] == pytest.approx(2.00540719, abs=5e-9)
+    np.testing.assert_allclose(model.coef_.ravel(), [1.11022126, 0.50526985], atol=5e-9)
+    iris = lm.iris_models(config)["results"]
+    assert iris["iris_boundary"] == pytest.approx(1.65, abs=0.005)
+    np.testing.assert_allclose(iris["softmax_proba"], [0.0, 0.04, 0.96], atol=0.005)
+    assert iris["softmax_prediction"] == 2
+
+
+def test_early_stopping_keeps_the_best_validation_epoch():
+    x, y = lm.quadratic_data(100)
+    model, best_epoch, _, val_curve = lm.early_stopping_sgd(x[:50], y[:50], x[50:], y[50:], epochs=40)
+    assert val_curve[best_epoch] == min(val_curve)
+    from sklearn.metrics import root_mean_squared_error
+
+    assert root_mean_squared_error(y[50:], model.predict(x[50:])) == pytest.approx(min(val_curve), rel=1e-12)
+
+
+# -- chapters 5-6 --------------------------------------------------------------------------------------------
+def test_iris_tree_and_moons_regularization_match_the_book():
+    _, iris = trees_ensembles.iris_tree()
+    assert iris["iris_root_feature"] == "petal length"
+    assert iris["iris_root_threshold"] == pytest.approx(2.45, abs=1e-7)  # trees keep thresholds in float32
+    np.testing.assert_allclose(iris["iris_proba"], [0.0, 0.907, 0.093], atol=5e-4)
+    moons = trees_ensembles.moons_regularization()
+    assert moons["moons_tree_unregularized"] == pytest.approx(0.898, abs=1e-9)
+    assert moons["moons_tree_min_leaf5"] == pytest.approx(0.92, abs=1e-9)
+
+
+def test_moons_ensembles_table_matches_the_book():
+    """The book's table on 500 moons: exact accuracies on the 125 test points (steps of 0.008)."""
+    from sklearn.ensemble import BaggingClassifier, StackingClassifier, VotingClassifier
+    from sklearn.ensemble import RandomForestClassifier as Forest
+    from sklearn.tree import DecisionTreeClassifier
+
+    config = trees_ensembles.Config()
+    x_train, x_test, y_train, y_test = trees_ensembles.moons(config)
+    hard = VotingClassifier(trees_ensembles.voters(42)).fit(x_train, y_train)
+    scores = {name: est.score(x_test, y_test) for name, est in hard.named_estimators_.items()}
+    assert scores == pytest.approx({"lr": 0.864, "rf": 0.896, "svc": 0.896}, abs=1e-9)
+    assert hard.score(x_test, y_test) == pytest.approx(0.912, abs=1e-9)
+    soft = VotingClassifier(trees_ensembles.voters(42, probability=True), voting="soft")
+    assert soft.fit(x_train, y_train).score(x_test, y_test) == pytest.approx(0.92, abs=1e-9)
+    bagging = BaggingClassifier(DecisionTreeClassifier(), n_estimators=500, oob_score=True, n_jobs=1,
+                                random_state=42).fit(x_train, y_train)
+    assert bagging.oob_score_ == pytest.approx(0.896, abs=1e-9)
+    assert bagging.score(x_test, y_test) == pytest.approx(0.92, abs=1e-9)
+    stacking = StackingClassifier(trees_ensembles.voters(42, probability=True), final_estimator=Forest(random_state=43), cv=5)
+    assert stacking.fit(x_train, y_train).score(x_test, y_test) == pytest.approx(0.928, abs=1e-9)
+
+
+def test_gradient_boosting_by_hand_equals_scikit_learn_and_early_stopping_keeps_53_trees():
+    gb = trees_ensembles.gradient_boosting_by_hand()
+    np.testing.assert_allclose(gb["gbrt_by_hand"], gb["gbrt_sklearn_3_trees"], rtol=1e-10)
+    assert gb["gbrt_early_stopping_trees"] == 53
+
+
+# -- chapters 7-8 --------------------------------------------------------------------------------------------
+def test_semi_supervised_ladder_matches_the_book():
+    semi = unsupervised.semi_supervised(labeled=50, percentile_closest=50)
+    assert semi["semi_random_50"] == pytest.approx(0.758, abs=5e-4)
+    assert semi["semi_representative_50"] == pytest.approx(0.834, abs=5e-4)
+    assert semi["semi_full_propagation"] == pytest.approx(0.869, abs=5e-4)
+    assert semi["semi_partial_propagation"] == pytest.approx(0.884, abs=5e-4)
+    assert semi["semi_partial_label_accuracy"] > 0.95  # the kept propagated labels are mostly right
+
+
+def test_johnson_lindenstrauss_bound_and_random_projection_keep_distances():
+    rp = unsupervised.random_projection(samples=300, features=3000, eps=0.3, seed=42)
+    assert rp["jl_min_dim_5000_0.1"] == 7300
+    assert 0.7 <= rp["rp_distance_ratio_min"] <= 1 <= rp["rp_distance_ratio_max"] <= 1.3
+
+
+def test_pca_keeps_95_percent_and_gaussian_mixture_finds_three_blobs():
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data
+    pca = unsupervised.pca_study(x)
+    assert pca["pca_components_95"] == pca["pca_components_95_sklearn"] < 64
+    mix = unsupervised.mixture_study(unsupervised.mixture_data(), max_k=5, n_init=2, anomaly_percentile=2, seed=42)
+    assert mix["gmm_best_k_bic"] == 3 and mix["gmm_converged"]
+    assert mix["gmm_anomalies"] == 25  # 2% of 1,250 points
+    assert mix["bayesian_gmm_effective_components"] == 3
+
+
+# -- chapter 9 -----------------------------------------------------------------------------------------------
+def test_perceptron_predicts_like_the_book_and_is_sgd_with_perceptron_loss():
+    p = mlp_sklearn.perceptron_study()
+    assert p["perceptron_predictions"] == [True, False]
+    assert p["perceptron_equals_sgd"] and p["perceptron_train_accuracy"] == 1.0
+
+
+@pytest.mark.slow
+def test_sklearn_mlp_regressor_on_housing_is_near_the_book(tmp_path):
+    """Book: test RMSE 0.533, R2 0.79 with scikit-learn's copy of the data. Ours imputes the archive's 207 missing
+    bedroom counts, so the test allows 5% on the RMSE and 0.03 on R2 (measured: see docs/part1.md)."""
+    import json
+
+    run = mlp_sklearn.run(build_config(mlp_sklearn.Config, preset="book"), tmp_path / "run")
+    results = json.loads((run.path / "results.json").read_text())
+    assert results["mlp_test_rmse"] == pytest.approx(0.533, rel=0.05)
+    assert results["mlp_test_r2"] == pytest.approx(0.79, abs=0.03)
+    assert results["mlp_test_rmse"] < results["linear_test_rmse"]
