@@ -58,6 +58,15 @@ def test_unknown_command_and_flag_exit_2(capsys):
         assert "error:" in capsys.readouterr().err
 
 
+def test_overrides_may_follow_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "image-classifier", "--preset", "smoke", "epochs=1", "--run-dir", "r", "limit=100"]) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert (config["epochs"], config["limit"], config["data"]) == (1, 100, "digits")
+    with pytest.raises(SystemExit):
+        main(["run", "image-classifier", "--preset", "smoke", "--bogus"])
+
+
 def test_malformed_config_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.json").write_text("{oops")

@@ -509,6 +509,10 @@ class Trainer:
             fallback = record["train_loss"] if monitor_mode(monitor) == "min" else -record["train_loss"]
             self.scheduler.step(record.get(monitor, fallback))
         self.log(**record)
+        if self.config.progress and self.is_main and sys.stderr.isatty():
+            # The live bar (loss, lr, rate, ETA) vanishes at the epoch's end; this line with the metrics stays.
+            summary = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k == "train_loss" or k.startswith("val_"))
+            print(f"epoch {record['epoch']}/{self.config.epochs}  {summary}", file=sys.stderr)
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_loss_sum = 0.0
