@@ -79,7 +79,7 @@ class Config:
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {"limit": 2000, "cv_folds": 3, "trees": 10, "grid_search": False, "random_search_iter": 2,
-                  "search_cv": 2, "bootstrap_resamples": 999},
+                  "search_cv": 2, "bootstrap_resamples": 999, "n_jobs": 1},
         "quick": {"grid_search": False, "random_search_iter": 0},
         "book": {},
     }

@@ -201,7 +201,7 @@ def write_report(report: Report, run: RunDir, config: Config, results: dict[str,
     full = config.bagging_estimators == 500 and config.forest_estimators == 500 and config.stacking_cv == 5
 
     def compare(label: str, key: str, note: str = "") -> None:
-        book = BOOK.get(key)
+        book: Any = BOOK.get(key)
         ours = results[key]
         if isinstance(ours, list):
             ours = "(" + ", ".join(f"{v:.3f}" for v in ours) + ")"

@@ -235,7 +235,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     run.write_json("results.json", results)
     run.log(kind="eval", **{k: v for k, v in results.items() if isinstance(v, (int, float))})
 
-    plots(run, pca, roll, roll_t, unrolled, x_blobs, km, image, segmented, db, x_mix, mix)
+    plots(run, pca, roll, roll_t, unrolled, x_blobs, km, image, segmented, db, x_mix, mix, config.anomaly_percentile)
     write_report(report, run, config, results)
     return run
 
@@ -287,7 +287,7 @@ def write_report(report: Report, run: RunDir, config: Config, results: dict[str,
 
 def plots(run: RunDir, pca: dict[str, Any], roll: np.ndarray, roll_t: np.ndarray, unrolled: np.ndarray,
           x_blobs: np.ndarray, km: dict[str, Any], image: np.ndarray, segmented: dict[int, np.ndarray],
-          db: dict[str, Any], x_mix: np.ndarray, mix: dict[str, Any]) -> None:
+          db: dict[str, Any], x_mix: np.ndarray, mix: dict[str, Any], anomaly_percentile: float) -> None:
     from torchbook.plots import line_plot, plt, save_figure
 
     cumulative = pca["cumulative"]
@@ -312,7 +312,7 @@ def plots(run: RunDir, pca: dict[str, Any], roll: np.ndarray, roll_t: np.ndarray
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     best = km["models"][min(5, max(km["models"]))]
     axes[0].scatter(x_blobs[:, 0], x_blobs[:, 1], c=best.labels_, s=2, cmap="tab10")
-    axes[0].scatter(*best.cluster_centers_.T, marker="x", c="k")
+    axes[0].scatter(best.cluster_centers_[:, 0], best.cluster_centers_[:, 1], marker="x", c="k")
     axes[0].set_title(f"k-means, k = {best.n_clusters}")
     axes[1].plot(list(km["kmeans_inertia"]), list(km["kmeans_inertia"].values()), "o-")
     axes[1].set_title("inertia (elbow)")
@@ -346,16 +346,17 @@ def plots(run: RunDir, pca: dict[str, Any], roll: np.ndarray, roll_t: np.ndarray
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     labels = db["dbscan"].labels_
     ax.scatter(db["moons"][:, 0], db["moons"][:, 1], c=labels, s=4, cmap="Paired")
-    ax.scatter(*db["moons"][labels == -1].T, c="r", marker="x", s=20, label="anomalies")
+    outliers = db["moons"][labels == -1]
+    ax.scatter(outliers[:, 0], outliers[:, 1], c="r", marker="x", s=20, label="anomalies")
     ax.set_title("DBSCAN, eps 0.2")
     save_figure(fig, run.plots / "dbscan.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     densities = mix["gmm"].score_samples(x_mix)
-    anomalies = densities < np.percentile(densities, 2)
+    anomalies = densities < np.percentile(densities, anomaly_percentile)
     ax.scatter(x_mix[:, 0], x_mix[:, 1], c=mix["gmm"].predict(x_mix), s=3, cmap="viridis")
-    ax.scatter(*x_mix[anomalies].T, c="r", marker="*", s=30, label="anomalies")
-    ax.scatter(*mix["gmm"].means_.T, c="k", marker="x", s=60)
+    ax.scatter(x_mix[anomalies, 0], x_mix[anomalies, 1], c="r", marker="*", s=30, label="anomalies")
+    ax.scatter(mix["gmm"].means_[:, 0], mix["gmm"].means_[:, 1], c="k", marker="x", s=60)
     ax.legend()
     save_figure(fig, run.plots / "gmm.png")
 
