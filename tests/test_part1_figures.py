@@ -152,3 +152,41 @@ def test_sklearn_mlp_regressor_on_housing_is_near_the_book(tmp_path):
     assert results["mlp_test_rmse"] == pytest.approx(0.533, rel=0.05)
     assert results["mlp_test_r2"] == pytest.approx(0.79, abs=0.03)
     assert results["mlp_test_rmse"] < results["linear_test_rmse"]
+
+
+def mnist_or_skip() -> None:
+    """The MNIST figures need MNIST: downloaded once (or placed in $TORCHBOOK_MIRROR); skipped, with the reason, on a
+    machine that can reach neither. The offline digits runs are tested in the default suite."""
+    from torchbook.data.sources import load_mnist
+    from torchbook.errors import DataUnavailable
+
+    try:
+        load_mnist()
+    except DataUnavailable as e:
+        pytest.skip(f"MNIST is not obtainable here: {e}")
+
+
+@pytest.mark.slow
+def test_classification_on_mnist_reproduces_the_books_figures(tmp_path):
+    """Book: precision 0.837, recall 0.651, F1 0.733, ROC AUC 0.960; forest F1 0.927, AUC 0.998; multilabel KNN
+    macro F1 0.976. Tolerance 0.01: the same estimators and seeds, but other library versions."""
+    import json
+
+    from torchbook.recipes import classification
+
+    mnist_or_skip()
+    run = classification.run(build_config(classification.Config, preset="book"), tmp_path / "run")
+    r = json.loads((run.path / "results.json").read_text())
+    for key in ("sgd_precision", "sgd_recall", "sgd_f1", "sgd_roc_auc", "forest_f1", "forest_roc_auc",
+                "multilabel_knn_macro_f1", "dummy_cv_accuracy"):
+        assert r[key] == pytest.approx(classification.BOOK[key], abs=0.01), key
+    assert r["multiclass_sgd_scaled_cv_accuracy"] == pytest.approx(0.90, abs=0.01)
+
+
+@pytest.mark.slow
+def test_pca_on_mnist_keeps_154_components_for_95_percent(tmp_path):
+    from torchbook.data.sources import load_mnist
+
+    mnist_or_skip()
+    x_train, *_ = load_mnist()
+    assert unsupervised.pca_study(x_train)["pca_components_95"] == 154

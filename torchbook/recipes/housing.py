@@ -272,7 +272,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
             results[f"{name}_cv_rmse"], results[f"{name}_cv_std"] = float(scores.mean()), float(scores.std())
             run.log(kind="cv", model=name, folds=config.cv_folds, rmse_mean=scores.mean(), rmse_std=scores.std(),
                     seconds=time.time() - started)
-            ladder_rows.append([name, float(scores.mean()), float(scores.std()), config.cv_folds])
+            ladder_rows.append([name, round(float(scores.mean())), round(float(scores.std())), config.cv_folds])
 
     search_rows: list[list[Any]] = []
     if config.grid_search:
@@ -322,7 +322,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
 def search_table(kind: str, search: Any) -> list[list[Any]]:
     cv = search.cv_results_
-    rows = [[kind, p["preprocessing__geo__n_clusters"], p["random_forest__max_features"], -float(s)]
+    rows = [[kind, p["preprocessing__geo__n_clusters"], p["random_forest__max_features"], round(-float(s))]
             for p, s in zip(cv["params"], cv["mean_test_score"], strict=True)]
     return sorted(rows, key=lambda r: r[3])
 

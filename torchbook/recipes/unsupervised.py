@@ -269,7 +269,7 @@ def write_report(report: Report, run: RunDir, config: Config, results: dict[str,
                    f"{results['dbscan_eps0.2_clusters']} / {results['dbscan_eps0.2_anomalies']}", None)
     report.compare("Gaussian mixture: best k by BIC / AIC",
                    f"{results['gmm_best_k_bic']} / {results['gmm_best_k_aic']}", None, "3 blobs generated")
-    report.compare(f"Gaussian mixture: anomalies below the {config.anomaly_percentile:g}th density percentile",
+    report.compare(f"Gaussian mixture: anomalies (density below percentile {config.anomaly_percentile:g})",
                    results["gmm_anomalies"], None)
     report.compare("Bayesian Gaussian mixture (10 components): weights above 1%",
                    results["bayesian_gmm_effective_components"], None, "it should switch off the extra ones")
