@@ -76,6 +76,7 @@ def test_mlp_sklearn_smoke_run(tmp_path):
     results = check_run_folder(run.path)
     assert results["perceptron_predictions"] == [True, False]
     assert results["mlp_test_rmse"] < 1.2
+    assert mlp_sklearn.evaluate(run.path)["mlp_test_rmse"] == pytest.approx(results["mlp_test_rmse"], rel=1e-9)
 
 
 @needs_housing

@@ -216,8 +216,8 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
         regularized_rows.append([name, float(model.predict(x_new)[0]), float(np.ravel(model.coef_)[0])])
     results["regularized_predictions_at_1.5"] = {row[0]: row[1] for row in regularized_rows}
 
-    x_train, x_val, y_train, y_val = train_test_split(xq, yq, test_size=0.5, random_state=config.seed)
-    _, best_epoch, train_curve, val_curve = early_stopping_sgd(x_train, y_train, x_val, y_val,
+    xe, ye = quadratic_data(100, config.seed)  # the book's early-stopping set: 100 points, halves train / validate
+    _, best_epoch, train_curve, val_curve = early_stopping_sgd(xe[:50], ye[:50], xe[50:], ye[50:],
                                                                config.early_stopping_epochs, config.seed)
     results["early_stopping_best_epoch"] = best_epoch
     results["early_stopping_best_val_rmse"] = float(min(val_curve))
@@ -232,7 +232,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     boundary_plot(run.plots / "iris_logistic.png", iris["logistic"], results["iris_boundary"])
     run.write_json("split.json", {"source": SOURCE, "seed": config.seed,
                                   "linear and quadratic data": f"{config.m} points, all for training",
-                                  "early stopping": "quadratic data split 50/50 (train_test_split, seed)",
+                                  "early stopping": "100 quadratic points: first 50 train, last 50 validate",
                                   "iris": "train_test_split(seed), 112 train / 38 test"})
     results = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in results.items()}
     run.write_json("results.json", results)

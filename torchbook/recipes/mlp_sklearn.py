@@ -139,4 +139,16 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run
 
 
-RECIPE = Recipe(NAME, "9", "Perceptron on iris, scikit-learn MLP regressor (housing) and classifier", Config, run)
+def evaluate(run_dir: RunDir | str) -> dict[str, float]:
+    """Reload the saved regression MLP and measure its test RMSE and R2 again on the run's split."""
+    from torchbook.models import load_estimator
+
+    run = RunDir.open(run_dir)
+    config = Config(**run.config_values())
+    x_test, y_test = housing_splits(config.seed, config.limit)["test"]
+    predictions = load_estimator(run.model_dir).predict(x_test)
+    return {"mlp_test_rmse": root_mean_squared_error(y_test, predictions), "mlp_test_r2": r2_score(y_test, predictions)}
+
+
+RECIPE = Recipe(NAME, "9", "Perceptron on iris, scikit-learn MLP regressor (housing) and classifier", Config, run,
+                evaluate)
