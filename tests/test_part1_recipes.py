@@ -66,6 +66,8 @@ def test_classification_without_mnist_names_the_offline_alternative(tmp_path, mo
         raise OSError("network unreachable")
 
     monkeypatch.setattr(download, "_download", offline)
+    monkeypatch.setenv("TORCHBOOK_CACHE", str(tmp_path / "cache"))  # nothing cached, nothing mirrored
+    monkeypatch.setenv("TORCHBOOK_MIRROR", str(tmp_path / "mirror"))
     with pytest.raises(DataUnavailable, match="data=digits"):
         classification.run(classification.Config(data="mnist"), tmp_path / "run")
 
