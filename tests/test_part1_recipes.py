@@ -139,6 +139,7 @@ def test_housing_smoke_run_predicts_from_csv_and_rejects_bad_columns(tmp_path, c
 
 @needs_housing
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # beyond the suite's 300 s per test: forests on busy cores
 def test_housing_quick_final_model_reproduces_the_books_test_rmse(tmp_path):
     """quick: the ladder with 10-fold CV and the final forest with the book's chosen settings (no search)."""
     run = housing.run(build_config(housing.Config, preset="quick"), tmp_path / "run")
@@ -154,6 +155,7 @@ def test_housing_quick_final_model_reproduces_the_books_test_rmse(tmp_path):
 
 @needs_housing
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # beyond the suite's 300 s per test: forests on busy cores
 def test_housing_book_preset_searches_reproduce_the_book(tmp_path):
     """book: grid search (45 fits) and randomized search (30 fits); 17 minutes on 2 busy cores."""
     run = housing.run(build_config(housing.Config, preset="book"), tmp_path / "run")
