@@ -1,0 +1,336 @@
+"""`translator`: English-to-Spanish with the original Transformer (chapter 15), trained by the shared trainer.
+
+Data: the book's Tatoeba pairs (`data=tatoeba`, downloaded) or, offline (the default here), the machine's gettext
+catalogs with whole catalogs held out for test (see `torchbook.data.translation`). A shared BPE vocabulary
+(10,000 in the book) with byte fallback. The model is the book's: embedding 128, 4 heads, 2+2 layers, dropout 0.1,
+20 epochs; label smoothing 0.1 and the paper's warm-up then inverse-square-root schedule.
+
+The report gives BLEU and chrF (sacrebleu) on the held-out catalogs for greedy and beam search (the book reports
+no BLEU), how often beam search finds a translation at least as probable as greedy's, sample translations with the
+book's examples, the learning curves and the data manifest. This module also holds what the RNN translator
+(`translator-rnn`, chapter 14) shares: data preparation, the training step, `translate()` and the evaluation.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchbook.data.tokenizers import save_tokenizer, special_ids, train_bpe
+from torchbook.data.translation import (
+    PairDataset,
+    TranslationData,
+    bucket_batches,
+    eval_batches,
+    load_pairs,
+    pad_collate,
+)
+from torchbook.errors import CheckpointError, UserInputError, unknown
+from torchbook.generate import beam_search, decode
+from torchbook.models import save_model
+from torchbook.models.transformer import TransformerConfig, TransformerTranslator
+from torchbook.recipes import Recipe
+from torchbook.report import Report
+from torchbook.runs import RunDir
+from torchbook.train import Step, TrainConfig, Trainer
+
+NAME = "translator"
+BOOK_EXAMPLES = ["I like soccer", "I like to play soccer with my friends at the beach"]
+
+
+@dataclass
+class TranslationConfig(TrainConfig):
+    """What both translators share: data, tokenizer, batching, decoding and evaluation settings."""
+
+    data: str = "gettext"  # gettext (offline, this machine's catalogs) or tatoeba (the book's, downloaded)
+    vocab_size: int = 10_000  # shared English-Spanish BPE vocabulary
+    max_tokens: int = 64  # longest source/target sentence in tokens (longer ones are cut in training)
+    batch_size: int = 64  # most sentences per batch...
+    batch_tokens: int = 2048  # ...and most padded tokens per batch (length bucketing keeps padding low)
+    label_smoothing: float = 0.0
+    limit: int = 0  # train on only this many pairs (0: all), for smoke runs
+    beam_width: int = 3  # the book's beam width
+    length_penalty: float = 1.0  # beam search ranks by log-prob / length ** length_penalty
+    eval_sentences: int = 0  # translate only this many test sentences for BLEU/chrF (0: all)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data not in ("gettext", "tatoeba"):
+            raise unknown("translation data", self.data, ["gettext", "tatoeba"])
+        if self.max_tokens < 4 or self.batch_tokens < self.max_tokens:
+            raise UserInputError(f"max_tokens={self.max_tokens} must be >= 4 and <= batch_tokens={self.batch_tokens}")
+        if self.beam_width < 1:
+            raise UserInputError(f"beam_width={self.beam_width} must be at least 1")
+
+
+@dataclass
+class Config(TranslationConfig):
+    d_model: int = 128
+    n_heads: int = 4
+    n_encoder_layers: int = 2
+    n_decoder_layers: int = 2
+    d_ff: int = 512
+    dropout: float = 0.1
+    norm_first: bool = False  # post-norm as in the paper
+    positions: str = "sinusoidal"
+    label_smoothing: float = 0.1
+    epochs: int = 20
+    lr: float = 1e-3  # peak learning rate of the warm-up schedule
+    schedule: str = "warmup"
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0
+    monitor: str = "val_loss"
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {"limit": 1500, "vocab_size": 600, "d_model": 32, "d_ff": 64, "n_heads": 2, "epochs": 2,
+                  "warmup_steps": 20, "eval_sentences": 40, "max_tokens": 32, "progress": False},
+        "quick": {"vocab_size": 4000, "epochs": 20, "time_budget_s": 90.0, "warmup_steps": 400,
+                  "eval_sentences": 400, "max_tokens": 48},
+        "book": {},
+        # Chapter 14 against 15: both translators trained for the same 20 minutes (see translator-rnn's compare).
+        "compare": {"vocab_size": 8000, "epochs": 1000, "time_budget_s": 1200.0, "warmup_steps": 1000},
+    }
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    data: TranslationData
+    tokenizer: Any
+    ids: dict[str, int]
+    train: PairDataset
+    val: PairDataset
+
+
+def prepare(config: TranslationConfig) -> Prepared:
+    """Load the pairs, train the BPE tokenizer on the training pairs (both languages), make token datasets."""
+    data = load_pairs(config.data, config.seed)
+    if config.limit:  # smoke runs: a sliver of training pairs, and of validation pairs in proportion
+        data.train = data.train[: config.limit]
+        data.val = data.val[: max(50, config.limit // 10)]
+    tokenizer = train_bpe([text for pair in data.train for text in pair], config.vocab_size)
+    ids = special_ids(tokenizer)
+    train = PairDataset(data.train, tokenizer, ids["bos"], ids["eos"], config.max_tokens)
+    val = PairDataset(data.val, tokenizer, ids["bos"], ids["eos"], config.max_tokens)
+    return Prepared(data, tokenizer, ids, train, val)
+
+
+def translation_step(pad_id: int, label_smoothing: float = 0.0) -> Callable[[nn.Module, Any], Step]:
+    """Teacher forcing: the decoder reads <s> y1 .. y(n-1) and predicts y1 .. yn </s>; padding is ignored."""
+
+    def step(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Step:
+        source, target = batch
+        logits = model(source, target[:, :-1])
+        labels = target[:, 1:]
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=pad_id,
+            label_smoothing=label_smoothing if model.training else 0.0,
+        )
+        return Step(loss, count=int((labels != pad_id).sum()))
+
+    return step
+
+
+def train_translator(model: nn.Module, config: TranslationConfig, run: RunDir, prep: Prepared) -> Trainer:
+    """Train with the shared trainer on length-bucketed, padding-aware batches."""
+    lengths = prep.train.lengths()
+    trainer = Trainer(
+        model, config, run, prep.train, prep.val if len(prep.val) else None,
+        step=translation_step(prep.ids["pad"], config.label_smoothing),
+        collate_fn=pad_collate(prep.ids["pad"]),
+        batches=lambda epoch: bucket_batches(lengths, config.batch_tokens, config.batch_size, config.seed, epoch),
+    )
+    trainer.fit()
+    return trainer
+
+
+# -- translating ---------------------------------------------------------------------------------------------
+SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+
+
+def source_pieces(text: str, tokenizer: Any, max_source: int) -> list[list[int]]:
+    """Token ids of `text`, split into sentences when too long for the model; a sentence still too long is
+    truncated with a warning."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if len(ids) <= max_source:
+        return [ids]
+    pieces = []
+    for sentence in SENTENCE_END.split(text.strip()):
+        sentence_ids = tokenizer.encode(sentence, add_special_tokens=False).ids
+        if len(sentence_ids) > max_source:
+            print(f"torchbook: warning: a sentence of {len(sentence_ids)} tokens is longer than the model's "
+                  f"maximum of {max_source}: truncated", file=sys.stderr)
+            sentence_ids = sentence_ids[:max_source]
+        if sentence_ids:
+            pieces.append(sentence_ids)
+    return pieces
+
+
+@torch.no_grad()
+def decode_sources(
+    model: Any, sources: Sequence[list[int]], beam: int = 1, length_penalty: float = 1.0, max_new_tokens: int = 64,
+    batch_size: int = 64,
+) -> tuple[list[list[int]], list[float]]:
+    """Translate token-id sources (each without </s>) in length-sorted batches: greedy (beam=1) or beam search.
+    Returns the output ids of each source (in the input order) and their log-probabilities under the model."""
+    c = model.config
+    model.eval()
+    device = next(model.parameters()).device
+    outputs: list[list[int]] = [[] for _ in sources]
+    log_probs = [0.0] * len(sources)
+    lengths = [len(s) + 1 for s in sources]
+    for batch in eval_batches(lengths, batch_size * max(lengths, default=1), batch_size):
+        rows = [torch.tensor(list(sources[i]) + [c.eos_id]) for i in batch]
+        source = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=c.pad_id).to(device)
+        state = model.start_decoding(len(batch), source=source)
+        first = torch.full((len(batch), 1), c.bos_id, dtype=torch.long, device=device)
+        if beam > 1:
+            out = beam_search(model, state, first, beam, length_penalty, max_new_tokens, c.eos_id)
+        else:
+            out = decode(model, state, first, max_new_tokens, c.eos_id)
+        for i, tokens, lp in zip(batch, out.token_lists(), out.log_prob.tolist()):
+            outputs[i], log_probs[i] = tokens, lp
+    return outputs, log_probs
+
+
+def translate(
+    model: Any, tokenizer: Any, texts: Sequence[str], beam: int = 1, length_penalty: float = 1.0,
+    max_new_tokens: int | None = None,
+) -> list[str]:
+    """English sentences -> Spanish. Empty input gives empty output; long input is split into sentences."""
+    max_source = model.config.max_len - 2
+    limit = max_new_tokens or max_source
+    pieces_of = [source_pieces(text, tokenizer, max_source) if text.strip() else [] for text in texts]
+    flat = [piece for pieces in pieces_of for piece in pieces]
+    outputs, _ = decode_sources(model, flat, beam, length_penalty, limit)
+    decoded = tokenizer.decode_batch(outputs, skip_special_tokens=True) if outputs else []
+    result, at = [], 0
+    for pieces in pieces_of:
+        result.append(" ".join(decoded[at : at + len(pieces)]).strip())
+        at += len(pieces)
+    return result
+
+
+def translate_run(run_dir: str, texts: Sequence[str], beam: int = 1, length_penalty: float = 1.0) -> list[str]:
+    """Load a translator run folder (either recipe) and translate `texts`."""
+    import torchbook
+
+    loaded = torchbook.load(run_dir)
+    if loaded.tokenizer is None or not hasattr(loaded.model, "start_decoding"):
+        raise CheckpointError(f"{run_dir!r} is not a translator run (no tokenizer.json or no decoding model)")
+    return translate(loaded.model, loaded.tokenizer, texts, beam, length_penalty)
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------
+def evaluate_translations(
+    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], beam_width: int, length_penalty: float
+) -> dict[str, Any]:
+    """BLEU and chrF (sacrebleu) of greedy and beam search on `pairs`, and how often beam search with length
+    penalty 0 finds a translation at least as probable as greedy's."""
+    import sacrebleu
+
+    max_source = model.config.max_len - 2
+    sources = [tokenizer.encode(en, add_special_tokens=False).ids[:max_source] for en, _ in pairs]
+    references = [[es for _, es in pairs]]
+    results: dict[str, Any] = {"test_sentences": len(pairs)}
+    timings = {}
+    log_probs = {}
+    for name, beam, lp in (("greedy", 1, 1.0), ("beam", beam_width, length_penalty)):
+        start = time.perf_counter()
+        outputs, log_probs[name] = decode_sources(model, sources, beam, lp, max_source)
+        timings[name] = time.perf_counter() - start
+        hypotheses = tokenizer.decode_batch(outputs, skip_special_tokens=True)
+        results[f"{name}_bleu"] = sacrebleu.corpus_bleu(hypotheses, references).score
+        results[f"{name}_chrf"] = sacrebleu.corpus_chrf(hypotheses, references).score
+        results[f"{name}_sentences_per_s"] = len(pairs) / max(timings[name], 1e-9)
+        results[f"{name}_examples"] = list(zip([en for en, _ in pairs[:8]], hypotheses[:8], references[0][:8]))
+    beam_lp = log_probs["beam"] if length_penalty == 0 else decode_sources(model, sources, beam_width, 0.0, max_source)[1]
+    at_least = [b >= g - 1e-4 for b, g in zip(beam_lp, log_probs["greedy"])]
+    results["beam_logprob_at_least_greedy"] = sum(at_least) / max(1, len(at_least))
+    return results
+
+
+def test_pairs(data: TranslationData, n: int) -> list[tuple[str, str]]:
+    """The first `n` test pairs after a fixed shuffle (all when n is 0)."""
+    import random
+
+    pairs = list(data.test)
+    random.Random(0).shuffle(pairs)
+    return pairs[:n] if n else pairs
+
+
+def finish_run(
+    run: RunDir, config: TranslationConfig, prep: Prepared, model: nn.Module, trainer: Trainer, report: Report,
+    started: float,
+) -> dict[str, Any]:
+    """Save model and tokenizer, evaluate on the held-out pairs, write results, manifest and report."""
+    save_model(model, run.model_dir, extra={"data": config.data})
+    save_tokenizer(prep.tokenizer, run.model_dir)
+    run.write_json("manifest.json", {"source": prep.data.source, "catalogs": prep.data.manifest,
+                                     "pairs": {"train": len(prep.data.train), "val": len(prep.data.val),
+                                               "test": len(prep.data.test)}})
+    model.eval()
+    results = evaluate_translations(model, prep.tokenizer, test_pairs(prep.data, config.eval_sentences),
+                                    config.beam_width, config.length_penalty)
+    results["book_examples"] = list(zip(BOOK_EXAMPLES, translate(model, prep.tokenizer, BOOK_EXAMPLES, 1),
+                                        translate(model, prep.tokenizer, BOOK_EXAMPLES, config.beam_width)))
+    results["train_time_s"] = trainer.train_time
+    results["epochs_run"] = trainer.epoch
+    results["parameters"] = sum(p.numel() for p in model.parameters())
+    run.write_json("results.json", results)
+    run.log(kind="eval", **{k: v for k, v in results.items() if isinstance(v, (int, float))})
+    where = "held-out catalogs" if config.data == "gettext" else "held-out pairs"
+    for name in ("greedy", "beam"):
+        label = "greedy" if name == "greedy" else f"beam search (width {config.beam_width})"
+        report.compare(f"test BLEU, {label}", results[f"{name}_bleu"], None, f"sacrebleu, {where}; the book gives none")
+        report.compare(f"test chrF, {label}", results[f"{name}_chrf"], None, f"sacrebleu, {where}")
+    report.compare("beam log-prob >= greedy's (length penalty 0)", results["beam_logprob_at_least_greedy"], None,
+                   "share of test sentences")
+    report.compare("training time (s)", trainer.train_time, None, f"{trainer.epoch} epochs")
+    report.table("The book's examples", ["English", "greedy", f"beam {config.beam_width}"], results["book_examples"])
+    report.table("Sample test translations (beam)", ["English", "ours", "reference"], results["beam_examples"])
+    if (run.plots / "learning_curves.png").exists():
+        report.image("Learning curves", run.plots / "learning_curves.png", run.path)
+    report.table("Data manifest (catalog, sha256, pairs, split)", ["file", "sha256", "pairs", "split"],
+                 [[m["file"], m["sha256"][:12], m["pairs"], m["split"]] for m in prep.data.manifest])
+    report.text("Data", f"{len(prep.data.train):,} training, {len(prep.data.val):,} validation and "
+                        f"{len(prep.data.test):,} test pairs; shared BPE vocabulary of "
+                        f"{prep.tokenizer.get_vocab_size():,} tokens with byte fallback.")
+    report.write(run.path, time.time() - started)
+    return results
+
+
+def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
+    started = time.time()
+    config.validate()
+    run = RunDir.start(run_dir, NAME, config)
+    prep = prepare(config)
+    torch.manual_seed(config.seed)
+    model = TransformerTranslator(TransformerConfig(
+        vocab_size=prep.tokenizer.get_vocab_size(), d_model=config.d_model, n_heads=config.n_heads,
+        n_encoder_layers=config.n_encoder_layers, n_decoder_layers=config.n_decoder_layers, d_ff=config.d_ff,
+        dropout=config.dropout, max_len=config.max_tokens + 2, positions=config.positions,
+        norm_first=config.norm_first, final_norm=config.norm_first, pad_id=prep.ids["pad"],
+        bos_id=prep.ids["bos"], eos_id=prep.ids["eos"],
+    ))
+    trainer = train_translator(model, config, run, prep)
+    report = Report("English-to-Spanish Transformer translator", NAME, "15", prep.data.source)
+    finish_run(run, config, prep, model, trainer, report, started)
+    return run
+
+
+def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
+    """The stored results of a finished run (BLEU/chrF need the run's data split, recomputed by `run`)."""
+    return dict(RunDir.open(run_dir).read_json("results.json"))
+
+
+RECIPE = Recipe(NAME, "15", "English-to-Spanish Transformer translator (offline: gettext catalogs), BLEU/chrF",
+                Config, run, evaluate)
