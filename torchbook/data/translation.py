@@ -193,12 +193,17 @@ def load_pairs(name: str, seed: int = 42) -> TranslationData:
 class PairDataset(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
     """Token ids of each pair: source ends with </s>; target is <s> ... </s> (decoder input and shifted labels)."""
 
-    def __init__(self, pairs: Sequence[Pair], tokenizer: Any, bos: int, eos: int, max_tokens: int = 128):
+    def __init__(
+        self, pairs: Sequence[Pair], tokenizer: Any, bos: int, eos: int, max_tokens: int = 128, drop_long: bool = False
+    ):
+        """`drop_long`: leave out pairs longer than `max_tokens` (training) instead of cutting them."""
         self.sources: list[Tensor] = []
         self.targets: list[Tensor] = []
         en = tokenizer.encode_batch([p[0] for p in pairs], add_special_tokens=False)
         es = tokenizer.encode_batch([p[1] for p in pairs], add_special_tokens=False)
         for src, tgt in zip(en, es):
+            if drop_long and (len(src.ids) >= max_tokens or len(tgt.ids) >= max_tokens - 1):
+                continue
             self.sources.append(torch.tensor(src.ids[: max_tokens - 1] + [eos]))
             self.targets.append(torch.tensor([bos] + tgt.ids[: max_tokens - 2] + [eos]))
 
