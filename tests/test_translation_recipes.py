@@ -24,14 +24,14 @@ pytestmark = pytest.mark.skipif(not list(GETTEXT_DIR.glob("*.mo")), reason=f"no 
 @pytest.fixture(scope="module")
 def transformer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("translator") / "run"
-    translator.run(build_config(translator.Config, "smoke", []), path)
+    translator.run(build_config(translator.Config, "smoke", []), str(path))
     return path
 
 
 @pytest.fixture(scope="module")
 def rnn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("translator-rnn") / "run"
-    translator_rnn.run(build_config(translator_rnn.Config, "smoke", []), path)
+    translator_rnn.run(build_config(translator_rnn.Config, "smoke", []), str(path))
     return path
 
 
@@ -98,7 +98,7 @@ def test_missing_or_corrupt_run_folder_is_a_clear_error(transformer_run: Path, t
 def test_quick_transformer_beats_copying_and_beam_beats_greedy(tmp_path: Path) -> None:
     """The quick preset learns: test chrF above copying the English input; with length penalty 0, beam search's
     translation is at least as probable as greedy's on 99% of the held-out sentences."""
-    path = translator.run(build_config(translator.Config, "quick", []), tmp_path / "run").path
+    path = translator.run(build_config(translator.Config, "quick", []), str(tmp_path / "run")).path
     results = json.loads((path / "results.json").read_text())
     assert results["beam_chrf"] > results["copy_source_chrf"] + 5
     assert results["beam_logprob_at_least_greedy"] >= 0.99
@@ -108,8 +108,8 @@ def test_quick_transformer_beats_copying_and_beam_beats_greedy(tmp_path: Path) -
 @pytest.mark.timeout(3600)
 def test_compare_transformer_beats_rnn_by_2_chrf(tmp_path: Path) -> None:
     """Chapter 14 against 15: each trained for the same 20 minutes, the Transformer's chrF is 2+ points higher."""
-    rnn = translator_rnn.run(build_config(translator_rnn.Config, "compare", []), tmp_path / "rnn").path
-    transformer = translator.run(build_config(translator.Config, "compare", []), tmp_path / "transformer").path
+    rnn = translator_rnn.run(build_config(translator_rnn.Config, "compare", []), str(tmp_path / "rnn")).path
+    transformer = translator.run(build_config(translator.Config, "compare", []), str(tmp_path / "transformer")).path
     chrf_rnn = json.loads((rnn / "results.json").read_text())["beam_chrf"]
     chrf_transformer = json.loads((transformer / "results.json").read_text())["beam_chrf"]
     assert chrf_transformer >= chrf_rnn + 2.0, (chrf_transformer, chrf_rnn)
