@@ -35,7 +35,10 @@ def closest_first(name: str, accepted: Iterable[str]) -> list[str]:
     return close or accepted
 
 
-def unknown(kind: str, name: str, accepted: Iterable[str]) -> UserInputError:
-    """An error for an unknown name: 'unknown recipe 'x'; accepted: a, b, c' with the closest match first."""
+def unknown(kind: str, name: str, accepted: Iterable[str], limit: int | None = None) -> UserInputError:
+    """An error for an unknown name: 'unknown recipe 'x'; accepted: a, b, c' with the closest match first
+    (only the `limit` closest when there are many)."""
     names = closest_first(name, accepted)
+    if limit is not None and len(names) > limit:
+        names = [*names[:limit], f"... ({len(names) - limit} more)"]
     return UserInputError(f"unknown {kind} {name!r}; accepted: {', '.join(names) or '(none yet)'}")

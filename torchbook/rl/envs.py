@@ -1,0 +1,141 @@
+"""Gymnasium environments for torchbook's agents: checked ids, seeded vectors of environments, evaluation, GIFs.
+
+`EnvPool` steps N copies of an environment and resets a finished one in the same step (its last observation
+is kept as `final_obs`, so an agent can bootstrap a value when an episode was only cut by the time limit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from torchbook.errors import UserInputError, unknown
+
+Policy = Callable[[np.ndarray], np.ndarray]  # a batch of observations -> a batch of actions
+
+
+def make_env(env_id: str, max_episode_steps: int | None = None, render_mode: str | None = None) -> Any:
+    """gymnasium.make with a one-line error for an unknown id (closest registered ids first)."""
+    import gymnasium as gym
+
+    if env_id.startswith("ALE/"):
+        import ale_py
+
+        gym.register_envs(ale_py)
+    if env_id not in gym.registry:
+        raise unknown("environment id", env_id, [k for k in gym.registry if "/" not in k or k.startswith("ALE/")], limit=8)
+    if render_mode is not None:  # pygame renders off-screen: no display, no audio, no runtime-dir warnings
+        import os
+
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+        os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+        os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+    kwargs: dict[str, Any] = {"render_mode": render_mode}
+    if max_episode_steps:
+        kwargs["max_episode_steps"] = max_episode_steps
+    return gym.make(env_id, **kwargs)
+
+
+def require_discrete(env: Any, algorithm: str) -> int:
+    """The number of actions; a clear error for an environment whose actions are not discrete."""
+    import gymnasium as gym
+
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        raise UserInputError(
+            f"{algorithm} needs discrete actions, but {env.spec.id if env.spec else 'this environment'} has "
+            f"{type(env.action_space).__name__} actions {env.action_space}; choose a discrete-action environment "
+            "such as CartPole-v1"
+        )
+    return int(env.action_space.n)
+
+
+@dataclass
+class EnvPool:
+    """N seeded copies of one environment, stepped together, each reset as soon as its episode ends."""
+
+    env_id: str
+    n: int
+    seed: int = 0
+    max_episode_steps: int | None = None
+    envs: list[Any] = field(default_factory=list, init=False)
+    episode_returns: np.ndarray = field(init=False)
+    episode_lengths: np.ndarray = field(init=False)
+    finished: list[tuple[float, int]] = field(default_factory=list, init=False)  # (return, length) per episode
+
+    def __post_init__(self) -> None:
+        self.envs = [make_env(self.env_id, self.max_episode_steps) for _ in range(self.n)]
+        self.episode_returns = np.zeros(self.n)
+        self.episode_lengths = np.zeros(self.n, dtype=np.int64)
+
+    def reset(self) -> np.ndarray:
+        return np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """obs, rewards, terminated, truncated, final_obs (the observation before an automatic reset)."""
+        results = [env.step(a.item() if hasattr(a, "item") else a) for env, a in zip(self.envs, actions)]
+        obs = np.stack([r[0] for r in results])
+        final_obs = obs.copy()
+        rewards = np.array([r[1] for r in results], dtype=np.float64)
+        terminated = np.array([r[2] for r in results])
+        truncated = np.array([r[3] for r in results])
+        self.episode_returns += rewards
+        self.episode_lengths += 1
+        for i in np.flatnonzero(terminated | truncated):
+            self.finished.append((float(self.episode_returns[i]), int(self.episode_lengths[i])))
+            self.episode_returns[i], self.episode_lengths[i] = 0.0, 0
+            obs[i] = self.envs[i].reset()[0]
+        return obs, rewards, terminated, truncated, final_obs
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def evaluate(policy: Policy, env_id: str, episodes: int = 100, seed: int = 10_000,
+             max_episode_steps: int | None = None) -> np.ndarray:
+    """The return of each of `episodes` episodes, episode k seeded with seed + k."""
+    env = make_env(env_id, max_episode_steps)
+    returns = []
+    for k in range(episodes):
+        obs, _ = env.reset(seed=seed + k)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy(obs[None])[0].item())
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return np.array(returns)
+
+
+def lean_policy(obs: np.ndarray) -> np.ndarray:
+    """The book's hard-coded CartPole policy: push left when the pole leans left (angle < 0), else right."""
+    return (obs[:, 2] >= 0).astype(np.int64)
+
+
+def record_gif(policy: Policy, env_id: str, path: str | Path, seed: int = 0, max_frames: int = 500,
+               every: int = 2) -> Path:
+    """Play one episode and save every `every`-th frame as an animated GIF (20 frames per second)."""
+    from PIL import Image
+
+    from torchbook.io import atomic_write
+
+    env = make_env(env_id, render_mode="rgb_array")
+    obs, _ = env.reset(seed=seed)
+    frames = [env.render()]
+    for _ in range(max_frames):
+        obs, _, terminated, truncated, _ = env.step(policy(obs[None])[0].item())
+        frames.append(env.render())
+        if terminated or truncated:
+            break
+    env.close()
+    images = [Image.fromarray(f) for f in frames[::every]]
+
+    def write(f: Any) -> None:
+        images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=50 * every, loop=0)
+
+    return atomic_write(path, write)
