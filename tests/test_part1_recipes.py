@@ -157,7 +157,7 @@ def test_housing_quick_final_model_reproduces_the_books_test_rmse(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # beyond the suite's 300 s per test: forests on busy cores
 def test_housing_book_preset_searches_reproduce_the_book(tmp_path):
-    """book: grid search (45 fits) and randomized search (30 fits); 17 minutes on 2 busy cores."""
+    """book: grid search (45 fits) and randomized search (30 fits); 13 to 17 minutes on 2 busy cores."""
     run = housing.run(build_config(housing.Config, preset="book"), tmp_path / "run")
     r = json.loads((run.path / "results.json").read_text())
     assert r["grid_fits"] == 45
