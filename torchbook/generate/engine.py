@@ -146,58 +146,99 @@ def beam_search(
 ) -> Generated:
     """Batched beam search (chapter 14): keep the `beam_width` most probable partial translations of every input.
 
-    All B x W beams advance together as one batch of B*W rows. Each step scores every (beam, next token) pair by
-    the beam's log-probability plus the token's, keeps the W best per input, and reorders the state to follow
-    their parents. A beam that produced `eos_id` is finished: it stays among the candidates with its score frozen
-    (it can only extend with `eos_id` at no cost), so live beams must beat it to keep going. An input stops when
-    all its beams have finished; the search stops when every input has, or after `max_len` new tokens. The
-    winner is the beam with the best `log_prob / length ** length_penalty` (0: plain log-probability; larger
-    values favour longer translations). The first step runs once per input (the prompt or start token is
-    prefilled for B rows only) and the state is expanded to B*W rows after it.
+    All B x W live beams advance together as one batch of B*W rows. Each step scores every (beam, next token)
+    pair by the beam's log-probability plus the token's and takes the 2W best per input: those ending with
+    `eos_id` become finished hypotheses (scored `log_prob / length ** length_penalty`, length counting the
+    end-of-sequence token; the W best are kept), and the W best that do not end stay live, so a finished
+    hypothesis never takes a live beam's place. The state is reordered to follow each live beam's parent.
+    An input is done when it has W finished hypotheses and its best live beam, scored at its current length,
+    cannot beat the worst of them (exact for length penalty 0: log-probabilities only fall); the search stops when
+    every input is done or after `max_len` new tokens, when unfinished beams compete as they are. The first step
+    runs once per input (the prompt or start token is prefilled for B rows only); the state then grows to B*W rows.
     """
-    batch = first_tokens.size(0)
-    width = beam_width
+    batch, width = first_tokens.size(0), beam_width
     device = first_tokens.device
+    neg_inf = float("-inf")
     logits = step_logits(model, state, first_tokens, first_tokens, use_cache).float()  # (B, V)
     vocab = logits.size(-1)
     expand = torch.arange(batch, device=device).repeat_interleave(width)  # (B*W,) parent row of every beam
     state.reorder(expand)
-    sequence = first_tokens.index_select(0, expand)  # (B*W, T0)
+    sequence = first_tokens.index_select(0, expand)  # (B*W, T0): what the model has read
     log_probs = logits.log_softmax(-1).index_select(0, expand)  # (B*W, V)
     # Only the first beam of each input is live at the start, so the W beams do not all pick the same token.
-    beam_scores = torch.full((batch, width), float("-inf"), device=device)
-    beam_scores[:, 0] = 0.0
-    beam_scores = beam_scores.view(-1)
-    finished = torch.zeros(batch * width, dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch * width, dtype=torch.long, device=device)
-    generated = first_tokens.new_zeros(batch * width, 0)
-    eos_row = torch.full((vocab,), float("-inf"), device=device)
-    eos_row[eos_id] = 0.0
+    live_scores = torch.full((batch, width), neg_inf, device=device)
+    live_scores[:, 0] = 0.0
+    generated = first_tokens.new_zeros(batch * width, 0)  # (B*W, t) new tokens of the live beams
+    # Finished hypotheses per input: normalized score (ranking), log-probability, length, tokens (eos-padded).
+    done_score = torch.full((batch, width), neg_inf, device=device)
+    done_log_prob = torch.full((batch, width), neg_inf, device=device)
+    done_length = torch.zeros(batch, width, dtype=torch.long, device=device)
+    done_tokens = torch.full((batch, width, max_len), eos_id, dtype=torch.long, device=device)
+    input_done = torch.zeros(batch, dtype=torch.bool, device=device)
     offsets = (torch.arange(batch, device=device) * width)[:, None]  # (B, 1) first row of each input
+    n_candidates = min(2 * width, width * vocab)
+
+    def keep_best(score: Tensor, log_prob: Tensor, length: Tensor, tokens: Tensor) -> None:
+        """Merge candidate hypotheses (B, K) into the finished ones, keeping the W best per input."""
+        nonlocal done_score, done_log_prob, done_length, done_tokens
+        all_score = torch.cat([done_score, score], dim=1)
+        best_score, pick = all_score.topk(width, dim=1)
+        done_score = best_score
+        done_log_prob = torch.cat([done_log_prob, log_prob], dim=1).gather(1, pick)
+        done_length = torch.cat([done_length, length], dim=1).gather(1, pick)
+        all_tokens = torch.cat([done_tokens, tokens], dim=1)
+        done_tokens = all_tokens.gather(1, pick[:, :, None].expand(-1, -1, max_len))
+
     for step in range(max_len):
-        # A finished beam may only be extended by end-of-sequence, at no cost: its score stays as it was.
-        log_probs = torch.where(finished[:, None], eos_row, log_probs)
-        candidates = (beam_scores[:, None] + log_probs).view(batch, width * vocab)
-        top_scores, top_index = candidates.topk(width, dim=1)  # (B, W), best first
-        parent = (top_index // vocab + offsets).view(-1)  # (B*W,) row of each new beam's parent
-        next_tokens = (top_index % vocab).view(-1)
-        beam_scores = top_scores.view(-1)
-        was_finished = finished.index_select(0, parent)
-        lengths = lengths.index_select(0, parent) + (~was_finished).long()
-        finished = was_finished | (next_tokens == eos_id)
-        generated = torch.cat([generated.index_select(0, parent), next_tokens[:, None]], dim=1)
-        sequence = torch.cat([sequence.index_select(0, parent), next_tokens[:, None]], dim=1)
-        if bool(finished.all()) or step == max_len - 1:
+        length = step + 1  # tokens of a hypothesis ending at this step, end-of-sequence included
+        candidates = (live_scores.view(-1, 1) + log_probs).view(batch, width * vocab)
+        top_scores, top_index = candidates.topk(n_candidates, dim=1)  # (B, 2W), best first
+        parent = top_index // vocab + offsets  # (B, 2W) rows of the parents
+        token = top_index % vocab
+        ends = (token == eos_id) & ~input_done[:, None] & (top_scores > neg_inf)
+        if bool(ends.any()):
+            ended_tokens = torch.full((batch, n_candidates, max_len), eos_id, dtype=torch.long, device=device)
+            ended_tokens[:, :, :step] = generated.index_select(0, parent.view(-1)).view(batch, n_candidates, step)
+            keep_best(
+                torch.where(ends, top_scores / length**length_penalty, neg_inf),
+                torch.where(ends, top_scores, neg_inf),
+                torch.full_like(token, length),
+                ended_tokens,
+            )
+        # The W best candidates that do not end stay live.
+        live_rank = torch.where(token == eos_id, neg_inf, top_scores).topk(width, dim=1).indices  # (B, W)
+        live_scores = top_scores.gather(1, live_rank)
+        chosen_parent = parent.gather(1, live_rank).view(-1)
+        next_tokens = token.gather(1, live_rank).view(-1)
+        generated = torch.cat([generated.index_select(0, chosen_parent), next_tokens[:, None]], dim=1)
+        sequence = torch.cat([sequence.index_select(0, chosen_parent), next_tokens[:, None]], dim=1)
+        # Done: W finished hypotheses, none of which the best live beam can beat any more.
+        best_live = live_scores[:, 0] / length**length_penalty
+        input_done |= (done_score[:, -1] > neg_inf) & (done_score[:, -1] >= best_live)
+        if bool(input_done.all()) or step == max_len - 1:
             break
-        state.reorder(parent)
+        state.reorder(chosen_parent)
         logits = step_logits(model, state, sequence, next_tokens[:, None], use_cache).float()
         log_probs = logits.log_softmax(-1)
-    normalized = beam_scores / lengths.clamp(min=1).float() ** length_penalty
-    best = normalized.view(batch, width).argmax(dim=1) + offsets.squeeze(1)  # (B,)
+    # Inputs still searching at max_len: their live beams compete as they are (no end-of-sequence).
+    steps = generated.size(1)
+    still = ~input_done[:, None] & (live_scores > neg_inf)
+    live_tokens = torch.full((batch, width, max_len), eos_id, dtype=torch.long, device=device)
+    live_tokens[:, :, :steps] = generated.view(batch, width, steps)
+    keep_best(
+        torch.where(still, live_scores / max(steps, 1) ** length_penalty, neg_inf),
+        torch.where(still, live_scores, neg_inf),
+        torch.full_like(done_length, steps),
+        live_tokens,
+    )
+    best = done_score.argmax(dim=1, keepdim=True)  # (B, 1); the lists are sorted, so this is column 0
+    lengths = done_length.gather(1, best).squeeze(1)
+    tokens = done_tokens.gather(1, best[:, :, None].expand(-1, -1, max_len)).squeeze(1)
+    tokens = tokens[:, : max(int(lengths.max()), 1) if batch else 0]
     return Generated(
-        tokens=generated.index_select(0, best),
-        lengths=lengths.index_select(0, best),
-        log_prob=beam_scores.index_select(0, best),
-        score=normalized.index_select(0, best),
+        tokens=tokens,
+        lengths=lengths,
+        log_prob=done_log_prob.gather(1, best).squeeze(1),
+        score=done_score.gather(1, best).squeeze(1),
         eos_id=eos_id,
     )
