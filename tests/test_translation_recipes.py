@@ -95,13 +95,13 @@ def test_missing_or_corrupt_run_folder_is_a_clear_error(transformer_run: Path, t
 # -- slow gates ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_quick_transformer_beats_copying_and_beam_beats_greedy(tmp_path: Path) -> None:
-    """The quick preset learns: test chrF above copying the English input; with length penalty 0, beam search's
-    translation is at least as probable as greedy's on 99% of the held-out sentences."""
+def test_quick_transformer_reads_the_source(tmp_path: Path) -> None:
+    """The quick preset (100 s of training) learns from the source: its validation loss is well below that of a
+    source-blind unigram model of the Spanish tokens, and beam search's chrF is at least greedy's."""
     path = translator.run(build_config(translator.Config, "quick", []), str(tmp_path / "run")).path
     results = json.loads((path / "results.json").read_text())
-    assert results["beam_chrf"] > results["copy_source_chrf"] + 5
-    assert results["beam_logprob_at_least_greedy"] >= 0.99
+    assert results["val_loss"] < results["unigram_val_loss"] - 0.5
+    assert results["beam_chrf"] >= results["greedy_chrf"]
 
 
 @pytest.mark.slow
@@ -110,6 +110,9 @@ def test_compare_transformer_beats_rnn_by_2_chrf(tmp_path: Path) -> None:
     """Chapter 14 against 15: each trained for the same 20 minutes, the Transformer's chrF is 2+ points higher."""
     rnn = translator_rnn.run(build_config(translator_rnn.Config, "compare", []), str(tmp_path / "rnn")).path
     transformer = translator.run(build_config(translator.Config, "compare", []), str(tmp_path / "transformer")).path
-    chrf_rnn = json.loads((rnn / "results.json").read_text())["beam_chrf"]
-    chrf_transformer = json.loads((transformer / "results.json").read_text())["beam_chrf"]
+    results = {name: json.loads((path / "results.json").read_text()) for name, path in
+               (("rnn", rnn), ("transformer", transformer))}
+    chrf_rnn, chrf_transformer = results["rnn"]["beam_chrf"], results["transformer"]["beam_chrf"]
     assert chrf_transformer >= chrf_rnn + 2.0, (chrf_transformer, chrf_rnn)
+    # Trained models: with length penalty 0, beam search is at least as probable as greedy on 99% of sentences.
+    assert results["transformer"]["beam_logprob_at_least_greedy"] >= 0.99

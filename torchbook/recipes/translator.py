@@ -96,7 +96,8 @@ class Config(TranslationConfig):
                   "eval_sentences": 400, "max_tokens": 32, "batch_tokens": 3072, "batch_size": 128},
         "book": {},
         # Chapter 14 against 15: both translators trained for the same 20 minutes (see translator-rnn's compare).
-        "compare": {"vocab_size": 8000, "epochs": 1000, "time_budget_s": 1200.0, "warmup_steps": 1000},
+        "compare": {"vocab_size": 4000, "max_tokens": 48, "epochs": 1000, "time_budget_s": 1200.0, "lr": 1.5e-3,
+                    "warmup_steps": 400, "eval_sentences": 1000, "progress": False},
     }
 
 
@@ -260,6 +261,17 @@ def evaluate_translations(
     return results
 
 
+def unigram_loss(train: PairDataset, val: PairDataset, vocab_size: int) -> float:
+    """Cross-entropy (nats per token) on the validation targets of a source-blind model that predicts every target
+    token from its training frequency (add-one smoothed): the baseline a translator must beat by reading the source."""
+    counts = torch.ones(vocab_size)
+    for target in train.targets:
+        counts += torch.bincount(target[1:], minlength=vocab_size).float()
+    log_p = (counts / counts.sum()).log()
+    tokens = torch.cat([t[1:] for t in val.targets]) if len(val) else torch.zeros(0, dtype=torch.long)
+    return float(-log_p[tokens].mean()) if len(tokens) else float("nan")
+
+
 def test_pairs(data: TranslationData, n: int) -> list[tuple[str, str]]:
     """The first `n` test pairs after a fixed shuffle (all when n is 0)."""
     import random
@@ -284,6 +296,9 @@ def finish_run(
                                     config.beam_width, config.length_penalty)
     results["book_examples"] = list(zip(BOOK_EXAMPLES, translate(model, prep.tokenizer, BOOK_EXAMPLES, 1),
                                         translate(model, prep.tokenizer, BOOK_EXAMPLES, config.beam_width)))
+    if len(prep.val):
+        results["val_loss"] = trainer.evaluate(prep.val)["loss"]
+        results["unigram_val_loss"] = unigram_loss(prep.train, prep.val, prep.tokenizer.get_vocab_size())
     results["train_time_s"] = trainer.train_time
     results["epochs_run"] = trainer.epoch
     results["parameters"] = sum(p.numel() for p in model.parameters())
@@ -295,6 +310,9 @@ def finish_run(
         report.compare(f"test BLEU, {label}", results[f"{name}_bleu"], None, f"sacrebleu, {where}; the book gives none")
         report.compare(f"test chrF, {label}", results[f"{name}_chrf"], None, f"sacrebleu, {where}")
     report.compare("test chrF, copying the English input", results["copy_source_chrf"], None, "the baseline to beat")
+    if "val_loss" in results:
+        report.compare("validation loss (nats/token)", results["val_loss"], None,
+                       f"source-blind unigram baseline: {results['unigram_val_loss']:.3f}")
     report.compare("beam log-prob >= greedy's (length penalty 0)", results["beam_logprob_at_least_greedy"], None,
                    "share of test sentences")
     report.compare("training time (s)", trainer.train_time, None, f"{trainer.global_step} optimizer steps")
