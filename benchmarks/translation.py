@@ -5,7 +5,9 @@ random weights. Prints training tokens/s and beam-search sentences/s of each and
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/translation.py
 
 Training: the same random batches (source and target lengths 8-30 tokens, right-padded), forward, label-smoothed
-cross-entropy over the non-padding target tokens, backward, Adam step; tokens/s counts target tokens.
+cross-entropy over the non-padding target tokens, backward, Adam step; tokens/s counts target tokens. Ours runs the
+recipe's training step, which computes logits only at real target tokens (the peers compute them everywhere and
+ignore padding in the loss: the same loss).
 Beam search: width 3, the same sources, exactly `--new-tokens` new tokens per sentence in all three (end-of-sequence
 is suppressed: random weights would otherwise stop at arbitrary lengths), length penalty 1. Ours decodes with the
 engine and its KV cache; `nn.Transformer` has no cache, so it recomputes the decoder over the whole prefix every
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from torchbook.generate import beam_search
 from torchbook.models.transformer import TransformerConfig, TransformerTranslator
 from torchbook.nn.positions import SinusoidalPositionalEncoding
+from torchbook.recipes.translator import translation_step
 
 VOCAB, D_MODEL, HEADS, LAYERS, D_FF = 10_000, 128, 4, 2, 512
 PAD, BOS, EOS = 0, 1, 2
@@ -124,14 +127,20 @@ def batches(n: int, batch: int, seed: int) -> list[tuple[Tensor, Tensor]]:
 
 
 def train_tokens_per_s(forward: Callable[[Tensor, Tensor], Tensor], model: nn.Module, data: list[Any]) -> float:
+    """Peers: logits at every position, cross-entropy ignoring padding. Ours: the recipe's training step, which
+    projects on the vocabulary only at real target tokens (same loss)."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    ours = translation_step(PAD, 0.1) if isinstance(model, TransformerTranslator) else None
     tokens = 0
     start = time.perf_counter()
     for src, tgt in data:
-        logits = forward(src, tgt[:, :-1])
         labels = tgt[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=PAD, label_smoothing=0.1)
+        if ours is not None:
+            loss = ours(model, (src, tgt)).loss
+        else:
+            logits = forward(src, tgt[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=PAD, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

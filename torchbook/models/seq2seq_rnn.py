@@ -126,7 +126,7 @@ class Seq2SeqRNN(nn.Module):
         return (hidden[0] if isinstance(hidden, tuple) else hidden)[-1]
 
     def decoder_steps(
-        self, tokens: Tensor, memory: Tensor, keys: Tensor, padding: Tensor, hidden: Hidden
+        self, tokens: Tensor, memory: Tensor, keys: Tensor, padding: Tensor, hidden: Hidden, keep: Tensor | None = None
     ) -> tuple[Tensor, Hidden]:
         """Run the decoder over tokens (B, T) from state `hidden`; returns logits (B, T, vocab) and the new state."""
         embedded = self.dropout(self.embedding(tokens))
@@ -142,12 +142,15 @@ class Seq2SeqRNN(nn.Module):
             output, hidden = self.decoder(embedded, hidden)
             context = self.context(output, memory, keys, padding)
         attentional = torch.tanh(self.combine(torch.cat([output, context], dim=-1)))
+        if keep is not None:  # training: no vocabulary projection at padding
+            attentional = attentional[keep]
         return self.head(self.dropout(attentional)), hidden
 
-    def forward(self, source: Tensor, target_in: Tensor) -> Tensor:
-        """Teacher forcing: source (B, S), decoder input target_in (B, T) -> logits (B, T, vocab)."""
+    def forward(self, source: Tensor, target_in: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Teacher forcing: source (B, S), decoder input target_in (B, T) -> logits (B, T, vocab), or (N, vocab)
+        for the positions where the boolean `keep` (B, T) is True."""
         memory, padding, final = self.encode(source)
-        logits, _ = self.decoder_steps(target_in, memory, self.attention_keys(memory), padding, final)
+        logits, _ = self.decoder_steps(target_in, memory, self.attention_keys(memory), padding, final, keep)
         return logits
 
     # -- the decoding protocol (torchbook.generate.engine) ---------------------------------------------------

@@ -87,10 +87,13 @@ class TransformerTranslator(nn.Module):
         padding = source == self.config.pad_id
         return self.encoder(self.embed(source), padding), padding
 
-    def forward(self, source: Tensor, target_in: Tensor) -> Tensor:
-        """Teacher forcing: source (B, S), decoder input target_in (B, T) -> logits (B, T, vocab)."""
+    def forward(self, source: Tensor, target_in: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Teacher forcing: source (B, S), decoder input target_in (B, T) -> logits (B, T, vocab), or, given a
+        boolean `keep` (B, T), logits (N, vocab) of the kept positions only: training skips the vocabulary
+        projection (the largest matrix product) at padding."""
         memory, padding = self.encode(source)
-        return self.head(self.decoder(self.embed(target_in), memory, padding))  # type: ignore[no-any-return]
+        hidden = self.decoder(self.embed(target_in), memory, padding)
+        return self.head(hidden if keep is None else hidden[keep])  # type: ignore[no-any-return]
 
     # -- the decoding protocol (torchbook.generate.engine) ---------------------------------------------------
     def start_decoding(self, batch_size: int, source: Tensor) -> TranslatorState:

@@ -129,13 +129,11 @@ def translation_step(pad_id: int, label_smoothing: float = 0.0) -> Callable[[nn.
 
     def step(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Step:
         source, target = batch
-        logits = model(source, target[:, :-1])
         labels = target[:, 1:]
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=pad_id,
-            label_smoothing=label_smoothing if model.training else 0.0,
-        )
-        return Step(loss, count=int((labels != pad_id).sum()))
+        real = labels != pad_id
+        logits = model(source, target[:, :-1], keep=real)  # (N, vocab): real target tokens only
+        loss = F.cross_entropy(logits, labels[real], label_smoothing=label_smoothing if model.training else 0.0)
+        return Step(loss, count=int(real.sum()))
 
     return step
 
