@@ -56,3 +56,32 @@ class ActorCritic(nn.Module):
         logits = self.actor(torch.as_tensor(obs, dtype=torch.float32))
         actions = logits.argmax(-1) if greedy else Categorical(logits=logits).sample()
         return actions.numpy()
+
+
+@dataclass
+class PolicyConfig:
+    obs_dim: int
+    n_actions: int
+    hidden: list[int] = field(default_factory=lambda: [5])
+
+
+class CategoricalPolicy(nn.Module):
+    """A policy network alone (REINFORCE): observation -> action logits."""
+
+    config_class = PolicyConfig
+
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        self.config = config
+        self.actor = mlp([config.obs_dim, *config.hidden, config.n_actions], activation=nn.ReLU)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.actor(obs)
+
+    def distribution(self, obs: Tensor) -> Categorical:
+        return Categorical(logits=self.actor(obs))
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, greedy: bool = True) -> np.ndarray:
+        logits = self.actor(torch.as_tensor(obs, dtype=torch.float32))
+        return (logits.argmax(-1) if greedy else Categorical(logits=logits).sample()).numpy()

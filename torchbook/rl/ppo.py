@@ -36,6 +36,7 @@ class PPOConfig:
     epochs: int = 20  # passes over each rollout
     minibatches: int = 1
     lr: float = 1e-3
+    optimizer: str = "adam"  # adam or rmsprop (A2C's)
     anneal_lr: bool = True  # linear decay to 0 over training
     gamma: float = 0.98
     gae_lambda: float = 0.8
@@ -88,7 +89,10 @@ def train_ppo(config: PPOConfig, log: Callable[..., Any] | None = None,
     obs_dim = int(np.prod(probe.observation_space.shape))
     probe.close()
     model = model or ActorCritic(ActorCriticConfig(obs_dim, n_actions, list(config.hidden)))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=1e-5)
+    if config.optimizer == "rmsprop":
+        optimizer: torch.optim.Optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr, alpha=0.99, eps=1e-5)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=1e-5)
     pool = EnvPool(config.env_id, config.n_envs, config.seed, config.max_episode_steps or None)
     obs = torch.as_tensor(pool.reset(), dtype=torch.float32)
     n, t_max = config.n_envs, config.n_steps
