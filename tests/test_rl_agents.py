@@ -43,7 +43,7 @@ def test_dueling_head_is_value_plus_centered_advantages():
 
 def test_prioritized_replay_samples_by_priority_with_importance_weights():
     buffer = ReplayBuffer(100, 1, alpha=1.0, seed=0)
-    for i in range(4):
+    for _ in range(4):
         buffer.add(np.zeros(1), 0, 0.0, np.zeros(1), False)
     buffer.update(np.arange(4), np.array([1.0, 1.0, 1.0, 7.0]))
     idx, weights = buffer.sample(20_000, beta=1.0)

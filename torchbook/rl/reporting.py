@@ -11,7 +11,7 @@ from torch import nn
 
 from torchbook.models import save_model
 from torchbook.report import Report
-from torchbook.rl.envs import evaluate, lean_policy, record_gif
+from torchbook.rl.envs import Policy, evaluate, lean_policy, record_gif
 from torchbook.runs import RunDir
 
 BOOK_LEAN_MEAN = 41.7  # the book's hard-coded CartPole policy over 500 seeded episodes
@@ -35,7 +35,7 @@ def finish(run: RunDir, report: Report, model: nn.Module, env_id: str, eval_epis
     """Evaluate, compare, plot, record, save and report; return the results (also in results.json)."""
     save_model(model, run.model_dir, extra={"env_id": env_id})
     cap = max_episode_steps or None
-    act = model.act  # type: ignore[attr-defined]
+    act: Policy = model.act  # type: ignore[assignment]
     returns = evaluate(act, env_id, eval_episodes, max_episode_steps=cap)
     lean = evaluate(lean_policy, env_id, eval_episodes, max_episode_steps=cap) if env_id.startswith("CartPole") else None
     results = {"eval_mean_return": float(returns.mean()), "eval_std_return": float(returns.std()),
