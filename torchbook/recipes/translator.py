@@ -347,8 +347,18 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
 
 def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    """The stored results of a finished run (BLEU/chrF need the run's data split, recomputed by `run`)."""
-    return dict(RunDir.open(run_dir).read_json("results.json"))
+    """Reload a finished translator run (either recipe) and measure BLEU/chrF again on its test split (rebuilt
+    from the run's data settings; for gettext, the catalogs now installed: compare with manifest.json)."""
+    import torchbook
+
+    run = RunDir.open(run_dir)
+    values = run.config_values()
+    loaded = torchbook.load(run.path)
+    data = load_pairs(values["data"], values["seed"])
+    pairs = test_pairs(data, values["eval_sentences"])
+    results = evaluate_translations(loaded.model, loaded.tokenizer, pairs, values["beam_width"],
+                                    values["length_penalty"])
+    return {k: v for k, v in results.items() if not k.endswith("_examples")}
 
 
 RECIPE = Recipe(NAME, "15", "English-to-Spanish Transformer translator (offline: gettext catalogs), BLEU/chrF",
