@@ -318,6 +318,13 @@ def finish_run(
     report.table("Sample test translations (beam)", ["English", "ours", "reference"], results["beam_examples"])
     if (run.plots / "learning_curves.png").exists():
         report.image("Learning curves", run.plots / "learning_curves.png", run.path)
+    steps = run.metrics("step")
+    if steps:  # time-boxed runs may end inside the first epoch: the per-step training loss always exists
+        from torchbook.plots import line_plot
+
+        line_plot(run.plots / "training_loss.png", {"training loss": ([r["step"] for r in steps],
+                  [r["loss"] for r in steps])}, "Training loss (label-smoothed)", "optimizer step", "nats/token")
+        report.image("Training loss by step", run.plots / "training_loss.png", run.path)
     report.table("Data manifest (catalog, sha256, pairs, split)", ["file", "sha256", "pairs", "split"],
                  [[m["file"], m["sha256"][:12], m["pairs"], m["split"]] for m in prep.data.manifest])
     report.text("Data", f"{len(prep.data.train):,} training, {len(prep.data.val):,} validation and "
