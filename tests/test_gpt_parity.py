@@ -1,0 +1,97 @@
+"""Decoder-only models: logits equal Hugging Face's on tiny random GPT-2, Llama, Qwen2, Mistral and Mixtral models;
+decoding with and without the KV cache, left padding, and the mixture-of-experts loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from torchbook.models.gpt import GPT, GPTConfig, config_from_hf, from_hf_model
+
+KW = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+          num_key_value_heads=2, max_position_embeddings=128)
+FAMILIES = {
+    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                                   bos_token_id=0, eos_token_id=0)),
+    "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**KW)),
+    "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**KW)),
+    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**KW, sliding_window=5)),
+    "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**KW, num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request):
+    torch.manual_seed(0)
+    hf = FAMILIES[request.param]().eval()
+    return request.param, hf, from_hf_model(hf)
+
+
+def test_logits_equal_transformers(pair):
+    name, hf, ours = pair
+    tokens = torch.randint(0, 96, (2, 20))  # longer than Mistral's window of 5
+    with torch.no_grad():
+        diff = (hf(tokens).logits - ours(tokens)).abs().max().item()
+    assert diff < 1e-4, f"{name}: {diff}"
+
+
+def test_mistral_window_really_masks():
+    torch.manual_seed(0)
+    ours = from_hf_model(FAMILIES["mistral"]())
+    unwindowed = GPT(GPTConfig(**{**ours.config.__dict__, "sliding_window": None}))
+    unwindowed.load_state_dict(ours.state_dict())
+    tokens = torch.randint(0, 96, (1, 20))
+    with torch.no_grad():
+        assert (ours(tokens)[:, -1] - unwindowed.eval()(tokens)[:, -1]).abs().max() > 1e-3
+
+
+def test_greedy_generation_with_and_without_cache_and_as_transformers(pair):
+    name, hf, ours = pair
+    prompt = torch.randint(1, 96, (1, 7))
+    cached = ours.generate(prompt, 12)
+    assert torch.equal(cached, ours.generate(prompt, 12, use_cache=False))
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         attention_mask=torch.ones_like(prompt))
+    assert cached[0].tolist() == theirs[0, 7:].tolist(), name
+
+
+def test_left_padded_batch_equals_one_by_one():
+    torch.manual_seed(0)
+    ours = from_hf_model(FAMILIES["llama"]())
+    short, long = torch.randint(1, 96, (1, 4)), torch.randint(1, 96, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 5), torch.ones(1, 4)], 1), torch.ones(1, 9)]).long()
+    together = ours.generate(batch, 8, attention_mask=mask)
+    assert together[0].tolist() == ours.generate(short, 8)[0].tolist()
+    assert together[1].tolist() == ours.generate(long, 8)[0].tolist()
+
+
+def test_mixture_of_experts_routing_and_load_balancing_loss():
+    """Output = sum over the top-2 experts of renormalized router weight x SwiGLU expert; loss = E sum_e f_e P_e."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, d_ff=24, norm="rmsnorm", mlp="swiglu",
+                          positions="rope", n_experts=4, experts_per_token=2, tie_embeddings=False)).eval()
+    moe = model.blocks[0].mlp
+    captured = {}
+    moe.register_forward_hook(lambda module, inputs, output: captured.update(x=inputs[0], out=output))
+    with torch.no_grad():
+        model(torch.randint(0, 50, (3, 10)))
+        x = captured["x"].reshape(-1, 16)
+        probs = moe.router(x).softmax(-1)
+        weights, chosen = probs.topk(2, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        expected = torch.zeros_like(x)
+        for n in range(len(x)):
+            for slot in range(2):
+                e = chosen[n, slot]
+                gate, up = (moe.gate_up[e] @ x[n]).chunk(2)
+                expected[n] += weights[n, slot] * (moe.down[e] @ (torch.nn.functional.silu(gate) * up))
+        torch.testing.assert_close(captured["out"].reshape(-1, 16), expected, atol=1e-6, rtol=1e-5)
+        fraction = torch.nn.functional.one_hot(chosen, 4).sum(1).float().mean(0) / 2
+        torch.testing.assert_close(model.aux_loss(), 4 * (fraction * probs.mean(0)).sum())
+
+
+def test_unsupported_architecture_is_named():
+    with pytest.raises(ValueError, match="unsupported architecture 'bert'; supported: gpt2, llama"):
+        config_from_hf(T.BertConfig())
