@@ -310,13 +310,13 @@ def state_dict_from_hf(sd: dict[str, Tensor], config: GPTConfig, kind: str) -> d
         elif name == "lm_head.weight":
             out["lm_head.weight"] = tensor
         elif name.startswith("model.layers."):
-            i, rest = name.split(".", 3)[2:]
+            layer, rest = name.split(".", 3)[2:]
             module, _, param = rest.rpartition(".")
             if module == "mlp.experts" or rest in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
                 module, param = rest, ""
             if module not in renames:
                 raise KeyError(f"unexpected tensor {name!r} in the checkpoint")
-            out[f"blocks.{i}.{renames[module]}" + (f".{param}" if param else "")] = tensor
+            out[f"blocks.{layer}.{renames[module]}" + (f".{param}" if param else "")] = tensor
         elif "rotary_emb" not in name:
             raise KeyError(f"unexpected tensor {name!r} in the checkpoint")
     if config.tie_embeddings:
