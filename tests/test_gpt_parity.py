@@ -95,3 +95,33 @@ def test_mixture_of_experts_routing_and_load_balancing_loss():
 def test_unsupported_architecture_is_named():
     with pytest.raises(ValueError, match="unsupported architecture 'bert'; supported: gpt2, llama"):
         config_from_hf(T.BertConfig())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mixtral"])
+def test_hugging_face_folders_in_and_out(family, tmp_path):
+    """A transformers folder loads through torchbook.load; ours saved as a folder loads in transformers; same logits."""
+    import torchbook
+    from torchbook.models.gpt import save_hf
+
+    torch.manual_seed(0)
+    hf = FAMILIES[family]().eval()
+    hf.save_pretrained(tmp_path / "theirs")
+    ours = torchbook.load(tmp_path / "theirs").model
+    tokens = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+    save_hf(ours, tmp_path / "ours")
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens).logits, hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_corrupt_hugging_face_folder_is_a_clear_error(tmp_path):
+    import torchbook
+    from torchbook.errors import CheckpointError
+
+    torch.manual_seed(0)
+    FAMILIES["llama"]().save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="holds no"):
+        torchbook.load(tmp_path / "m")

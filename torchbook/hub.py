@@ -1,8 +1,8 @@
 """Checkpoints in and out: `load(path)` is the one loader of torchbook.
 
-Today it reads run folders (`runs/<recipe>/<id>/`) and saved model folders (`model.safetensors` + `config.json`
-written by `torchbook.models.save_model`, or `model.joblib` for scikit-learn recipes). Later: Hugging Face
-folders, GGUF files and Hub ids.
+It reads run folders (`runs/<recipe>/<id>/`), saved model folders (`model.safetensors` + `config.json` written by
+`torchbook.models.save_model`, or `model.joblib` for scikit-learn recipes) and Hugging Face folders of the
+decoder-only families `torchbook.models.gpt` supports. Later: GGUF files and Hub ids.
 """
 
 from __future__ import annotations
@@ -61,6 +61,14 @@ def load_model_folder(folder: Path, map_location: str = "cpu") -> Loaded:
     return Loaded(model=model, tokenizer=load_tokenizer(folder), path=folder, meta=meta)
 
 
+def _is_hf_folder(path: Path) -> bool:
+    """A Hugging Face folder: its config.json names a `model_type` (ours names a `torchbook_class`)."""
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def load(path: str | Path, map_location: str = "cpu") -> Loaded:
     """A ready model (eval mode) and tokenizer from a run folder or a model folder; a clear error otherwise."""
     path = Path(path)
@@ -73,6 +81,11 @@ def load(path: str | Path, map_location: str = "cpu") -> Loaded:
         loaded = load_model_folder(run.model_dir, map_location)
         loaded.recipe, loaded.path, loaded.run_config = run.recipe, path, run.config_values()
         return loaded
+    if path.is_dir() and _is_hf_folder(path):
+        from torchbook.models.gpt import load_hf_folder
+
+        return Loaded(model=load_hf_folder(path), tokenizer=load_tokenizer(path), path=path,
+                      meta={"format": "huggingface"})
     if path.is_dir():
         return load_model_folder(path, map_location)
     raise CheckpointError(

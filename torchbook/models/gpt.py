@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -276,6 +277,23 @@ def config_from_hf(hf: Any) -> GPTConfig:
     )
 
 
+def fuse_legacy_experts(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Mixtral checkpoints on disk keep one (w1 = gate, w3 = up, w2 = down) per expert under `block_sparse_moe`;
+    transformers (and we) hold them fused: gate_up (E, 2 d_ff, d) and down (E, d, d_ff)."""
+    if not any(".block_sparse_moe." in k for k in sd):
+        return sd
+    out = {k: v for k, v in sd.items() if ".block_sparse_moe." not in k}
+    layers = sorted({k.split(".")[2] for k in sd if ".block_sparse_moe." in k}, key=int)
+    for layer in layers:
+        p = f"model.layers.{layer}.block_sparse_moe."
+        n = len({k.split(".")[5] for k in sd if k.startswith(p + "experts.")})
+        out[f"model.layers.{layer}.mlp.gate.weight"] = sd[p + "gate.weight"]
+        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([sd[p + f"experts.{e}.w1.weight"], sd[p + f"experts.{e}.w3.weight"]]) for e in range(n)])
+        out[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([sd[p + f"experts.{e}.w2.weight"] for e in range(n)])
+    return out
+
+
 def state_dict_from_hf(sd: dict[str, Tensor], config: GPTConfig, kind: str) -> dict[str, Tensor]:
     """Rename (and for GPT-2, split and transpose) a Hugging Face state dict into ours."""
     out: dict[str, Tensor] = {}
@@ -298,6 +316,7 @@ def state_dict_from_hf(sd: dict[str, Tensor], config: GPTConfig, kind: str) -> d
             out[q + "mlp.down.bias"] = sd[p + "mlp.c_proj.bias"]
         out["lm_head.weight"] = sd.get("lm_head.weight", out["embed.weight"])
         return out
+    sd = fuse_legacy_experts(sd)
     renames = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj", "self_attn.v_proj": "attn.v_proj",
                "self_attn.o_proj": "attn.out_proj", "input_layernorm": "norm_1", "post_attention_layernorm": "norm_2",
                "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down",
@@ -322,6 +341,128 @@ def state_dict_from_hf(sd: dict[str, Tensor], config: GPTConfig, kind: str) -> d
     if config.tie_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
     return out
+
+
+def state_dict_to_hf(model: GPT, kind: str) -> dict[str, Tensor]:
+    """Our state dict under Hugging Face's names (the inverse of `state_dict_from_hf`)."""
+    sd, config = model.state_dict(), model.config
+    out: dict[str, Tensor] = {}
+    if kind == "gpt2":
+        out["transformer.wte.weight"], out["transformer.wpe.weight"] = sd["embed.weight"], sd["position.weight"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
+        for i in range(config.n_layer):
+            p, q = f"transformer.h.{i}.", f"blocks.{i}."
+            for ours, theirs in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
+                out[p + theirs + ".weight"], out[p + theirs + ".bias"] = sd[q + ours + ".weight"], sd[q + ours + ".bias"]
+            out[p + "attn.c_attn.weight"] = torch.cat([sd[q + f"attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")]).t()
+            out[p + "attn.c_attn.bias"] = torch.cat([sd[q + f"attn.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")])
+            out[p + "attn.c_proj.weight"], out[p + "attn.c_proj.bias"] = sd[q + "attn.out_proj.weight"].t(), sd[q + "attn.out_proj.bias"]
+            out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = sd[q + "mlp.up.weight"].t(), sd[q + "mlp.up.bias"]
+            out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = sd[q + "mlp.down.weight"].t(), sd[q + "mlp.down.bias"]
+        return {k: v.contiguous() for k, v in out.items()}
+    back = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
+            "attn.out_proj": "self_attn.o_proj", "norm_1": "input_layernorm", "norm_2": "post_attention_layernorm",
+            "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj", "mlp.router": "mlp.gate"}
+    for name, tensor in sd.items():
+        if name == "embed.weight":
+            out["model.embed_tokens.weight"] = tensor
+        elif name == "norm.weight":
+            out["model.norm.weight"] = tensor
+        elif name == "lm_head.weight":
+            if not config.tie_embeddings:
+                out["lm_head.weight"] = tensor
+        elif name.startswith("blocks."):
+            layer, rest = name.split(".", 2)[1:]
+            if config.n_experts and rest in ("mlp.gate_up", "mlp.down", "mlp.router.weight"):
+                p = f"model.layers.{layer}.block_sparse_moe."  # the on-disk layout of Mixtral checkpoints
+                if rest == "mlp.router.weight":
+                    out[p + "gate.weight"] = tensor
+                for e in range(config.n_experts):
+                    if rest == "mlp.gate_up":
+                        out[p + f"experts.{e}.w1.weight"], out[p + f"experts.{e}.w3.weight"] = tensor[e].chunk(2)
+                    elif rest == "mlp.down":
+                        out[p + f"experts.{e}.w2.weight"] = tensor[e]
+                continue
+            module, _, param = rest.rpartition(".")
+            out[f"model.layers.{layer}.{back[module]}.{param}"] = tensor
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_config_dict(config: GPTConfig) -> dict[str, Any]:
+    """A transformers config.json for our config (GPT-2 or the Llama family)."""
+    if config.positions == "learned":
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
+                "n_embd": config.d_model, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": config.d_ff,
+                "n_positions": config.max_len, "layer_norm_epsilon": config.norm_eps, "activation_function": "gelu_new",
+                "tie_word_embeddings": True}
+    kind = "mixtral" if config.n_experts else "mistral" if config.sliding_window else "qwen2" if config.qkv_bias else "llama"
+    out: dict[str, Any] = {
+        "model_type": kind, "architectures": [f"{kind.capitalize() if kind != 'qwen2' else 'Qwen2'}ForCausalLM"],
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head, "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim or config.d_model // config.n_head, "max_position_embeddings": config.max_len,
+        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
+        "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default", **config.rope_scaling},
+        "attention_bias": config.out_bias, "mlp_bias": config.mlp_bias,
+    }
+    if config.sliding_window:
+        out["sliding_window"] = config.sliding_window
+    if config.n_experts:
+        out.update(num_local_experts=config.n_experts, num_experts_per_tok=config.experts_per_token)
+    return out
+
+
+def save_hf(model: GPT, folder: str | Path, tokenizer: Any = None) -> Path:
+    """Write `model` as a Hugging Face folder (config.json + model.safetensors [+ tokenizer.json])."""
+    from safetensors.torch import save
+
+    from torchbook.io import atomic_write, atomic_write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = hf_config_dict(model.config)
+    tensors = state_dict_to_hf(model, config["model_type"])
+    payload = save(tensors, metadata={"format": "pt"})
+    atomic_write(folder / "model.safetensors", lambda f: f.write(payload))
+    atomic_write_json(folder / "config.json", config)
+    if tokenizer is not None:
+        tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def load_hf_folder(folder: str | Path) -> GPT:
+    """Our GPT from a Hugging Face folder (config.json + *.safetensors), without importing the transformers model."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from torchbook.errors import CheckpointError
+
+    folder = Path(folder)
+    try:
+        kind = json.loads((folder / "config.json").read_text())["model_type"]
+        hf_config = AutoConfig.from_pretrained(str(folder))
+        config = config_from_hf(hf_config)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{str(folder)!r}: {e}") from None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{str(folder)!r} holds no *.safetensors weights")
+    sd: dict[str, Tensor] = {}
+    for file in files:
+        sd.update(load_file(str(file)))
+    model = GPT(config)
+    try:
+        state = state_dict_from_hf(sd, config, kind)
+    except KeyError as e:
+        raise CheckpointError(f"{str(folder)!r}: {e.args[0]}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{str(folder)!r} does not match the model: missing tensors {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return model.eval()
 
 
 def from_hf_model(hf_model: Any) -> GPT:
