@@ -13,6 +13,15 @@ from torchbook.nn.rnn_attention import BahdanauAttention, LuongAttention
 from torchbook.nn.transformer import Decoder, Encoder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """Small models on a shared machine: one thread avoids oversubscribing the cores (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def copy_mha(ours: Any, theirs: Any) -> None:
     q, k, v = theirs.in_proj_weight.chunk(3)
     qb, kb, vb = theirs.in_proj_bias.chunk(3)
@@ -40,7 +49,8 @@ def test_multi_head_attention_equals_torch_with_padding_and_causal_masks() -> No
 def test_encoder_decoder_equals_torch_transformer(norm_first: bool) -> None:
     torch.manual_seed(0)
     d, heads, ff, layers = 32, 4, 64, 2
-    theirs = nn.Transformer(d, heads, layers, layers, ff, dropout=0.0, batch_first=True, norm_first=norm_first).eval()
+    theirs = nn.Transformer(d, heads, layers, layers, ff, dropout=0.0, batch_first=True, norm_first=norm_first)
+    theirs.eval()
     encoder = Encoder(layers, d, heads, ff, 0.0, norm_first, final_norm=True).eval()
     decoder = Decoder(layers, d, heads, ff, 0.0, norm_first, final_norm=True).eval()
     for ours_stack, their_stack in ((encoder, theirs.encoder), (decoder, theirs.decoder)):
