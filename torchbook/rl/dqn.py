@@ -7,7 +7,7 @@ double DQN (van Hasselt et al., 2016), a dueling head (Wang et al., 2016) and pr
         every train_freq steps, gradient_steps times: sample a batch; y = r + gamma (1 - done) Q_target(s', argmax_a' Q(s', a'))  (double)
                                                  or r + gamma (1 - done) max_a' Q_target(s', a')              (plain)
                                 minimize Huber(Q(s, a), y) (weighted by importance weights with prioritized replay)
-        every target_update_interval gradient steps: Q_target <- Q
+        every target_update_interval environment steps: Q_target <- Q
 DQN is known to be unstable on CartPole (the book says so): every `eval_interval` steps the greedy policy is
 evaluated on a few episodes and the best weights are kept.
 """
@@ -137,7 +137,7 @@ def train_dqn(config: DQNConfig, log: Callable[..., Any] | None = None) -> QNetw
     rng = np.random.default_rng(config.seed)
     obs = pool.reset()
     best_return, best_state = -np.inf, copy.deepcopy(q.state_dict())
-    started, updates = time.perf_counter(), 0
+    started = time.perf_counter()
     for step in range(config.total_steps):
         progress = step / config.total_steps
         epsilon = max(config.eps_end, config.eps_start - (config.eps_start - config.eps_end) * progress
@@ -167,9 +167,10 @@ def train_dqn(config: DQNConfig, log: Callable[..., Any] | None = None) -> QNetw
             optimizer.step()
             if config.prioritized:
                 buffer.update(idx, (q_taken - y).detach().numpy())
-            updates += 1
-            if updates % config.target_update_interval == 0:  # counted in gradient steps
-                target.load_state_dict(q.state_dict())
+        # Counted in environment steps (as Stable-Baselines3 does): with bursts of training every train_freq steps,
+        # the target is refreshed before each burst and stays fixed during it.
+        if step % config.target_update_interval == 0:
+            target.load_state_dict(q.state_dict())
         if (step + 1) % config.eval_interval == 0:
             score = float(evaluate(q.act, config.env_id, config.eval_episodes_during, seed=1_000_000 + step,
                                    max_episode_steps=config.max_episode_steps or None).mean())
