@@ -123,7 +123,9 @@ class ReplayBuffer:
         self.priorities[idx] = np.abs(td_errors) + 1e-6
 
 
-def train_dqn(config: DQNConfig, log: Callable[..., Any] | None = None) -> QNetwork:
+def train_dqn(config: DQNConfig, log: Callable[..., Any] | None = None,
+              should_stop: Callable[[QNetwork, int], bool] | None = None) -> QNetwork:
+    """Train a Q-network; `should_stop(q, env_steps)`, called every `train_freq` steps, ends training early."""
     torch.manual_seed(config.seed)
     probe = make_env(config.env_id)
     n_actions = require_discrete(probe, "DQN")
@@ -171,6 +173,9 @@ def train_dqn(config: DQNConfig, log: Callable[..., Any] | None = None) -> QNetw
         # the target is refreshed before each burst and stays fixed during it.
         if step % config.target_update_interval == 0:
             target.load_state_dict(q.state_dict())
+        if should_stop is not None and step % config.train_freq == 0 and step and should_stop(q, step + 1):
+            best_state = copy.deepcopy(q.state_dict())
+            break
         if (step + 1) % config.eval_interval == 0:
             score = float(evaluate(q.act, config.env_id, config.eval_episodes_during, seed=1_000_000 + step,
                                    max_episode_steps=config.max_episode_steps or None).mean())

@@ -48,13 +48,13 @@ class ActorCritic(nn.Module):
         return self.critic(obs).squeeze(-1)
 
     def distribution(self, obs: Tensor) -> Categorical:
-        return Categorical(logits=self.actor(obs))
+        return Categorical(logits=self.actor(obs), validate_args=False)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, greedy: bool = True) -> np.ndarray:
         """Actions for a batch of observations: the most probable (greedy) or sampled."""
         logits = self.actor(torch.as_tensor(obs, dtype=torch.float32))
-        actions = logits.argmax(-1) if greedy else Categorical(logits=logits).sample()
+        actions = logits.argmax(-1) if greedy else Categorical(logits=logits, validate_args=False).sample()
         return actions.numpy()
 
 
@@ -79,9 +79,9 @@ class CategoricalPolicy(nn.Module):
         return self.actor(obs)
 
     def distribution(self, obs: Tensor) -> Categorical:
-        return Categorical(logits=self.actor(obs))
+        return Categorical(logits=self.actor(obs), validate_args=False)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, greedy: bool = True) -> np.ndarray:
         logits = self.actor(torch.as_tensor(obs, dtype=torch.float32))
-        return (logits.argmax(-1) if greedy else Categorical(logits=logits).sample()).numpy()
+        return (logits.argmax(-1) if greedy else Categorical(logits=logits, validate_args=False).sample()).numpy()

@@ -81,8 +81,10 @@ def ppo_loss(new_logprob: Tensor, old_logprob: Tensor, advantages: Tensor, value
 
 
 def train_ppo(config: PPOConfig, log: Callable[..., Any] | None = None,
-              model: ActorCritic | None = None) -> ActorCritic:
-    """Train an actor-critic on `config.env_id`; `log(**record)` receives one record per update."""
+              model: ActorCritic | None = None,
+              should_stop: Callable[[ActorCritic, int], bool] | None = None) -> ActorCritic:
+    """Train an actor-critic on `config.env_id`; `log(**record)` receives one record per update;
+    `should_stop(model, env_steps)`, called after each update, ends training early when it returns True."""
     torch.manual_seed(config.seed)
     probe = make_env(config.env_id)
     n_actions = require_discrete(probe, "PPO")
@@ -143,5 +145,7 @@ def train_ppo(config: PPOConfig, log: Callable[..., Any] | None = None,
             recent = [r for r, _ in pool.finished[-20:]]
             log(kind="update", update=update + 1, env_steps=steps, time_s=round(time.perf_counter() - started, 3),
                 mean_return=float(np.mean(recent)) if recent else None, episodes=len(pool.finished), **stats)
+        if should_stop is not None and should_stop(model, steps):
+            break
     pool.close()
     return model.eval()
