@@ -104,3 +104,25 @@ def test_bucketing_is_padding_aware_and_deterministic() -> None:
     assert padded < 1.15 * sum(lengths)  # sorted pools: little padding
     assert batches == bucket_batches(lengths, 1024, 64, seed=1, epoch=0)
     assert batches != bucket_batches(lengths, 1024, 64, seed=1, epoch=1)
+
+
+def test_tatoeba_archive_is_read_through_fetch_and_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loading code for the book's spa-eng.zip, exercised offline on a small archive of the same layout placed
+    in the mirror (the real file cannot be downloaded here; its lines are 'English<TAB>Spanish')."""
+    import zipfile
+
+    from torchbook.data.translation import load_tatoeba
+
+    mirror, cache = tmp_path / "mirror", tmp_path / "cache"
+    mirror.mkdir()
+    lines = [f"Sentence number {i}.\tFrase número {i}." for i in range(200)] + ["Go.\tVe.", "Go.\tVete."]
+    with zipfile.ZipFile(mirror / "spa-eng.zip", "w") as z:
+        z.writestr("spa-eng/spa.txt", "\n".join(lines) + "\n")
+    monkeypatch.setenv("TORCHBOOK_MIRROR", str(mirror))
+    monkeypatch.setenv("TORCHBOOK_CACHE", str(cache))
+    data = load_tatoeba(seed=3)
+    assert len(data.test) == 20 and len(data.val) == 10
+    assert len(data.train) + len(data.val) + len(data.test) == 201  # "Go." kept once (its first translation)
+    assert not {en for en, _ in data.train} & {en for en, _ in data.test}
+    assert data.manifest[0]["file"] == "spa-eng.zip" and len(data.manifest[0]["sha256"]) == 64
+    assert load_tatoeba(seed=3).test == data.test
