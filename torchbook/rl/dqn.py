@@ -101,12 +101,13 @@ class ReplayBuffer:
         self.rewards = np.zeros(size, np.float32)
         self.dones = np.zeros(size, np.float32)
         self.priorities = np.zeros(size, np.float64)
+        self.max_priority = 1.0  # new transitions get the highest priority seen so far
         self.rng = np.random.default_rng(seed)
 
     def add(self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, done: bool) -> None:
         i = self.pos
         self.obs[i], self.actions[i], self.rewards[i], self.next_obs[i], self.dones[i] = obs, action, reward, next_obs, done
-        self.priorities[i] = self.priorities[: self.n].max() if self.n else 1.0  # new transitions: top priority
+        self.priorities[i] = self.max_priority
         self.pos, self.n = (i + 1) % self.size, min(self.n + 1, self.size)
 
     def sample(self, batch: int, beta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -121,6 +122,7 @@ class ReplayBuffer:
 
     def update(self, idx: np.ndarray, td_errors: np.ndarray) -> None:
         self.priorities[idx] = np.abs(td_errors) + 1e-6
+        self.max_priority = max(self.max_priority, float(self.priorities[idx].max()))
 
 
 def train_dqn(config: DQNConfig, log: Callable[..., Any] | None = None,
