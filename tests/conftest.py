@@ -34,3 +34,15 @@ def mirror_has(name: str) -> bool:
 
 
 needs_housing = pytest.mark.skipif(not mirror_has("housing.tgz"), reason="the book's housing.tgz is not in $TORCHBOOK_MIRROR")
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # type: ignore[no-untyped-def]
+    """Small models on a shared machine: one thread avoids oversubscribing the cores (restored afterwards).
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,14 +12,7 @@ from torchbook.generate import beam_search, decode
 from torchbook.nn.attention import KVCache, MultiHeadAttention
 from torchbook.nn.positions import SinusoidalPositionalEncoding
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """Small models on a shared machine: one thread avoids oversubscribing the cores (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VOCAB, EOS, BOS = 11, 2, 1

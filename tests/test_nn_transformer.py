@@ -12,14 +12,7 @@ from torchbook.nn.attention import KVCache, MultiHeadAttention
 from torchbook.nn.rnn_attention import BahdanauAttention, LuongAttention
 from torchbook.nn.transformer import Decoder, Encoder
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """Small models on a shared machine: one thread avoids oversubscribing the cores (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def copy_mha(ours: Any, theirs: Any) -> None:

@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from torchbook.data.tokenizers import SPECIAL_TOKENS, train_bpe
 from torchbook.data.translation import (
@@ -18,14 +17,7 @@ from torchbook.data.translation import (
 )
 from torchbook.errors import DataUnavailable
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """Small models on a shared machine: one thread avoids oversubscribing the cores (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 needs_catalogs = pytest.mark.skipif(not list(GETTEXT_DIR.glob("*.mo")), reason=f"no gettext catalogs in {GETTEXT_DIR}")

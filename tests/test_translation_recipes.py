@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import torchbook
 from torchbook.cli import main as cli_main
@@ -19,17 +18,10 @@ from torchbook.errors import CheckpointError
 from torchbook.recipes import translator, translator_rnn
 from torchbook.recipes.translator import translate, translate_run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """Small models on a shared machine: one thread avoids oversubscribing the cores (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-pytestmark = pytest.mark.skipif(not list(GETTEXT_DIR.glob("*.mo")), reason=f"no gettext catalogs in {GETTEXT_DIR}")
+pytestmark = [
+    pytest.mark.skipif(not list(GETTEXT_DIR.glob("*.mo")), reason=f"no gettext catalogs in {GETTEXT_DIR}"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")
