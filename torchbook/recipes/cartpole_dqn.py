@@ -6,14 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-
 from torchbook.recipes import Recipe
-from torchbook.recipes.cartpole_ppo import algorithm_config
-from torchbook.report import Report
 from torchbook.rl.dqn import DQNConfig, train_dqn
 from torchbook.rl.envs import make_env, require_discrete
-from torchbook.rl.reporting import evaluate_saved, finish
+from torchbook.rl.reporting import algorithm_config, evaluate_agent, run_agent
 from torchbook.runs import RunDir
 
 NAME = "cartpole-dqn"
@@ -37,19 +33,14 @@ class Config(DQNConfig):
 
 
 def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
-    run = RunDir.start(run_dir, NAME, config)
-    torch.set_num_threads(config.threads)
     variant = " + ".join(n for n, on in (("double", config.double), ("dueling", config.dueling),
                                           ("prioritized replay", config.prioritized)) if on) or "plain"
-    report = Report(f"DQN ({variant}) on {config.env_id}", NAME, "19", f"gymnasium {config.env_id} (simulated)")
-    model = train_dqn(algorithm_config(config, DQNConfig), log=run.log)
-    finish(run, report, model, config.env_id, config.eval_episodes, config.max_episode_steps, config.seed, config.gif)
-    return run
+    return run_agent(config, run_dir, NAME, f"DQN ({variant})",
+                     lambda log: train_dqn(algorithm_config(config, DQNConfig), log=log))
 
 
 def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    config = Config(**RunDir.open(run_dir).config_values())
-    return evaluate_saved(run_dir, config.env_id, config.eval_episodes, config.max_episode_steps)
+    return evaluate_agent(run_dir, Config)
 
 
 RECIPE = Recipe(NAME, "19", "DQN on CartPole-v1 (double, dueling, prioritized replay as options)", Config, run, evaluate)

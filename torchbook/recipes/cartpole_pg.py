@@ -9,14 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-
 from torchbook.recipes import Recipe
-from torchbook.recipes.cartpole_ppo import algorithm_config
-from torchbook.report import Report
 from torchbook.rl.envs import make_env, require_discrete
 from torchbook.rl.reinforce import ReinforceConfig, train_reinforce
-from torchbook.rl.reporting import evaluate_saved, finish
+from torchbook.rl.reporting import algorithm_config, evaluate_agent, run_agent
 from torchbook.runs import RunDir
 
 NAME = "cartpole-pg"
@@ -40,17 +36,11 @@ class Config(ReinforceConfig):
 
 
 def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
-    run = RunDir.start(run_dir, NAME, config)
-    torch.set_num_threads(config.threads)
-    report = Report(f"REINFORCE on {config.env_id}", NAME, "19", f"gymnasium {config.env_id} (simulated)")
-    model = train_reinforce(algorithm_config(config, ReinforceConfig), log=run.log)
-    finish(run, report, model, config.env_id, config.eval_episodes, config.max_episode_steps, config.seed, config.gif)
-    return run
+    return run_agent(config, run_dir, NAME, "REINFORCE", lambda log: train_reinforce(algorithm_config(config, ReinforceConfig), log=log))
 
 
 def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    config = Config(**RunDir.open(run_dir).config_values())
-    return evaluate_saved(run_dir, config.env_id, config.eval_episodes, config.max_episode_steps)
+    return evaluate_agent(run_dir, Config)
 
 
 RECIPE = Recipe(NAME, "19", "REINFORCE policy gradients on CartPole-v1, beside the book's lean policy", Config, run, evaluate)

@@ -8,17 +8,13 @@ environment steps and wall-clock time, the mean return of the trained policy ove
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-
 from torchbook.recipes import Recipe
-from torchbook.report import Report
 from torchbook.rl.envs import make_env, require_discrete
 from torchbook.rl.ppo import PPOConfig, train_ppo
-from torchbook.rl.reporting import evaluate_saved, finish
+from torchbook.rl.reporting import algorithm_config, evaluate_agent, run_agent
 from torchbook.runs import RunDir
 
 NAME = "cartpole-ppo"
@@ -41,23 +37,12 @@ class Config(PPOConfig):
         require_discrete(make_env(self.env_id), "PPO")
 
 
-def algorithm_config(config: Any, cls: type) -> Any:
-    """The algorithm's own config, taken from the recipe's (which extends it with evaluation settings)."""
-    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
-
-
 def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
-    run = RunDir.start(run_dir, NAME, config)
-    torch.set_num_threads(config.threads)
-    report = Report(f"PPO on {config.env_id}", NAME, "19", f"gymnasium {config.env_id} (simulated), seeds {config.seed}+")
-    model = train_ppo(algorithm_config(config, PPOConfig), log=run.log)
-    finish(run, report, model, config.env_id, config.eval_episodes, config.max_episode_steps, config.seed, config.gif)
-    return run
+    return run_agent(config, run_dir, NAME, "PPO", lambda log: train_ppo(algorithm_config(config, PPOConfig), log=log))
 
 
 def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    config = Config(**RunDir.open(run_dir).config_values())
-    return evaluate_saved(run_dir, config.env_id, config.eval_episodes, config.max_episode_steps)
+    return evaluate_agent(run_dir, Config)
 
 
 RECIPE = Recipe(NAME, "19", "PPO (clipped objective, GAE) on CartPole-v1, beside the book's lean policy",

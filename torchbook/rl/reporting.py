@@ -4,9 +4,12 @@ GIF, save the policy and write the report."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from torchbook.models import save_model
@@ -64,3 +67,26 @@ def evaluate_saved(run_dir: RunDir | str, env_id: str, episodes: int, max_episod
     model = torchbook.load(RunDir.open(run_dir).path).model
     returns = evaluate(model.act, env_id, episodes, max_episode_steps=max_episode_steps or None)
     return {"eval_mean_return": float(np.mean(returns)), "eval_episodes": len(returns)}
+
+
+def algorithm_config(config: Any, cls: type) -> Any:
+    """The algorithm's own config, taken from the recipe's (which extends it with evaluation settings)."""
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+def run_agent(config: Any, run_dir: RunDir | str | None, recipe: str, algorithm: str,
+              train: Callable[[Callable[..., Any]], nn.Module]) -> RunDir:
+    """A whole RL recipe run: start the run folder, `train(log)`, then `finish` (evaluate, compare, plot, report)."""
+    run = RunDir.start(run_dir, recipe, config)
+    torch.set_num_threads(config.threads)
+    report = Report(f"{algorithm} on {config.env_id}", recipe, "19",
+                    f"gymnasium {config.env_id} (simulated), seeds {config.seed}+")
+    model = train(run.log)
+    finish(run, report, model, config.env_id, config.eval_episodes, config.max_episode_steps, config.seed, config.gif)
+    return run
+
+
+def evaluate_agent(run_dir: RunDir | str, config_class: type) -> dict[str, Any]:
+    """A recipe's `evaluate`: the saved policy on the run's own evaluation episodes."""
+    config = config_class(**RunDir.open(run_dir).config_values())
+    return evaluate_saved(run_dir, config.env_id, config.eval_episodes, config.max_episode_steps)
