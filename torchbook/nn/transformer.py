@@ -111,8 +111,10 @@ class DecoderLayer(nn.Module):
         return self.norm3(x + self.dropout3(self.ff(x)))
 
 
-class Encoder(nn.Module):
-    """A stack of encoder layers, with an optional final LayerNorm (needed after pre-norm layers)."""
+class _Stack(nn.Module):
+    """`n_layers` layers of `layer_class`, with an optional final LayerNorm (needed after pre-norm layers)."""
+
+    layer_class: type[nn.Module]
 
     def __init__(
         self, n_layers: int, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1, norm_first: bool = False,
@@ -120,9 +122,15 @@ class Encoder(nn.Module):
     ):
         super().__init__()
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model, n_heads, d_ff, dropout, norm_first, activation, eps) for _ in range(n_layers)
+            self.layer_class(d_model, n_heads, d_ff, dropout, norm_first, activation, eps) for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model, eps=eps) if final_norm else nn.Identity()
+
+
+class Encoder(_Stack):
+    """A stack of encoder layers, with an optional final LayerNorm."""
+
+    layer_class = EncoderLayer
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         for layer in self.layers:
@@ -130,18 +138,10 @@ class Encoder(nn.Module):
         return self.norm(x)
 
 
-class Decoder(nn.Module):
+class Decoder(_Stack):
     """A stack of decoder layers, with an optional final LayerNorm; caches are per stack, one entry per layer."""
 
-    def __init__(
-        self, n_layers: int, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1, norm_first: bool = False,
-        final_norm: bool = False, activation: str = "relu", eps: float = 1e-5,
-    ):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            DecoderLayer(d_model, n_heads, d_ff, dropout, norm_first, activation, eps) for _ in range(n_layers)
-        )
-        self.norm = nn.LayerNorm(d_model, eps=eps) if final_norm else nn.Identity()
+    layer_class = DecoderLayer
 
     def forward(
         self,
