@@ -1,0 +1,110 @@
+"""Sampling the next token (book chapters 14 and 17): temperature, top-k, top-p, min-p, repetition penalty, seeds.
+
+`process_logits` turns a step's logits into the ones sampled from, in the order Hugging Face's `generate` applies
+them (repetition penalty, temperature, top-k, top-p, min-p; a test checks each against transformers' logits
+processors); `Sampler` is a `choose(logits, sequence)` function for `engine.decode`, with its own seeded random
+generator so that the same seed gives the same text. Temperature 0 is greedy decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from torchbook.errors import UserInputError
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0: greedy (always the most probable token); < 1 sharper, > 1 flatter
+    top_k: int = 0  # keep the k most probable tokens (0: all)
+    top_p: float = 1.0  # keep the smallest set of most probable tokens whose probability reaches p (1: all)
+    min_p: float = 0.0  # drop tokens less probable than min_p x the most probable token's probability (0: none)
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the sequence less likely (CTRL, Keskar et al.)
+    seed: int | None = None  # the same seed gives the same tokens (None: a fresh random seed)
+
+    def validate(self) -> None:
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 keeps every token), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserInputError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: Tensor, sequence: Tensor, penalty: float) -> Tensor:
+    """Divide the positive logits of tokens already in `sequence` (B, T) by `penalty`, multiply the negative ones."""
+    if penalty == 1.0 or sequence.size(1) == 0:
+        return logits
+    seen = logits.gather(1, sequence)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, sequence, seen)
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = logits.topk(k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus sampling (Holtzman et al., 2019): keep the most probable tokens until their probability reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1)  # ascending: drop from the front
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cumulative <= 1 - p
+    drop[:, -1] = False  # the most probable token always stays
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
+    """Min-p sampling (Nguyen et al., 2024): drop tokens below min_p times the top token's probability."""
+    if min_p <= 0:
+        return logits
+    probs = logits.softmax(-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def process_logits(logits: Tensor, sequence: Tensor, config: SamplingConfig) -> Tensor:
+    """The logits (B, V) to sample from, given the sequence so far (B, T); filtered tokens get -inf."""
+    logits = apply_repetition_penalty(logits.float(), sequence, config.repetition_penalty)
+    if config.greedy:
+        return logits
+    if config.temperature != 1.0:
+        logits = logits / config.temperature
+    logits = top_k_filter(logits, config.top_k)
+    logits = top_p_filter(logits, config.top_p)
+    return min_p_filter(logits, config.min_p)
+
+
+class Sampler:
+    """`choose(logits, sequence) -> next tokens (B,)` for `engine.decode`: greedy or sampled, seeded."""
+
+    def __init__(self, config: SamplingConfig | None = None, device: str | torch.device = "cpu"):
+        self.config = config or SamplingConfig()
+        self.config.validate()
+        self.generator = torch.Generator(device=device)
+        if self.config.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(self.config.seed)
+
+    def __call__(self, logits: Tensor, sequence: Tensor) -> Tensor:
+        logits = process_logits(logits, sequence, self.config)
+        if self.config.greedy:
+            return logits.argmax(dim=-1)
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
