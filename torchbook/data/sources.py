@@ -61,6 +61,21 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             arrays["test_images"].reshape(-1, 784).astype(np.float64), arrays["test_labels"].astype(np.int64))
 
 
+SHAKESPEARE = RemoteFile(
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",  # homl.info/shakespeare
+    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    filename="tinyshakespeare.txt",  # the URL's own name, input.txt, says nothing in a shared cache
+    offline="set $TORCHBOOK_MIRROR to a folder holding tinyshakespeare.txt (e.g. the shared data mirror)",
+)
+SHAKESPEARE_SOURCE = ("tiny Shakespeare (Karpathy's char-rnn input.txt, 1,115,394 characters of Shakespeare's plays), "
+                      "the book's homl.info/shakespeare")
+
+
+def load_shakespeare() -> str:
+    """The book's Shakespearean text (chapter 14) as one string, exactly as published (not lowercased)."""
+    return fetch(SHAKESPEARE).read_text(encoding="utf-8")
+
+
 DIGITS_SOURCE = "scikit-learn's bundled digits (UCI optical recognition of handwritten digits, 1,797 8x8 images)"
 
 
