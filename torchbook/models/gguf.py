@@ -118,8 +118,29 @@ def load_gguf(path: str | Path) -> tuple[GPT, Any, dict[str, Any]]:
     if missing or unexpected:
         raise CheckpointError(f"{str(path)!r} does not match the model: missing tensors {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    return model.eval(), gguf_tokenizer(path), info
+
+
+def gguf_tokenizer(path: str | Path) -> Any:
+    """The tokenizer a GGUF file carries, converted by transformers' GGUF converter (slow: it walks the whole
+    vocabulary in Python) once per file and kept as tokenizer.json in torchbook's cache."""
+    import hashlib
+
+    from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    from torchbook.data.download import cache_dir
+    from torchbook.io import atomic_write_text
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "gguf-tokenizers" / f"{path.stem}-{key}.json"
+    if cached.exists():
+        try:
+            return Tokenizer.from_file(str(cached))
+        except Exception:  # a damaged cache entry: convert again
+            pass
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).backend_tokenizer
-    return model.eval(), tokenizer, info
+    atomic_write_text(cached, tokenizer.to_str())
+    return tokenizer

