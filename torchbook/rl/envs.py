@@ -18,16 +18,28 @@ from torchbook.errors import UserInputError, unknown
 Policy = Callable[[np.ndarray], np.ndarray]  # a batch of observations -> a batch of actions
 
 
-def make_env(env_id: str, max_episode_steps: int | None = None, render_mode: str | None = None) -> Any:
-    """gymnasium.make with a one-line error for an unknown id (closest registered ids first)."""
+def is_atari(env_id: str) -> bool:
+    """Atari games (ale-py's `ALE/...` ids) get the book's preprocessing (torchbook/rl/atari.py)."""
+    return env_id.startswith("ALE/")
+
+
+def check_env_id(env_id: str) -> None:
+    """A one-line error for an unknown id (closest registered ids first); registers ale-py's Atari games."""
     import gymnasium as gym
 
-    if env_id.startswith("ALE/"):
+    if is_atari(env_id):
         import ale_py
 
         gym.register_envs(ale_py)
     if env_id not in gym.registry:
         raise unknown("environment id", env_id, [k for k in gym.registry if "/" not in k or k.startswith("ALE/")], limit=8)
+
+
+def make_env(env_id: str, max_episode_steps: int | None = None, render_mode: str | None = None) -> Any:
+    """gymnasium.make with a one-line error for an unknown id (closest registered ids first)."""
+    import gymnasium as gym
+
+    check_env_id(env_id)
     if render_mode is not None:  # pygame renders off-screen: no display, no audio, no runtime-dir warnings
         import os
 
@@ -68,11 +80,15 @@ class EnvPool:
 
     def __post_init__(self) -> None:
         self.envs = [make_env(self.env_id, self.max_episode_steps) for _ in range(self.n)]
+        self.observation_space, self.action_space = self.envs[0].observation_space, self.envs[0].action_space
         self.episode_returns = np.zeros(self.n)
         self.episode_lengths = np.zeros(self.n, dtype=np.int64)
 
-    def reset(self) -> np.ndarray:
-        return np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """Start new episodes in every environment, environment i seeded with seed + i (default: self.seed)."""
+        seed = self.seed if seed is None else seed
+        self.episode_returns[:], self.episode_lengths[:] = 0.0, 0
+        return np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(self.envs)])
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """obs, rewards, terminated, truncated, final_obs (the observation before an automatic reset)."""
@@ -95,9 +111,23 @@ class EnvPool:
             env.close()
 
 
+def make_pool(env_id: str, n: int, seed: int = 0, max_episode_steps: int | None = None,
+              episodic_life: bool = False) -> Any:
+    """An `EnvPool`, or for an Atari id (`ALE/...`) an `AtariPool` with the book's preprocessing."""
+    if is_atari(env_id):
+        from torchbook.rl.atari import AtariPool
+
+        return AtariPool(env_id, n, seed, max_episode_steps, episodic_life)
+    return EnvPool(env_id, n, seed, max_episode_steps)
+
+
 def evaluate(policy: Policy, env_id: str, episodes: int = 100, seed: int = 10_000,
              max_episode_steps: int | None = None) -> np.ndarray:
-    """The return of each of `episodes` episodes, episode k seeded with seed + k."""
+    """The return of each of `episodes` episodes, episode k seeded with seed + k (Atari: whole games, unclipped)."""
+    if is_atari(env_id):
+        from torchbook.rl import atari
+
+        return atari.evaluate(policy, env_id, episodes, seed, max_episode_steps)
     env = make_env(env_id, max_episode_steps)
     returns = []
     for k in range(episodes):
@@ -120,10 +150,10 @@ def lean_policy(obs: np.ndarray) -> np.ndarray:
 def record_gif(policy: Policy, env_id: str, path: str | Path, seed: int = 0, max_frames: int = 500,
                every: int = 2) -> Path:
     """Play one episode and save every `every`-th frame as an animated GIF (20 frames per second)."""
-    from PIL import Image
+    if is_atari(env_id):
+        from torchbook.rl import atari
 
-    from torchbook.io import atomic_write
-
+        return atari.record_gif(policy, env_id, path, seed, every=every)
     env = make_env(env_id, render_mode="rgb_array")
     obs, _ = env.reset(seed=seed)
     frames = [env.render()]
@@ -133,6 +163,15 @@ def record_gif(policy: Policy, env_id: str, path: str | Path, seed: int = 0, max
         if terminated or truncated:
             break
     env.close()
+    return save_gif(frames, path, every)
+
+
+def save_gif(frames: list[np.ndarray], path: str | Path, every: int = 2) -> Path:
+    """Every `every`-th RGB frame as an animated GIF at 20 frames per second, written atomically."""
+    from PIL import Image
+
+    from torchbook.io import atomic_write
+
     images = [Image.fromarray(f) for f in frames[::every]]
 
     def write(f: Any) -> None:

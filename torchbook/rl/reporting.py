@@ -14,10 +14,11 @@ from torch import nn
 
 from torchbook.models import save_model
 from torchbook.report import Report
-from torchbook.rl.envs import Policy, evaluate, lean_policy, record_gif
+from torchbook.rl.envs import Policy, evaluate, is_atari, lean_policy, record_gif
 from torchbook.runs import RunDir
 
 BOOK_LEAN_MEAN = 41.7  # the book's hard-coded CartPole policy over 500 seeded episodes
+RANDOM_SCORES = {"ALE/Breakout-v5": 1.7}  # random play, Mnih et al. (2015), Nature's extended data table 2
 
 
 def learning_curve(run: RunDir, kind: str = "update") -> None:
@@ -33,25 +34,49 @@ def learning_curve(run: RunDir, kind: str = "update") -> None:
     save_figure(fig, run.plots / "learning_curve.png")
 
 
+def baseline(env_id: str, n_actions: int) -> tuple[str, Policy, float | None, str] | None:
+    """The policy each report compares with: the book's lean policy (CartPole) or random play (Atari)."""
+    if env_id.startswith("CartPole"):
+        return "lean", lean_policy, BOOK_LEAN_MEAN, "book: 500 seeded episodes"
+    if is_atari(env_id):
+        from torchbook.rl.atari import random_policy
+
+        return ("random", random_policy(n_actions), RANDOM_SCORES.get(env_id),
+                "Mnih et al. (2015): random play, 5-minute games")
+    return None
+
+
 def finish(run: RunDir, report: Report, model: nn.Module, env_id: str, eval_episodes: int,
            max_episode_steps: int = 0, seed: int = 0, gif: bool = True) -> dict[str, Any]:
-    """Evaluate, compare, plot, record, save and report; return the results (also in results.json)."""
+    """Evaluate, compare, plot, record, save and report; return the results (also in results.json).
+    `max_episode_steps` caps the evaluation episodes (0: the environment's own cap)."""
     save_model(model, run.model_dir, extra={"env_id": env_id})
     cap = max_episode_steps or None
     act: Policy = model.act  # type: ignore[assignment]
     returns = evaluate(act, env_id, eval_episodes, max_episode_steps=cap)
-    lean = evaluate(lean_policy, env_id, eval_episodes, max_episode_steps=cap) if env_id.startswith("CartPole") else None
-    results = {"eval_mean_return": float(returns.mean()), "eval_std_return": float(returns.std()),
-               "eval_min_return": float(returns.min()), "eval_episodes": eval_episodes,
-               "lean_mean_return": float(lean.mean()) if lean is not None else None}
+    results: dict[str, Any] = {"eval_mean_return": float(returns.mean()), "eval_std_return": float(returns.std()),
+                               "eval_min_return": float(returns.min()), "eval_episodes": eval_episodes}
+    config: Any = model.config
+    compared = baseline(env_id, int(config.n_actions))
+    if compared is not None:
+        name, policy, book, note = compared
+        results[f"{name}_mean_return"] = float(evaluate(policy, env_id, eval_episodes, max_episode_steps=cap).mean())
+    training = [r for r in run.metrics("update") if r.get("time_s")]
+    if training:
+        results.update(env_steps=training[-1]["env_steps"], train_time_s=training[-1]["time_s"],
+                       env_steps_per_s=round(training[-1]["env_steps"] / training[-1]["time_s"], 1))
     run.write_json("results.json", results)
     run.log(kind="eval", **results)
     learning_curve(run)
+    how = ("sampled actions (as trained), whole games, unclipped scores" if is_atari(env_id) else "greedy actions")
     report.compare(f"mean evaluation return ({eval_episodes} episodes)", results["eval_mean_return"], None,
-                   "greedy actions, seeded episodes; the episode cap is the maximum")
-    if lean is not None:
-        report.compare("lean policy, mean return (same episodes)", results["lean_mean_return"], BOOK_LEAN_MEAN,
-                       "book: 500 seeded episodes")
+                   f"{how}, seeded episodes; {f'cut after {cap} steps' if cap else 'the episode cap is the maximum'}")
+    if compared is not None:
+        report.compare(f"{name} policy, mean return (same episodes)", results[f"{name}_mean_return"], book, note)
+    if training:
+        report.compare("training: environment steps, seconds, steps/s", f"{results['env_steps']:,}, "
+                       f"{results['train_time_s']:.0f} s, {results['env_steps_per_s']}", None,
+                       "steps/s include the learner's updates (evaluation excluded)")
     report.image("Learning curve", run.plots / "learning_curve.png", run.path)
     if gif:
         record_gif(act, env_id, run.plots / "policy.gif", seed=seed)
@@ -75,14 +100,17 @@ def algorithm_config(config: Any, cls: type) -> Any:
 
 
 def run_agent(config: Any, run_dir: RunDir | str | None, recipe: str, algorithm: str,
-              train: Callable[[Callable[..., Any]], nn.Module]) -> RunDir:
-    """A whole RL recipe run: start the run folder, `train(log)`, then `finish` (evaluate, compare, plot, report)."""
+              train: Callable[[Callable[..., Any]], nn.Module], eval_max_steps: int | None = None) -> RunDir:
+    """A whole RL recipe run: start the run folder, `train(log)`, then `finish` (evaluate, compare, plot, report).
+    Evaluation episodes are capped at `eval_max_steps` (default: the training cap, `config.max_episode_steps`)."""
     run = RunDir.start(run_dir, recipe, config)
     torch.set_num_threads(config.threads)
-    report = Report(f"{algorithm} on {config.env_id}", recipe, "19",
-                    f"gymnasium {config.env_id} (simulated), seeds {config.seed}+")
+    source = (f"ale-py {config.env_id} (the ROM ships with the ale-py wheel)" if is_atari(config.env_id)
+              else f"gymnasium {config.env_id} (simulated)")
+    report = Report(f"{algorithm} on {config.env_id}", recipe, "19", f"{source}, seeds {config.seed}+")
     model = train(run.log)
-    finish(run, report, model, config.env_id, config.eval_episodes, config.max_episode_steps, config.seed, config.gif)
+    cap = config.max_episode_steps if eval_max_steps is None else eval_max_steps
+    finish(run, report, model, config.env_id, config.eval_episodes, cap, config.seed, config.gif)
     return run
 
 
