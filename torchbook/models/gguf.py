@@ -1,9 +1,9 @@
 """GGUF files (llama.cpp's format) into torchbook's GPT: dequantized weights, config, tokenizer and chat template.
 
-Tensors are read with the `gguf` package and dequantized to float32 (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the
-other types the package can dequantize). llama.cpp's converter permutes the query and key rows of Llama-family
-models for its rotary layout; `unpermute` undoes that so the weights match the Hugging Face layout our
-attention uses. The tokenizer is built by transformers' GGUF converter from the vocabulary and merges in the file.
+Tensors are read with the `gguf` package and dequantized to float32 (Q8_0, Q4_0 and Q4_1 by `dequantize_blocks`
+in torch, F32, F16, BF16 and the package's other types by the package). llama.cpp's converter permutes the query
+and key rows of Llama-family models for its rotary layout; `unpermute` undoes that so the weights match the
+Hugging Face layout our attention uses. The tokenizer is built by transformers' GGUF converter from the vocabulary and merges in the file.
 """
 
 from __future__ import annotations
@@ -45,6 +45,31 @@ def unpermute(weight: Tensor, n_heads: int) -> Tensor:
     return weight.reshape(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
 
 
+def dequantize_blocks(data: np.ndarray, kind: str) -> Tensor | None:
+    """Q8_0, Q4_0 and Q4_1 blocks (32 weights each) to float32 with torch, several times faster than the `gguf`
+    package's numpy code (None for other types). Layouts (ggml): Q8_0 = fp16 scale d + 32 int8 q, w = d q;
+    Q4_0 = d + 16 bytes of 4-bit q (low nibbles are weights 0-15, high nibbles 16-31), w = d (q - 8);
+    Q4_1 = d + fp16 minimum m + 16 bytes, w = d q + m."""
+    if kind not in ("Q8_0", "Q4_0", "Q4_1"):
+        return None
+    raw = torch.from_numpy(np.array(data, copy=True).view(np.uint8))  # the file is mapped read-only: copy
+    rows = raw.shape[:-1]
+    header = 4 if kind == "Q4_1" else 2
+    blocks = raw.reshape(-1, header + (32 if kind == "Q8_0" else 16))
+    scales = blocks[:, :header].contiguous().view(torch.float16).float()  # (n, 1) or (n, 2): d [, m]
+    if kind == "Q8_0":
+        q = blocks[:, header:].contiguous().view(torch.int8).float()
+    else:
+        packed = blocks[:, header:]
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()
+    if kind == "Q4_0":
+        q = q - 8
+    weights = q * scales[:, :1]
+    if kind == "Q4_1":
+        weights = weights + scales[:, 1:]
+    return weights.reshape(*rows, -1)
+
+
 def field_value(reader: Any, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     return default if field is None else field.contents()
@@ -80,12 +105,16 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str,
     state: dict[str, Tensor] = {}
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
-        try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            raise CheckpointError(f"tensor {tensor.name!r} has the quantization type {kind}, which cannot be "
-                                  f"dequantized; tested types: {', '.join(TESTED_TYPES)}") from None
-        value = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
+        fast = dequantize_blocks(tensor.data, kind)
+        if fast is not None:
+            value = fast
+        else:
+            try:
+                array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            except NotImplementedError:
+                raise CheckpointError(f"tensor {tensor.name!r} has the quantization type {kind}, which cannot be "
+                                      f"dequantized; tested types: {', '.join(TESTED_TYPES)}") from None
+            value = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
         if tensor.name == "token_embd.weight":
             state["embed.weight"] = value
         elif tensor.name == "output_norm.weight":
