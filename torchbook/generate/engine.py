@@ -147,10 +147,10 @@ def beam_search(
     """Batched beam search (chapter 14): keep the `beam_width` most probable partial translations of every input.
 
     All B x W live beams advance together as one batch of B*W rows. Each step scores every (beam, next token)
-    pair by the beam's log-probability plus the token's and takes the 2W best per input: those ending with
-    `eos_id` become finished hypotheses (scored `log_prob / length ** length_penalty`, length counting the
-    end-of-sequence token; the W best are kept), and the W best that do not end stay live, so a finished
-    hypothesis never takes a live beam's place. The state is reordered to follow each live beam's parent.
+    pair by the beam's log-probability plus the token's. Every beam's end-of-sequence extension is a finished
+    hypothesis (scored `log_prob / length ** length_penalty`, length counting the end-of-sequence token; the W
+    best per input are kept), and the W best pairs that do not end stay live, so a finished hypothesis never takes
+    a live beam's place. The state is reordered to follow each live beam's parent.
     An input is done when it has W finished hypotheses and its best live beam, scored at its current length,
     cannot beat the worst of them (exact for length penalty 0: log-probabilities only fall); the search stops when
     every input is done or after `max_len` new tokens, when unfinished beams compete as they are. The first step
@@ -176,7 +176,6 @@ def beam_search(
     done_tokens = torch.full((batch, width, max_len), eos_id, dtype=torch.long, device=device)
     input_done = torch.zeros(batch, dtype=torch.bool, device=device)
     offsets = (torch.arange(batch, device=device) * width)[:, None]  # (B, 1) first row of each input
-    n_candidates = min(2 * width, width * vocab)
 
     def keep_best(score: Tensor, log_prob: Tensor, length: Tensor, tokens: Tensor) -> None:
         """Merge candidate hypotheses (B, K) into the finished ones, keeping the W best per input."""
@@ -191,25 +190,22 @@ def beam_search(
 
     for step in range(max_len):
         length = step + 1  # tokens of a hypothesis ending at this step, end-of-sequence included
-        candidates = (live_scores.view(-1, 1) + log_probs).view(batch, width * vocab)
-        top_scores, top_index = candidates.topk(n_candidates, dim=1)  # (B, 2W), best first
-        parent = top_index // vocab + offsets  # (B, 2W) rows of the parents
-        token = top_index % vocab
-        ends = (token == eos_id) & ~input_done[:, None] & (top_scores > neg_inf)
+        scores = live_scores.view(-1, 1) + log_probs  # (B*W, V): every live beam extended by every token
+        # Every live beam may end here: its end-of-sequence extension competes with the finished hypotheses
+        # (not only when it ranks among the step's best candidates), so a good short ending is never lost.
+        end_log_prob = scores[:, eos_id].view(batch, width)
+        end_score = end_log_prob / length**length_penalty
+        ends = ~input_done[:, None] & (end_log_prob > neg_inf) & (end_score > done_score[:, -1:])
         if bool(ends.any()):
-            ended_tokens = torch.full((batch, n_candidates, max_len), eos_id, dtype=torch.long, device=device)
-            ended_tokens[:, :, :step] = generated.index_select(0, parent.view(-1)).view(batch, n_candidates, step)
-            keep_best(
-                torch.where(ends, top_scores / length**length_penalty, neg_inf),
-                torch.where(ends, top_scores, neg_inf),
-                torch.full_like(token, length),
-                ended_tokens,
-            )
-        # The W best candidates that do not end stay live.
-        live_rank = torch.where(token == eos_id, neg_inf, top_scores).topk(width, dim=1).indices  # (B, W)
-        live_scores = top_scores.gather(1, live_rank)
-        chosen_parent = parent.gather(1, live_rank).view(-1)
-        next_tokens = token.gather(1, live_rank).view(-1)
+            ended_tokens = torch.full((batch, width, max_len), eos_id, dtype=torch.long, device=device)
+            ended_tokens[:, :, :step] = generated.view(batch, width, step)
+            keep_best(torch.where(ends, end_score, neg_inf), torch.where(ends, end_log_prob, neg_inf),
+                      torch.full_like(done_length, length), ended_tokens)
+        # The W best continuations that do not end stay live.
+        scores[:, eos_id] = neg_inf
+        live_scores, top_index = scores.view(batch, width * vocab).topk(width, dim=1)  # (B, W), best first
+        chosen_parent = (top_index // vocab + offsets).view(-1)
+        next_tokens = (top_index % vocab).view(-1)
         generated = torch.cat([generated.index_select(0, chosen_parent), next_tokens[:, None]], dim=1)
         sequence = torch.cat([sequence.index_select(0, chosen_parent), next_tokens[:, None]], dim=1)
         # Done: W finished hypotheses, none of which the best live beam can beat any more.
