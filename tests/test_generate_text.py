@@ -232,3 +232,15 @@ def test_gguf_tokenizer_is_cached_and_identical(smollm2):
     again = gguf_tokenizer(default_chat_model())  # from the cache written when the fixture loaded the model
     assert again.to_str() == smollm2.tokenizer.to_str()
     assert again.encode(TRICKY).ids == smollm2.tokenizer.encode(TRICKY).ids
+
+
+def test_characters_a_vocabulary_lacks_are_an_error_not_dropped():
+    from torchbook.data.tokenizers import char_tokenizer
+    from torchbook.models.gpt import GPT, GPTConfig
+
+    tokenizer = char_tokenizer("to be or not to be\n")
+    model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, d_model=8, d_ff=16,
+                          max_len=32)).eval()
+    assert len(generate_text(model, tokenizer, "to be", 3)[0].tokens) == 3
+    with pytest.raises(UserInputError, match="no token for 'BT'"):
+        generate_text(model, tokenizer, "To Be", 3)

@@ -59,7 +59,16 @@ def end_token_ids(tokenizer: Any, meta: dict[str, Any] | None = None, folder: st
 
 
 def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+    """The prompt's ids; an error naming the characters the tokenizer would silently drop (a character-level
+    vocabulary without an unknown token, like char-rnn's, has no id for a character it never saw)."""
+    ids = list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+    normalizer = getattr(tokenizer, "normalizer", None)
+    normalized = normalizer.normalize_str(text) if normalizer is not None else text
+    lost = sorted(set(normalized) - set(tokenizer.decode(ids, skip_special_tokens=False)) - set(" \n\t"))
+    if lost:
+        raise UserInputError(f"the model's vocabulary has no token for {''.join(lost)!r} in the prompt; "
+                             "leave those characters out (a character-level model knows only its training text's)")
+    return ids
 
 
 def model_max_len(model: Any) -> int | None:
