@@ -122,3 +122,34 @@ def test_on_step_stops_rows_and_streams(model: ToyDecoder) -> None:
     out = decode(model, model.start_decoding(6), p, 12, None, on_step=on_step)
     assert out.tokens.shape == (6, 3) and len(seen) == 3
     assert out.lengths.tolist() == [3] * 6
+
+
+def test_wide_beam_finds_the_exact_optimum(model: ToyDecoder) -> None:
+    """With a beam as wide as the search space (every 2-token prefix fits), beam search must return the most
+    probable of all outputs of at most 3 tokens: ending with end-of-sequence, or 3 tokens cut at max_len."""
+    p = prompts()
+    beam = beam_search(model, model.start_decoding(6), p, VOCAB**2, 0.0, 3, EOS)
+    with torch.no_grad():
+        for row in range(p.size(0)):
+            prompt = p[row]
+            level1 = model.decode_step(prompt[None], ToyState()).log_softmax(-1)[0]  # (V,)
+            pairs = torch.cartesian_prod(torch.arange(VOCAB), torch.arange(VOCAB))  # (V^2, 2)
+            level2 = model.decode_step(torch.cat([prompt.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], 1),
+                                       ToyState()).log_softmax(-1)  # (V, V)
+            level3 = model.decode_step(torch.cat([prompt.expand(len(pairs), -1), pairs], 1),
+                                       ToyState()).log_softmax(-1)  # (V^2, V)
+            best = (float(level1[EOS]), [EOS])
+            for a in range(VOCAB):
+                if a == EOS:
+                    continue
+                best = max(best, (float(level1[a] + level2[a, EOS]), [a, EOS]))
+                for b in range(VOCAB):
+                    if b == EOS:
+                        continue
+                    two = float(level1[a] + level2[a, b])
+                    best = max(best, (two + float(level3[a * VOCAB + b, EOS]), [a, b, EOS]))
+                    c = int(level3[a * VOCAB + b].masked_fill(torch.arange(VOCAB) == EOS, -1e9).argmax())
+                    best = max(best, (two + float(level3[a * VOCAB + b, c]), [a, b, c]))
+            tokens = beam.tokens[row, : int(beam.lengths[row])].tolist()
+            assert float(beam.log_prob[row]) == pytest.approx(best[0], abs=1e-4)
+            assert tokens == best[1]
