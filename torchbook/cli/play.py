@@ -9,7 +9,7 @@ HELP = "record a GIF of a trained policy (reinforcement-learning runs)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a run folder of an RL recipe (e.g. cartpole-ppo)")
+    parser.add_argument("run_dir", help="a run folder of an RL recipe (e.g. cartpole-ppo, breakout-ppo)")
     parser.add_argument("--output", help="the GIF's path (default: RUN_DIR/plots/play-SEED.gif)")
     parser.add_argument("--seed", type=int, default=0, help="the episode's seed (default 0)")
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from torchbook.rl.envs import make_env, make_pool, require_discrete
 from torchbook.rl.networks import ActorCritic, ActorCriticConfig, Agent, CNNActorCritic, CNNActorCriticConfig
 from torchbook.runs import RunDir
-from torchbook.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from torchbook.train.checkpoint import load_latest, save_checkpoint
 
 
 @dataclass
@@ -133,7 +133,7 @@ def train_ppo(config: PPOConfig, log: Callable[..., Any] | None = None,
     updates = max(1, config.total_steps // (n * t_max))
     log = log or (run.log if run is not None else None)
     checkpoints = run.checkpoints if run is not None and config.checkpoint_every > 0 else None
-    first_update, steps, time_before = 0, 0, 0.0
+    first_update, steps, time_before, saved = 0, 0, 0.0, -1  # saved: the update of the newest checkpoint
     if checkpoints is not None:
         state, _ = load_latest(checkpoints)
         if state is not None:
@@ -141,12 +141,11 @@ def train_ppo(config: PPOConfig, log: Callable[..., Any] | None = None,
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
             first_update, steps, time_before = state["update"], state["env_steps"], state["time_s"]
+            saved = first_update
             pool.finished = list(state["finished"])
             assert run is not None
             run.truncate_metrics(lambda r: r.get("kind") != "update" or r["update"] <= first_update)
     started = time.perf_counter()
-
-    saved = first_update if checkpoints is not None and list_checkpoints(checkpoints) else -1
 
     def save(update: int) -> None:
         nonlocal saved

@@ -69,6 +69,8 @@ def finish(run: RunDir, report: Report, model: nn.Module, env_id: str, eval_epis
     run.log(kind="eval", **results)
     learning_curve(run)
     how = ("sampled actions (as trained), whole games, unclipped scores" if is_atari(env_id) else "greedy actions")
+    if is_atari(env_id) and eval_episodes < 100:
+        how += ", fewer games than the usual 100 as one can last thousands of steps"
     report.compare(f"mean evaluation return ({eval_episodes} episodes)", results["eval_mean_return"], None,
                    f"{how}, seeded episodes; {f'cut after {cap} steps' if cap else 'the episode cap is the maximum'}")
     if compared is not None:
