@@ -117,6 +117,6 @@ def test_compare_transformer_beats_rnn_by_2_chrf(tmp_path: Path) -> None:
                (("rnn", rnn), ("transformer", transformer))}
     chrf_rnn, chrf_transformer = results["rnn"]["beam_chrf"], results["transformer"]["beam_chrf"]
     assert chrf_transformer >= chrf_rnn + 2.0, (chrf_transformer, chrf_rnn)
-    # Trained models: with length penalty 0, beam search is at least as probable as greedy. The issue asks for 99%
-    # of sentences; measured 98.3% (width 3, 1,000 sentences, docs/translation.md): an open item, gated at 98%.
-    assert results["transformer"]["beam_logprob_at_least_greedy"] >= 0.98
+    # Trained models: with length penalty 0, beam search is at least as probable as greedy on 99% of sentences
+    # (measured 99.5% at width 3 on 1,000 sentences, docs/translation.md).
+    assert results["transformer"]["beam_logprob_at_least_greedy"] >= 0.99
