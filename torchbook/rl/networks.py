@@ -10,14 +10,17 @@ from torch import Tensor, nn
 from torch.distributions import Categorical
 
 
-def mlp(sizes: list[int], activation: type[nn.Module] = nn.Tanh, out_gain: float = 1.0) -> nn.Sequential:
-    """Linear layers of the given sizes with `activation` between them; orthogonal initialization as in PPO."""
+def mlp(sizes: list[int], activation: type[nn.Module] = nn.Tanh, out_gain: float = 1.0,
+        orthogonal: bool = True) -> nn.Sequential:
+    """Linear layers of the given sizes with `activation` between them; orthogonal initialization as in PPO
+    (`orthogonal=False`: PyTorch's default initialization, as DQN uses)."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         linear = nn.Linear(n_in, n_out)
         last = i == len(sizes) - 2
-        nn.init.orthogonal_(linear.weight, out_gain if last else np.sqrt(2))
-        nn.init.zeros_(linear.bias)
+        if orthogonal:
+            nn.init.orthogonal_(linear.weight, out_gain if last else np.sqrt(2))
+            nn.init.zeros_(linear.bias)
         layers += [linear] if last else [linear, activation()]
     return nn.Sequential(*layers)
 
