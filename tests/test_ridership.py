@@ -139,3 +139,13 @@ def test_the_ladder_matches_the_book(tmp_path):
     for name, rung in ridership.LADDER.items():
         if rung.book_mae:
             assert abs(neural[name] - rung.book_mae) <= 0.15 * rung.book_mae, name
+
+
+@pytest.mark.parametrize("name", list(ridership.LADDER))
+def test_every_rung_trains_and_validates_with_the_trainer(name, frame, tmp_path):
+    """One epoch of every model of the ladder through the shared trainer (the conv + GRU rung's strided targets
+    once broke validation)."""
+    config = build_config(ridership.Config, overrides=[f"model={name}", "epochs=1", "seeds=1", "sarima_days=-1"])
+    model, results = ridership.train_rung(name, ridership.LADDER[name], config, 0, frame,
+                                          ridership.RunDir(tmp_path / name))
+    assert np.isfinite(results["val_mae"]) and results["val_mae"] > 0

@@ -563,7 +563,9 @@ class Trainer:
             count += n
             if out.preds is not None and out.target is not None:
                 for metric in metrics.values():
-                    metric.update(out.preds.float(), out.target)
+                    # contiguous: torchmetrics flattens with .view, which a strided target (every k-th step of a
+                    # sequence, as the conv + GRU forecaster predicts) cannot take.
+                    metric.update(out.preds.float().contiguous(), out.target.contiguous())
         module.train(was_training)
         loss_sum, total = distributed.all_reduce_sum([loss_sum, float(count)], self.dist)
         results = {"loss": loss_sum / max(1.0, total)}
