@@ -137,6 +137,8 @@ def test_bad_input_gives_clear_errors() -> None:
     model = CharRNN(CharRNNConfig(vocab_size=tokenizer.get_vocab_size()))
     with pytest.raises(UserInputError, match="'Z' are not in the model's vocabulary"):
         sample(model, tokenizer, "to Ze", 5, 1.0, seed=0)
+    with pytest.raises(UserInputError, match="prompts of equal length only"):
+        model.start_decoding(2, attention_mask=torch.tensor([[0, 1], [1, 1]]))
     with pytest.raises(UserInputError, match="leaves no held-out text"):
         char_rnn.load_text(build_config(char_rnn.Config, "smoke", ["train_chars=1100000"]))
     with pytest.raises(UserInputError, match="eval_stride"):

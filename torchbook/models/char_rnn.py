@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from torchbook.errors import UserInputError
+
 
 @dataclass
 class CharRNNConfig:
@@ -52,7 +54,11 @@ class CharRNN(nn.Module):
         return self.head(outputs), hidden
 
     # -- the decoding protocol ------------------------------------------------------------------------------
-    def start_decoding(self, batch_size: int) -> CharRNNState:
+    def start_decoding(self, batch_size: int, attention_mask: Tensor | None = None) -> CharRNNState:
+        """An empty state. Left-padded prompts are refused: padding read by the GRU would change its state."""
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise UserInputError("the char-RNN decodes prompts of equal length only (padding would enter its state); "
+                                 "give prompts one at a time")
         return CharRNNState()
 
     def decode_step(self, tokens: Tensor, state: CharRNNState) -> Tensor:

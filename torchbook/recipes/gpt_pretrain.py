@@ -51,9 +51,12 @@ class Config(TextLMConfig):
     d_ff: int = 512  # 4 x d_model, as GPT-2
     block_size: int = 128  # tokens of context (about 330 characters)
     dropout: float = 0.0  # ~7 passes over the training text in 10 minutes: too few to overfit 1M parameters
-    batch_size: int = 32
+    # Small batches and a high peak learning rate: under a 10-minute CPU budget the model is compute-bound, and
+    # more, noisier updates learn faster per token (2-minute pilots, same tokens seen: training loss 4.73 nats
+    # per token with batch 16 at 3e-3, 4.84 with 32 at 5e-3, 5.00 with 32 at 2e-3).
+    batch_size: int = 16
     optimizer: str = "adamw"
-    lr: float = 2e-3  # a tiny transformer tolerates a high peak learning rate after warm-up
+    lr: float = 3e-3
     weight_decay: float = 0.1  # GPT-2/nanoGPT's, on weight matrices only
     warmup_steps: int = 100
     eval_stride: int = 64  # held-out scoring: the window moves by this many tokens, scoring only the new ones
@@ -62,7 +65,7 @@ class Config(TextLMConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {"limit": 30_000, "eval_chars": 2000, "batches_per_epoch": 10, "epochs": 2, "vocab_size": 300,
                   "n_layer": 1, "d_model": 32, "d_ff": 64, "n_head": 2, "block_size": 32, "eval_stride": 16,
-                  "warmup_steps": 5, "sample_tokens": 20, "progress": False},
+                  "warmup_steps": 5, "sample_tokens": 20, "batch_size": 32, "progress": False},
         "quick": {"time_budget_s": 110.0, "batches_per_epoch": 100},
         # The issue #6 comparison: char-rnn and gpt-pretrain each train for the same 10 minutes.
         "compare": {"time_budget_s": 600.0, "progress": False},
