@@ -101,7 +101,13 @@ class Forecaster(nn.Module):
             convs: list[nn.Module] = []
             channels = c.n_features
             for dilation in c.dilations:
-                convs += [CausalConv1d(channels, c.hidden, kernel_size=2, dilation=dilation), nn.ReLU()]
+                conv = CausalConv1d(channels, c.hidden, kernel_size=2, dilation=dilation)
+                # Glorot-uniform weights and zero biases, as Keras initializes the book's Conv1D: with PyTorch's
+                # default (smaller) weights the signal fades through the 8 ReLU layers, and 2 of 3 seeds never
+                # left a constant forecast (validation MAE ~138k; 39k for the third).
+                nn.init.xavier_uniform_(conv.weight)
+                nn.init.zeros_(conv.bias)  # type: ignore[arg-type]
+                convs += [conv, nn.ReLU()]
                 channels = c.hidden
             self.body = nn.Sequential(*convs)
         self.head = nn.Linear(width, c.horizon)
