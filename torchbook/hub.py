@@ -95,8 +95,37 @@ def _is_hf_folder(path: Path) -> bool:
         return False
 
 
-def load(path: str | Path, map_location: str = "cpu") -> Loaded:
-    """A ready model (eval mode) and tokenizer from a run folder or a model folder; a clear error otherwise."""
+def load(path: str | Path, map_location: str = "cpu", quantize: str | None = None) -> Loaded:
+    """A ready model (eval mode) and tokenizer from a run folder or a model folder; a clear error otherwise.
+
+    `quantize` ("int8" or "int4", torch models only) swaps the model's linear layers for weight-only quantized ones
+    (`torchbook.nn.quantized`) for fast decoding; a GGUF file's quantized tensors keep their own codes. The
+    output layer gets 8 bits either way, and a GPT's projections are fused. Such a model is for inference only."""
+    from torchbook.nn.quantized import QUANTIZATIONS
+
+    if quantize not in (None, *QUANTIZATIONS):
+        raise CheckpointError(f"unknown quantization {quantize!r}; accepted: {', '.join(QUANTIZATIONS)}")
+    loaded = _load(path, map_location, quantize)
+    if quantize is not None and loaded.meta.get("quantized") != quantize:
+        _quantize(loaded, quantize)
+    return loaded
+
+
+def _quantize(loaded: Loaded, quantize: str) -> None:
+    from torch import nn
+
+    from torchbook.models.gpt import GPT
+    from torchbook.nn.quantized import quantize_linear_layers
+
+    if not isinstance(loaded.model, nn.Module):
+        raise CheckpointError(f"--quantize applies to torch models; {type(loaded.model).__name__} is not one")
+    quantize_linear_layers(loaded.model, 4 if quantize == "int4" else 8, keep_8bit=("lm_head",))
+    if isinstance(loaded.model, GPT):
+        loaded.model.fuse_projections()
+    loaded.meta["quantized"] = quantize
+
+
+def _load(path: str | Path, map_location: str, quantize: str | None) -> Loaded:
     name = str(path)
     path = Path(path)
     if not path.exists() and HUB_ID.match(name):
@@ -114,7 +143,7 @@ def load(path: str | Path, map_location: str = "cpu") -> Loaded:
     if path.is_file() and path.suffix == ".gguf":
         from torchbook.models.gguf import load_gguf
 
-        model, tokenizer, info = load_gguf(path)
+        model, tokenizer, info = load_gguf(path, quantize=quantize)
         return Loaded(model=model, tokenizer=tokenizer, path=path, meta={"format": "gguf", **info})
     if path.is_dir() and _is_hf_folder(path):
         from torchbook.models.gpt import load_hf_folder

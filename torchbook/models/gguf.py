@@ -1,7 +1,9 @@
 """GGUF files (llama.cpp's format) into torchbook's GPT: dequantized weights, config, tokenizer and chat template.
 
-Tensors are read with the `gguf` package and dequantized to float32 (Q8_0, Q4_0 and Q4_1 by `dequantize_blocks`
-in torch, F32, F16, BF16 and the package's other types by the package). llama.cpp's converter permutes the query
+Tensors are read with the `gguf` package and dequantized to float32 (Q8_0, Q4_0 and Q4_1 by `unpack_blocks` and
+`blocks_to_float` in torch, several times faster than the package's numpy code; F32, F16, BF16 and the package's
+other types by the package). With `quantize`, Q8_0, Q4_0 and Q4_1 layers keep their codes instead
+(`torchbook.nn.quantized`), for fast decoding. llama.cpp's converter permutes the query
 and key rows of Llama-family models for its rotary layout; `unpermute` undoes that so the weights match the
 Hugging Face layout our attention uses. The tokenizer is built by transformers' GGUF converter from the vocabulary and merges in the file.
 """
@@ -14,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from torchbook.errors import CheckpointError
 from torchbook.models.gpt import GPT, GPTConfig
+from torchbook.nn.quantized import QUANTIZATIONS, Int4Linear, Int8Linear, quantize_linear_layers
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 TESTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -45,29 +48,36 @@ def unpermute(weight: Tensor, n_heads: int) -> Tensor:
     return weight.reshape(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
 
 
-def dequantize_blocks(data: np.ndarray, kind: str) -> Tensor | None:
-    """Q8_0, Q4_0 and Q4_1 blocks (32 weights each) to float32 with torch, several times faster than the `gguf`
-    package's numpy code (None for other types). Layouts (ggml): Q8_0 = fp16 scale d + 32 int8 q, w = d q;
-    Q4_0 = d + 16 bytes of 4-bit q (low nibbles are weights 0-15, high nibbles 16-31), w = d (q - 8);
-    Q4_1 = d + fp16 minimum m + 16 bytes, w = d q + m."""
+def unpack_blocks(data: np.ndarray, kind: str) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """The codes and per-block constants of Q8_0, Q4_0 or Q4_1 blocks (32 weights each), in torch (None for other
+    types). Layouts (ggml): Q8_0 = float16 scale d + 32 int8 q, w = d q; Q4_0 = d + 16 bytes of 4-bit q (low
+    nibbles are weights 0-15, high nibbles 16-31), w = d (q - 8); Q4_1 = d + float16 minimum m + 16 bytes,
+    w = d q + m. Returns codes (..., n) (int8 for Q8_0, 0..15 as uint8 otherwise), scales d (..., n / 32) and
+    minimums (..., n / 32): m for Q4_1, -8 d for Q4_0, None for Q8_0."""
     if kind not in ("Q8_0", "Q4_0", "Q4_1"):
         return None
     raw = torch.from_numpy(np.array(data, copy=True).view(np.uint8))  # the file is mapped read-only: copy
     rows = raw.shape[:-1]
     header = 4 if kind == "Q4_1" else 2
     blocks = raw.reshape(-1, header + (32 if kind == "Q8_0" else 16))
-    scales = blocks[:, :header].contiguous().view(torch.float16).float()  # (n, 1) or (n, 2): d [, m]
+    constants = blocks[:, :header].contiguous().view(torch.float16).float()  # (n_blocks, 1) or (n_blocks, 2)
     if kind == "Q8_0":
-        q = blocks[:, header:].contiguous().view(torch.int8).float()
+        codes = blocks[:, header:].contiguous().view(torch.int8)
     else:
         packed = blocks[:, header:]
-        q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()
-    if kind == "Q4_0":
-        q = q - 8
-    weights = q * scales[:, :1]
-    if kind == "Q4_1":
-        weights = weights + scales[:, 1:]
-    return weights.reshape(*rows, -1)
+        codes = torch.cat([packed & 0x0F, packed >> 4], dim=1)
+    scales = constants[:, 0]
+    minimums = None if kind == "Q8_0" else constants[:, 1] if kind == "Q4_1" else -8 * scales
+    per_block = lambda t: t.reshape(*rows, -1)  # noqa: E731
+    return per_block(codes), per_block(scales), None if minimums is None else per_block(minimums)
+
+
+def blocks_to_float(codes: Tensor, scales: Tensor, minimums: Tensor | None) -> Tensor:
+    """w = scale q (+ minimum), block by block (see `unpack_blocks`)."""
+    blocks = codes.reshape(-1, 32).float() * scales.reshape(-1, 1)
+    if minimums is not None:
+        blocks = blocks + minimums.reshape(-1, 1)
+    return blocks.reshape(codes.shape)
 
 
 def field_value(reader: Any, key: str, default: Any = None) -> Any:
@@ -75,8 +85,10 @@ def field_value(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
-    """The config, our state dict (float32) and metadata (architecture, chat template) of a GGUF file."""
+def read_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
+    """The config, our state dict (float32) and metadata (architecture, chat template) of a GGUF file. With
+    `keep_blocks`, the metadata's "blocks" maps each linear layer stored as Q8_0, Q4_0 or Q4_1 to its
+    (kind, codes, scales, minimums) (see `unpack_blocks`); a tied output layer shares the token embedding's."""
     import gguf
 
     path = Path(path)
@@ -103,11 +115,12 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str,
         sliding_window=meta("attention.sliding_window") if arch == "mistral" else None,
     )
     state: dict[str, Tensor] = {}
+    kept: dict[str, tuple[Any, ...]] = {}
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
-        fast = dequantize_blocks(tensor.data, kind)
-        if fast is not None:
-            value = fast
+        blocks = unpack_blocks(tensor.data, kind)
+        if blocks is not None:
+            value = blocks_to_float(*blocks)
         else:
             try:
                 array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -117,17 +130,25 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str,
             value = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
         if tensor.name == "token_embd.weight":
             state["embed.weight"] = value
+            if blocks is not None and keep_blocks and config.tie_embeddings:
+                kept["lm_head"] = (kind, *blocks)
         elif tensor.name == "output_norm.weight":
             state["norm.weight"] = value
         elif tensor.name == "output.weight":
             state["lm_head.weight"] = value
+            if blocks is not None and keep_blocks:
+                kept["lm_head"] = (kind, *blocks)
         elif tensor.name.startswith("blk."):
             _, layer, rest = tensor.name.split(".", 2)
             if rest not in LAYER_NAMES:
                 raise CheckpointError(f"unexpected tensor {tensor.name!r} in {str(path)!r}")
-            if arch == "llama" and rest in ("attn_q.weight", "attn_k.weight"):
-                value = unpermute(value, n_head if rest == "attn_q.weight" else n_kv)
-            state[f"blocks.{layer}.{LAYER_NAMES[rest]}"] = value
+            permuted = arch == "llama" and rest in ("attn_q.weight", "attn_k.weight")
+            heads = n_head if rest == "attn_q.weight" else n_kv
+            name = f"blocks.{layer}.{LAYER_NAMES[rest]}"
+            state[name] = unpermute(value, heads) if permuted else value
+            if blocks is not None and keep_blocks and name.endswith(".weight"):  # rows permuted as the weight's
+                kept[name.removesuffix(".weight")] = (kind, *(
+                    None if t is None else unpermute(t, heads) if permuted else t for t in blocks))
         elif tensor.name != "rope_freqs.weight":
             raise CheckpointError(f"unexpected tensor {tensor.name!r} in {str(path)!r}")
     if config.tie_embeddings:
@@ -135,18 +156,38 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, Tensor], dict[str,
     info = {"architecture": arch, "chat_template": field_value(reader, "tokenizer.chat_template"),
             "bos_token_id": field_value(reader, "tokenizer.ggml.bos_token_id"),
             "eos_token_id": field_value(reader, "tokenizer.ggml.eos_token_id"), "name": field_value(reader, "general.name")}
+    if keep_blocks:
+        info["blocks"] = kept
     return config, state, info
 
 
-def load_gguf(path: str | Path) -> tuple[GPT, Any, dict[str, Any]]:
-    """Our GPT (eval mode), the tokenizer (a `tokenizers.Tokenizer`) and metadata from a GGUF file."""
-    config, state, info = read_gguf(path)
+def load_gguf(path: str | Path, quantize: str | None = None) -> tuple[GPT, Any, dict[str, Any]]:
+    """Our GPT (eval mode), the tokenizer (a `tokenizers.Tokenizer`) and metadata from a GGUF file.
+
+    `quantize`: None (float32 weights, the dequantized file: logits as transformers computes them), "int8" or
+    "int4" (weight-only quantized layers from `torchbook.nn.quantized`, for fast decoding, with fused projections).
+    Layers the file stores quantized keep their codes exactly (Q4_0 and Q4_1 as `Int4Linear`, Q8_0 as
+    `Int8Linear`, the tied output layer too); `quantize` says how many bits float layers get (the output layer:
+    8 either way)."""
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)} or None, got {quantize!r}")
+    config, state, info = read_gguf(path, keep_blocks=quantize is not None)
+    kept = info.pop("blocks", {})
     model = GPT(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise CheckpointError(f"{str(path)!r} does not match the model: missing tensors {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    if quantize is not None:
+        from_file: dict[str, nn.Module] = {}
+        for name, (kind, codes, scales, minimums) in kept.items():
+            bias = state.get(f"{name}.bias")
+            from_file[name] = (Int8Linear.from_codes(codes, scales, bias) if kind == "Q8_0"
+                               else Int4Linear.from_codes(codes, scales, minimums, bias))
+        quantize_linear_layers(model, 4 if quantize == "int4" else 8, replacements=from_file, keep_8bit=("lm_head",))
+        model.fuse_projections()
+        info["quantized"] = quantize
     return model.eval(), gguf_tokenizer(path), info
 
 

@@ -166,6 +166,15 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(kv_dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias if out_bias is None else out_bias)
         self.dropout = dropout
+        self.qkv_proj: nn.Module | None = None
+
+    def fuse_qkv(self) -> None:
+        """For inference: replace the query, key and value projections by one (`qkv_proj`), one matrix product
+        per step instead of three (self-attention only; the model can no longer be saved in its original layout)."""
+        from torchbook.nn.quantized import concat_linear
+
+        self.qkv_proj = concat_linear([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def split_heads(self, x: Tensor, n_heads: int) -> Tensor:
         batch, length, _ = x.shape
@@ -193,13 +202,23 @@ class MultiHeadAttention(nn.Module):
         `key_padding_mask` covers all keys, cached ones included.
         """
         batch, query_len, _ = x.shape
-        q = self.split_heads(self.q_proj(x), self.n_heads)
+        if self.qkv_proj is not None:  # fused (self-attention): queries and keys are rotated together
+            heads = self.split_heads(self.qkv_proj(x), self.n_heads + 2 * self.n_kv_heads)
+            qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
+            if rotary is not None:
+                from torchbook.nn.positions import apply_rotary
+
+                qk, rotary = apply_rotary(qk, *rotary), None
+            q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
+        else:
+            q = self.split_heads(self.q_proj(x), self.n_heads)
         if cache is not None and static_kv and layer in cache.keys:
             k, v = cache.keys[layer], cache.values[layer]
         else:
-            source = x if context is None else context
-            k = self.split_heads(self.k_proj(source), self.n_kv_heads)
-            v = self.split_heads(self.v_proj(source), self.n_kv_heads)
+            if self.qkv_proj is None:
+                source = x if context is None else context
+                k = self.split_heads(self.k_proj(source), self.n_kv_heads)
+                v = self.split_heads(self.v_proj(source), self.n_kv_heads)
             if rotary is not None:
                 from torchbook.nn.positions import apply_rotary
 
