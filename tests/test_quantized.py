@@ -98,7 +98,7 @@ def test_fused_projections_give_the_same_logits(family):
     """Fused query/key/value (rotated together) and gate/up projections: same logits, same cached decoding."""
     import transformers as T
 
-    from torchbook.models.gpt import from_hf_model
+    from torchbook.models.gpt import from_hf_model, save_hf
 
     torch.manual_seed(0)
     kw = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -112,6 +112,8 @@ def test_fused_projections_give_the_same_logits(family):
     with torch.no_grad():
         assert (model(tokens) - fused(tokens)).abs().max() < 1e-5
     assert torch.equal(model.generate(tokens[:1, :5], 10), fused.generate(tokens[:1, :5], 10))
+    with pytest.raises(ValueError, match="for inference only"):
+        save_hf(fused, "unused")
 
 
 def test_quantize_linear_layers_keeps_the_output_layer_at_8_bits():

@@ -29,6 +29,9 @@ def save_model(model: nn.Module, folder: str | Path, extra: dict[str, Any] | Non
     """Write the model's weights (safetensors) and its config, so `load_model(folder)` rebuilds it."""
     from safetensors.torch import save
 
+    from torchbook.nn.quantized import check_savable
+
+    check_savable(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = getattr(model, "config", None)

@@ -453,7 +453,9 @@ def save_hf(model: GPT, folder: str | Path, tokenizer: Any = None) -> Path:
     from safetensors.torch import save
 
     from torchbook.io import atomic_write, atomic_write_json
+    from torchbook.nn.quantized import check_savable
 
+    check_savable(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = hf_config_dict(model.config)

@@ -203,6 +203,8 @@ class MultiHeadAttention(nn.Module):
         """
         batch, query_len, _ = x.shape
         if self.qkv_proj is not None:  # fused (self-attention): queries and keys are rotated together
+            if context is not None:
+                raise ValueError("fuse_qkv() serves self-attention only; this call attends to a context")
             heads = self.split_heads(self.qkv_proj(x), self.n_heads + 2 * self.n_kv_heads)
             qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
             if rotary is not None:
