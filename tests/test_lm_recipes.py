@@ -146,6 +146,7 @@ def test_bad_input_gives_clear_errors() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 110 s of training, then evaluation and samples
 @needs_shakespeare
 def test_char_rnn_quick_reaches_its_validation_accuracy(tmp_path: Path) -> None:
     """The quick gate (110 s of training): next-character validation accuracy of at least 40% (measured: 44.2%
@@ -158,6 +159,7 @@ def test_char_rnn_quick_reaches_its_validation_accuracy(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)  # two 10-minute training budgets, then evaluation
 @needs_shakespeare
 def test_gpt_pretrain_beats_char_rnn_in_ten_minutes(tmp_path: Path) -> None:
     """Issue #6: with the same 10-minute training budget and the same held-out characters, the small GPT with a

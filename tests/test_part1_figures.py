@@ -186,6 +186,7 @@ def test_classification_on_mnist_reproduces_the_books_figures(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # PCA of 60,000 images
 def test_pca_on_mnist_keeps_154_components_for_95_percent(tmp_path):
     from torchbook.data.sources import load_mnist
 

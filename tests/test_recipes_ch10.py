@@ -69,6 +69,7 @@ def test_load_rejects_a_corrupt_model(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_image_classifier_quick_gate(tmp_path):
     """quick on digits: at least 95% test accuracy, and better than logistic regression from the same run."""
     run = image_classifier.run(build_config(image_classifier.Config, preset="quick"), tmp_path / "run")
@@ -79,6 +80,7 @@ def test_image_classifier_quick_gate(tmp_path):
 
 @needs_housing
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_regression_mlp_quick_gate(tmp_path):
     run = regression_mlp.run(build_config(regression_mlp.Config, preset="quick"), tmp_path / "run")
     results = json.loads((run.path / "results.json").read_text())

@@ -122,6 +122,7 @@ def test_linear_model_learns_to_beat_the_naive_baseline(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 92 daily SARIMA refits
 def test_sarima_refitted_daily_matches_the_book(frame):
     mae, days = ridership.sarima_mae(frame)
     assert days == 92
@@ -129,6 +130,7 @@ def test_sarima_refitted_daily_matches_the_book(frame):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)  # the whole ladder took about 2 hours of one core
 def test_the_ladder_matches_the_book(tmp_path):
     """The whole ladder, 3 seeds each: the book's ordering holds and each figure is within 15% of the book's."""
     run = ridership.run(build_config(ridership.Config, overrides=["sarima_days=-1"]), tmp_path / "run")
