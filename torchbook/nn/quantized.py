@@ -262,8 +262,10 @@ def concat_linear(layers: list[nn.Module]) -> nn.Module:
 def check_savable(model: nn.Module) -> None:
     """Quantized or fused layers (`torchbook.load(..., quantize=...)`, `fuse_projections`) are for inference: they
     have no place in a checkpoint's layout."""
-    if any(isinstance(m, QuantizedLinear) or getattr(m, "qkv_proj", None) is not None
-           or getattr(m, "gate_up", None) is not None for m in model.modules()):
+    def fused(module: nn.Module) -> bool:  # a fused layer is a submodule (Mixtral's `gate_up` is a weight)
+        return any(isinstance(getattr(module, name, None), nn.Module) for name in ("qkv_proj", "gate_up"))
+
+    if any(isinstance(m, QuantizedLinear) or fused(m) for m in model.modules()):
         raise ValueError("this model has quantized or fused layers, which are for inference only; save the model "
                          "loaded without quantize= instead")
 
