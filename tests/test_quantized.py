@@ -182,3 +182,34 @@ def test_output_layer_top_candidates_are_exact():
     top = exact.topk(10, dim=-1).indices
     assert torch.allclose(refined.gather(1, top), exact.gather(1, top), atol=1e-5)
     assert (rounded.gather(1, top) - exact.gather(1, top)).abs().max() > 1e-4  # bfloat16 really rounds them
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_layers_keep_the_files_codes(tmp_path, qtype):
+    """A tiny Llama written as llama.cpp writes it (query/key rows permuted), loaded with quantize="int4": every
+    quantized layer stands for exactly the float32 loader's weights (fused query/key/value and gate/up included),
+    and the logits stay close."""
+    import transformers as T
+    from test_hub_gguf import write_llama_gguf
+
+    torch.manual_seed(0)
+    hf = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          tie_word_embeddings=False)).eval()
+    from torchbook.models.gguf import gguf_model
+
+    write_llama_gguf(hf, tmp_path / "tiny.gguf", qtype)  # no tokenizer in the file: the models alone
+    full, _ = gguf_model(tmp_path / "tiny.gguf")
+    quantized, _ = gguf_model(tmp_path / "tiny.gguf", quantize="int4")
+    layer_class = Int8Linear if qtype == "Q8_0" else Int4Linear
+    for f, q in zip(full.blocks, quantized.blocks):
+        attention = torch.cat([f.attn.q_proj.weight, f.attn.k_proj.weight, f.attn.v_proj.weight])
+        pairs = [(attention, q.attn.qkv_proj), (f.attn.out_proj.weight, q.attn.out_proj),
+                 (torch.cat([f.mlp.gate.weight, f.mlp.up.weight]), q.mlp.gate_up), (f.mlp.down.weight, q.mlp.down)]
+        for weight, layer in pairs:
+            assert isinstance(layer, layer_class) and torch.equal(layer.dequantize(), weight.detach())
+    assert isinstance(quantized.lm_head, Int8Linear) == (qtype == "Q8_0")  # a Q4 output layer keeps its 4 bits
+    assert torch.equal(quantized.lm_head.dequantize(), full.lm_head.weight.detach())
+    tokens = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        assert (full(tokens) - quantized(tokens)).abs().max() < 0.05

@@ -162,7 +162,14 @@ def read_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[GPTConfig, d
 
 
 def load_gguf(path: str | Path, quantize: str | None = None) -> tuple[GPT, Any, dict[str, Any]]:
-    """Our GPT (eval mode), the tokenizer (a `tokenizers.Tokenizer`) and metadata from a GGUF file.
+    """Our GPT (eval mode), the tokenizer (a `tokenizers.Tokenizer`) and metadata from a GGUF file (see
+    `gguf_model` for `quantize`)."""
+    model, info = gguf_model(path, quantize)
+    return model, gguf_tokenizer(path), info
+
+
+def gguf_model(path: str | Path, quantize: str | None = None) -> tuple[GPT, dict[str, Any]]:
+    """Our GPT (eval mode) and metadata from a GGUF file.
 
     `quantize`: None (float32 weights, the dequantized file: logits as transformers computes them), "int8" or
     "int4" (weight-only quantized layers from `torchbook.nn.quantized`, for fast decoding, with fused projections).
@@ -188,7 +195,7 @@ def load_gguf(path: str | Path, quantize: str | None = None) -> tuple[GPT, Any, 
         quantize_linear_layers(model, 4 if quantize == "int4" else 8, replacements=from_file, keep_8bit=("lm_head",))
         model.fuse_projections()
         info["quantized"] = quantize
-    return model.eval(), gguf_tokenizer(path), info
+    return model.eval(), info
 
 
 def gguf_tokenizer(path: str | Path) -> Any:
