@@ -114,14 +114,11 @@ def load(path: str | Path, map_location: str = "cpu", quantize: str | None = Non
 def _quantize(loaded: Loaded, quantize: str) -> None:
     from torch import nn
 
-    from torchbook.models.gpt import GPT
-    from torchbook.nn.quantized import quantize_linear_layers
+    from torchbook.nn.quantized import quantize_for_decoding
 
     if not isinstance(loaded.model, nn.Module):
         raise CheckpointError(f"--quantize applies to torch models; {type(loaded.model).__name__} is not one")
-    quantize_linear_layers(loaded.model, 4 if quantize == "int4" else 8, keep_8bit=("lm_head",))
-    if isinstance(loaded.model, GPT):
-        loaded.model.fuse_projections()
+    quantize_for_decoding(loaded.model, quantize)
     loaded.meta["quantized"] = quantize
 
 

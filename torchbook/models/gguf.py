@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from torchbook.errors import CheckpointError
 from torchbook.models.gpt import GPT, GPTConfig
-from torchbook.nn.quantized import QUANTIZATIONS, Int4Linear, Int8Linear, quantize_linear_layers
+from torchbook.nn.quantized import Int4Linear, Int8Linear, quantize_for_decoding
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 TESTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -176,8 +176,6 @@ def gguf_model(path: str | Path, quantize: str | None = None) -> tuple[GPT, dict
     Layers the file stores quantized keep their codes exactly (Q4_0 and Q4_1 as `Int4Linear`, Q8_0 as
     `Int8Linear`, the tied output layer too); `quantize` says how many bits float layers get (the output layer:
     8 either way)."""
-    if quantize not in (None, *QUANTIZATIONS):
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)} or None, got {quantize!r}")
     config, state, info = read_gguf(path, keep_blocks=quantize is not None)
     kept = info.pop("blocks", {})
     model = GPT(config)
@@ -192,8 +190,7 @@ def gguf_model(path: str | Path, quantize: str | None = None) -> tuple[GPT, dict
             bias = state.get(f"{name}.bias")
             from_file[name] = (Int8Linear.from_codes(codes, scales, bias) if kind == "Q8_0"
                                else Int4Linear.from_codes(codes, scales, minimums, bias))
-        quantize_linear_layers(model, 4 if quantize == "int4" else 8, replacements=from_file, keep_8bit=("lm_head",))
-        model.fuse_projections()
+        quantize_for_decoding(model, quantize, replacements=from_file)
         info["quantized"] = quantize
     return model.eval(), info
 

@@ -273,6 +273,19 @@ def check_savable(model: nn.Module) -> None:
 QUANTIZATIONS = ("int8", "int4")
 
 
+def quantize_for_decoding(model: nn.Module, quantize: str, replacements: dict[str, nn.Module] | None = None) -> nn.Module:
+    """What `torchbook.load(..., quantize=...)` does to a model, in place: its linear layers become weight-only
+    `quantize` ("int8" or "int4") layers (`replacements`: ready layers by name, e.g. a GGUF file's own codes), the
+    output layer (`lm_head`) gets 8 bits either way, and a model with `fuse_projections` (GPT) fuses them."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; accepted: {', '.join(QUANTIZATIONS)}")
+    quantize_linear_layers(model, 4 if quantize == "int4" else 8, replacements=replacements, keep_8bit=("lm_head",))
+    fuse = getattr(model, "fuse_projections", None)
+    if callable(fuse):
+        fuse()
+    return model
+
+
 def quantize_linear_layers(model: nn.Module, bits: int, group_size: int = 32,
                            replacements: dict[str, nn.Module] | None = None, keep_8bit: tuple[str, ...] = ()) -> nn.Module:
     """Swap every `nn.Linear` of `model` (in place) for an `Int8Linear` (bits=8) or `Int4Linear` (bits=4).
@@ -288,9 +301,9 @@ def quantize_linear_layers(model: nn.Module, bits: int, group_size: int = 32,
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        new: nn.Module
         if module.in_features % group_size:
             continue  # no whole groups: stays as it is
+        new: nn.Module
         if name in replacements:
             new = replacements[name]
         elif bits == 4 and name not in keep_8bit:
