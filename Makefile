@@ -13,13 +13,14 @@ SHARED_DATA := $(abspath ../shared/data)
 export TORCHBOOK_MIRROR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 export MPLBACKEND := Agg
 
-.PHONY: install demo test test-slow lint check-torch clean help
+.PHONY: install system-deps demo test test-slow lint check-torch clean help
 
 help:
 	@echo "make demo       create .venv, install torchbook, train image-classifier (quick) and print its report"
 	@echo "make test       the default suite: unit, parity and smoke tests (under 10 minutes)"
 	@echo "make test-slow  quick-preset quality gates and long comparisons"
 	@echo "make lint       ruff and mypy"
+	@echo "make system-deps  Debian packages the tests use (Fashion-MNIST's idx files), skipping what is present"
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +30,16 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 install: $(VENV)/.installed check-torch
+
+# Debian packages the tests read (one place: .ci/run calls this before `make test`). Present ones are skipped.
+DEBIAN_PACKAGES := dataset-fashion-mnist
+system-deps:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	else echo "system packages present: $(DEBIAN_PACKAGES)"; fi
 
 check-torch:
 	@$(PY) -c "import sys, torch; v = torch.__version__.split('+')[0]; \

@@ -1,16 +1,32 @@
-"""Small image datasets: Fashion-MNIST (the book's, downloaded) and scikit-learn's digits (offline)."""
+"""Small image datasets: Fashion-MNIST (the book's: downloaded, or Debian's offline copy) and scikit-learn's digits."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from torchbook.data.download import RemoteFile, fetch
+from torchbook.errors import DataUnavailable
+
+log = logging.getLogger(__name__)
 
 _FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-_OFFLINE = "data=digits (scikit-learn's bundled 8x8 digits)"
+_OFFLINE = ("Debian's package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), "
+            "or data=digits (scikit-learn's bundled 8x8 digits)")
+# Debian's package `dataset-fashion-mnist` installs the original idx files here. Its .gz files were recompressed
+# (a few bytes differ from the canonical downloads), so what is pinned is the sha256 of the decompressed idx bytes.
+DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_FASHION_IDX_SHA256 = {
+    "train_images": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",  # 47,040,016 bytes
+    "train_labels": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",  # 60,008 bytes
+    "test_images": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",  # 7,840,016 bytes
+    "test_labels": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",  # 10,008 bytes
+}
 FASHION_MNIST = {
     "train_images": RemoteFile(_FASHION + "train-images-idx3-ubyte.gz",
                                "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84", offline=_OFFLINE),
@@ -37,20 +53,40 @@ class ImageData:
     test_labels: np.ndarray | None = None
 
 
-def read_idx(path: str) -> np.ndarray:
-    """Read a gzipped IDX file (the MNIST format): magic, dimensions, then unsigned bytes."""
+def read_idx(path: str | Path, sha256: str = "") -> np.ndarray:
+    """Read a gzipped IDX file (the MNIST format): magic, dimensions, then unsigned bytes. With `sha256`, the
+    decompressed bytes must have that checksum."""
     with gzip.open(path, "rb") as f:
         data = f.read()
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise DataUnavailable(f"{path}: its decompressed sha256 is not the expected {sha256[:12]}... (damaged or "
+                              "another version); reinstall the package or delete the file")
     n_dims = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(n_dims))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * n_dims).reshape(shape)
 
 
+def _debian_fashion_mnist() -> dict[str, np.ndarray] | None:
+    """Debian's copy of Fashion-MNIST, checked against the pinned checksums, or None when it is not installed."""
+    paths = {key: DEBIAN_FASHION_DIR / remote.name for key, remote in FASHION_MNIST.items()}
+    if not all(path.is_file() for path in paths.values()):
+        return None
+    return {key: read_idx(path, DEBIAN_FASHION_IDX_SHA256[key]) for key, path in paths.items()}
+
+
 def load_fashion_mnist() -> ImageData:
-    arrays = {key: read_idx(str(fetch(remote))) for key, remote in FASHION_MNIST.items()}
+    """Fashion-MNIST's 60,000 training and 10,000 test images: Debian's installed copy when present (the same
+    idx files, checksummed), else the canonical download through `fetch` (cache, mirror, checksum)."""
+    arrays = _debian_fashion_mnist()
+    if arrays is not None:
+        source = f"Fashion-MNIST (Zalando Research), Debian's dataset-fashion-mnist ({DEBIAN_FASHION_DIR})"
+        log.debug("Fashion-MNIST from %s", DEBIAN_FASHION_DIR)
+    else:
+        arrays = {key: read_idx(fetch(remote)) for key, remote in FASHION_MNIST.items()}
+        source = "Fashion-MNIST (Zalando Research), " + _FASHION
     return ImageData(
         name="fashion-mnist",
-        source="Fashion-MNIST (Zalando Research), " + _FASHION,
+        source=source,
         images=arrays["train_images"].astype(np.float32) / 255.0,
         labels=arrays["train_labels"].astype(np.int64),
         classes=FASHION_CLASSES,
