@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from torchbook.config import to_dict
+from torchbook.config import C, build_config, to_dict
 from torchbook.errors import CheckpointError, UserInputError
 from torchbook.io import atomic_write_json, is_main_process, is_read_only, make_read_only, to_jsonable
 
@@ -121,6 +121,10 @@ class RunDir:
 
     def config_values(self) -> dict[str, Any]:
         return dict(self.read_json("config.json")["config"])
+
+    def load_config(self, cls: type[C]) -> C:
+        """The run's config rebuilt as `cls`, the one way every config is built (`build_config`: typed, validated)."""
+        return build_config(cls, base=self.config_values())
 
     # -- files ----------------------------------------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> Path:

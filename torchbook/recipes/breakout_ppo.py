@@ -78,7 +78,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
 
 def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    config = Config(**RunDir.open(run_dir).config_values())
+    config = RunDir.open(run_dir).load_config(Config)
     return evaluate_saved(run_dir, config.env_id, config.eval_episodes, config.eval_max_steps)
 
 

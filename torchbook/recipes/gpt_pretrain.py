@@ -175,7 +175,7 @@ def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
     import torchbook
 
     run = RunDir.open(run_dir)
-    config = Config(**run.config_values())
+    config = run.load_config(Config)
     loaded = torchbook.load(run.path)
     return evaluate_model(loaded.model, loaded.tokenizer, config, load_text(config))
 

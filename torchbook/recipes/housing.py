@@ -417,7 +417,7 @@ def importance_plot(path: Path, importances: list[tuple[str, float]]) -> None:
 def evaluate(run_dir: RunDir | str) -> dict[str, float]:
     """Reload the saved pipeline and measure its test RMSE again on the run's split."""
     run = RunDir.open(run_dir)
-    config = Config(**run.config_values())
+    config = run.load_config(Config)
     split = stratified_split(load_housing(), config.test_size, config.seed)
     x_test, y_test = split.xy("test")
     return {"test_rmse": root_mean_squared_error(y_test, load_estimator(run.model_dir).predict(x_test)),

@@ -165,7 +165,7 @@ def evaluate(run_dir: RunDir | str) -> dict[str, float]:
     import torchbook
 
     run = RunDir.open(run_dir)
-    config = Config(**run.config_values())
+    config = run.load_config(Config)
     loaded = torchbook.load(run.path)
     prep = prepare(config)
     with torch.no_grad():

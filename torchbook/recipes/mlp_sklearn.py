@@ -144,7 +144,7 @@ def evaluate(run_dir: RunDir | str) -> dict[str, float]:
     from torchbook.models import load_estimator
 
     run = RunDir.open(run_dir)
-    config = Config(**run.config_values())
+    config = run.load_config(Config)
     x_test, y_test = housing_splits(config.seed, config.limit)["test"]
     predictions = load_estimator(run.model_dir).predict(x_test)
     return {"mlp_test_rmse": root_mean_squared_error(y_test, predictions), "mlp_test_r2": r2_score(y_test, predictions)}

@@ -145,7 +145,7 @@ def evaluate(run_dir: RunDir | str) -> dict[str, float]:
     import torchbook
 
     run = RunDir.open(run_dir)
-    prep = prepare(Config(**run.config_values()))
+    prep = prepare(run.load_config(Config))
     model = torchbook.load(run.path).model
     with torch.no_grad():
         predictions = model(torch.from_numpy(prep.x["test"])).numpy()
