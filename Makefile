@@ -19,7 +19,7 @@ help:
 	@echo "make demo       create .venv, install torchbook, train image-classifier (quick) and print its report"
 	@echo "make test       the default suite: unit, parity and smoke tests (under 10 minutes)"
 	@echo "make test-slow  quick-preset quality gates and long comparisons"
-	@echo "make lint       ruff and mypy"
+	@echo "make lint       ruff, mypy and the layers (import-linter)"
 	@echo "make system-deps  Debian packages the tests use (Fashion-MNIST's idx files), skipping what is present"
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -59,6 +59,7 @@ test-slow: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

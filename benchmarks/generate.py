@@ -55,7 +55,7 @@ def main() -> None:
 
     import torchbook
     from torchbook.generate import decode
-    from torchbook.models.gguf import default_chat_model
+    from torchbook.hub.gguf import default_chat_model
 
     path = default_chat_model()
     ours, tokenizer = torchbook.load(path)

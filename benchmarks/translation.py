@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchbook.generate import beam_search
 from torchbook.models.transformer import TransformerConfig, TransformerTranslator
 from torchbook.nn.positions import SinusoidalPositionalEncoding
-from torchbook.recipes.translator import translation_step
+from torchbook.train.steps import translation_step
 
 VOCAB, D_MODEL, HEADS, LAYERS, D_FF = 10_000, 128, 4, 2, 512
 PAD, BOS, EOS = 0, 1, 2

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from torchbook.chat_template import DEFAULT_TEMPLATE, TemplateError, render_chat
-from torchbook.models.gguf import default_chat_model
+from torchbook.hub.gguf import default_chat_model
 
 LLAMA2 = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
@@ -47,7 +47,7 @@ def test_smollm2_template_from_its_gguf_matches_transformers():
     import gguf
     from transformers import AutoTokenizer
 
-    from torchbook.models.gguf import field_value
+    from torchbook.hub.gguf import field_value
 
     path = default_chat_model()
     template = field_value(gguf.GGUFReader(str(path)), "tokenizer.chat_template")  # what our loader reads

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from torchbook.generate import beam_search, decode
-from torchbook.nn.attention import KVCache, MultiHeadAttention
+from torchbook.nn.attention import MultiHeadAttention
+from torchbook.nn.kv_cache import KVCache
 from torchbook.nn.positions import SinusoidalPositionalEncoding
 
 pytestmark = pytest.mark.usefixtures("one_thread")

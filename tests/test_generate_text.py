@@ -15,10 +15,11 @@ import torchbook
 from torchbook.errors import DataUnavailable, UserInputError
 from torchbook.generate.sampling import Sampler, SamplingConfig, process_logits
 from torchbook.generate.streaming import TextStream
-from torchbook.generate.text import end_token_ids, generate_text
-from torchbook.models.gguf import default_chat_model
-from torchbook.models.gpt import from_hf_model, save_hf
-from torchbook.nn.attention import KVCache
+from torchbook.generate.text import generate_text
+from torchbook.hub.gguf import default_chat_model
+from torchbook.hub.hf import from_hf_model, save_hf
+from torchbook.hub.prompts import chat_prompt
+from torchbook.nn.kv_cache import KVCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,11 +147,10 @@ def test_stop_strings_are_cut_even_across_tokens(smollm2):
 
 def test_generate_text_batches_streams_and_stops(smollm2):
     model, tokenizer = smollm2
-    from torchbook.chat_template import render_chat
 
-    prompts = [render_chat([{"role": "user", "content": q}], smollm2.meta["chat_template"])
+    prompts = [chat_prompt([{"role": "user", "content": q}], smollm2.meta)
                for q in ("What is the capital of France?", "Name a primary colour.")]
-    ends = end_token_ids(tokenizer, smollm2.meta)
+    ends = smollm2.meta["end_token_ids"]
     assert tokenizer.token_to_id("<|im_end|>") in ends
     streamed = ["", ""]
 
@@ -227,7 +227,7 @@ def test_generate_command_chats_with_the_default_model():
 
 
 def test_gguf_tokenizer_is_cached_and_identical(smollm2):
-    from torchbook.models.gguf import gguf_tokenizer
+    from torchbook.hub.gguf import gguf_tokenizer
 
     again = gguf_tokenizer(default_chat_model())  # from the cache written when the fixture loaded the model
     assert again.to_str() == smollm2.tokenizer.to_str()

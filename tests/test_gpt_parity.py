@@ -7,7 +7,10 @@ import pytest
 import torch
 import transformers as T
 
-from torchbook.models.gpt import GPT, GPTConfig, config_from_hf, from_hf_model
+from torchbook.generate.engine import decode, generate_tokens
+from torchbook.generate.sampling import Sampler, SamplingConfig, process_logits
+from torchbook.hub.hf import config_from_hf, from_hf_model
+from torchbook.models.gpt import GPT, GPTConfig
 
 KW = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
           num_key_value_heads=2, max_position_embeddings=128)
@@ -49,8 +52,8 @@ def test_mistral_window_really_masks():
 def test_greedy_generation_with_and_without_cache_and_as_transformers(pair):
     name, hf, ours = pair
     prompt = torch.randint(1, 96, (1, 7))
-    cached = ours.generate(prompt, 12)
-    assert torch.equal(cached, ours.generate(prompt, 12, use_cache=False))
+    cached = generate_tokens(ours, prompt, 12)
+    assert torch.equal(cached, generate_tokens(ours, prompt, 12, use_cache=False))
     theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
                          attention_mask=torch.ones_like(prompt))
     assert cached[0].tolist() == theirs[0, 7:].tolist(), name
@@ -62,9 +65,40 @@ def test_left_padded_batch_equals_one_by_one():
     short, long = torch.randint(1, 96, (1, 4)), torch.randint(1, 96, (1, 9))
     batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
     mask = torch.cat([torch.cat([torch.zeros(1, 5), torch.ones(1, 4)], 1), torch.ones(1, 9)]).long()
-    together = ours.generate(batch, 8, attention_mask=mask)
-    assert together[0].tolist() == ours.generate(short, 8)[0].tolist()
-    assert together[1].tolist() == ours.generate(long, 8)[0].tolist()
+    together = generate_tokens(ours, batch, 8, attention_mask=mask)
+    assert together[0].tolist() == generate_tokens(ours, short, 8)[0].tolist()
+    assert together[1].tolist() == generate_tokens(ours, long, 8)[0].tolist()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("penalty", [1.0, 1.8])
+def test_a_left_padded_row_decodes_as_its_prompt_alone_with_and_without_cache_and_penalty(use_cache, penalty):
+    """The padding of a left-padded row is neither attended to (also when the cache is off and every step reads
+    the whole sequence again) nor counted by the repetition penalty. The padding id is the token the row picks
+    first when alone, so a penalty that counted padding would change the row's first choice."""
+    torch.manual_seed(0)
+    ours = from_hf_model(FAMILIES["llama"]())
+    short, long = torch.randint(1, 96, (1, 4)), torch.randint(1, 96, (1, 9))
+    config = SamplingConfig(temperature=0.0, repetition_penalty=penalty)
+
+    def run(tokens, mask=None):
+        state = ours.start_decoding(tokens.size(0), attention_mask=mask)
+        sampler = Sampler(config, prompt_mask=mask)
+        return decode(ours, state, tokens, 8, choose=sampler, use_cache=use_cache).tokens
+
+    alone = run(short)
+    pad = int(alone[0, 0])
+    assert pad not in short[0].tolist()  # so only padding could put it in the penalised set
+    batch = torch.cat([torch.cat([torch.full((1, 5), pad), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 5), torch.ones(1, 4)], 1), torch.ones(1, 9)]).long()
+    together = run(batch, mask)
+    assert together[0].tolist() == alone[0].tolist()
+    assert together[1].tolist() == run(long)[0].tolist()
+    # The processed logits themselves: the padded row's equal the lone row's.
+    logits = torch.randn(2, 96)
+    sampler = Sampler(config, prompt_mask=mask)
+    padded = process_logits(logits, batch, config, sampler.real_tokens(batch))
+    assert torch.equal(padded[0], process_logits(logits[:1], short, config)[0])
 
 
 def test_mixture_of_experts_routing_and_load_balancing_loss():
@@ -101,7 +135,7 @@ def test_unsupported_architecture_is_named():
 def test_hugging_face_folders_in_and_out(family, tmp_path):
     """A transformers folder loads through torchbook.load; ours saved as a folder loads in transformers; same logits."""
     import torchbook
-    from torchbook.models.gpt import save_hf
+    from torchbook.hub.hf import save_hf
 
     torch.manual_seed(0)
     hf = FAMILIES[family]().eval()

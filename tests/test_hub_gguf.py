@@ -8,7 +8,8 @@ import torch
 
 import torchbook
 from torchbook.errors import CheckpointError
-from torchbook.models.gguf import default_chat_model, unpermute
+from torchbook.generate.engine import generate_tokens
+from torchbook.hub.gguf import default_chat_model, unpermute
 
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -58,8 +59,8 @@ def test_smollm2_logits_and_greedy_chat_equal_transformers(smollm2):
     x = torch.tensor([ids])
     with torch.no_grad():
         assert (loaded.model(x) - reference(x).logits).abs().max().item() < 1e-3
-    eos = loaded.meta["eos_token_id"]
-    ours = loaded.model.generate(x, 24, eos_id=eos)[0].tolist()
+    eos = loaded.meta["end_token_ids"][0]
+    ours = generate_tokens(loaded.model, x, 24, eos_id=eos)[0].tolist()
     ours = ours[: ours.index(eos) + 1] if eos in ours else ours
     theirs = reference.generate(x, max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     assert ours == theirs
@@ -129,7 +130,7 @@ def test_every_tested_quantization_type_loads_exactly(tmp_path, qtype):
     than the type's precision allows."""
     import transformers as T
 
-    from torchbook.models.gguf import read_gguf
+    from torchbook.hub.gguf import read_gguf
     from torchbook.models.gpt import GPT
 
     torch.manual_seed(0)

@@ -23,8 +23,9 @@ from torchbook.generate import Sampler, SamplingConfig, decode
 from torchbook.models.char_rnn import CharRNN, CharRNNConfig
 from torchbook.models.gpt import GPT, GPTConfig
 from torchbook.recipes import char_rnn, gpt_pretrain
-from torchbook.recipes.char_rnn import bits_per_character, rnn_nats, sample
+from torchbook.recipes.char_rnn import rnn_nats
 from torchbook.recipes.gpt_pretrain import gpt_nats
+from torchbook.train.language_model import bits_per_character, sample
 
 needs_shakespeare = pytest.mark.skipif(not mirror_has("tinyshakespeare.txt"),
                                        reason="tinyshakespeare.txt is not in $TORCHBOOK_MIRROR")

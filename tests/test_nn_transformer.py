@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from torchbook.nn.attention import KVCache, MultiHeadAttention
+from torchbook.nn.attention import MultiHeadAttention
+from torchbook.nn.kv_cache import KVCache
 from torchbook.nn.rnn_attention import BahdanauAttention, LuongAttention
 from torchbook.nn.transformer import Decoder, Encoder
 

@@ -169,6 +169,7 @@ def mnist_or_skip() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # the book's KNN cross-validation on 60,000 images
+@pytest.mark.optional_data("MNIST is downloaded; no offline copy exists here")
 def test_classification_on_mnist_reproduces_the_books_figures(tmp_path):
     """Book: precision 0.837, recall 0.651, F1 0.733, ROC AUC 0.960; forest F1 0.927, AUC 0.998; multilabel KNN
     macro F1 0.976. Tolerance 0.01: the same estimators and seeds, but other library versions."""
@@ -187,6 +188,7 @@ def test_classification_on_mnist_reproduces_the_books_figures(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # PCA of 60,000 images
+@pytest.mark.optional_data("MNIST is downloaded; no offline copy exists here")
 def test_pca_on_mnist_keeps_154_components_for_95_percent(tmp_path):
     from torchbook.data.sources import load_mnist
 

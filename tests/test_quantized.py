@@ -12,6 +12,7 @@ from torch import nn
 
 import torchbook
 from torchbook.errors import CheckpointError
+from torchbook.generate.engine import generate_tokens
 from torchbook.nn.quantized import Int4Linear, Int8Linear, concat_linear, quantize_linear_layers
 
 
@@ -40,7 +41,7 @@ def test_gguf_blocks_load_exactly():
     dequantizes."""
     import gguf
 
-    from torchbook.models.gguf import blocks_to_float, default_chat_model, unpack_blocks
+    from torchbook.hub.gguf import blocks_to_float, default_chat_model, unpack_blocks
 
     reader = gguf.GGUFReader(str(default_chat_model()))
     tensors = {t.name: t for t in reader.tensors}
@@ -98,7 +99,7 @@ def test_fused_projections_give_the_same_logits(family):
     """Fused query/key/value (rotated together) and gate/up projections: same logits, same cached decoding."""
     import transformers as T
 
-    from torchbook.models.gpt import from_hf_model, save_hf
+    from torchbook.hub.hf import from_hf_model, save_hf
 
     torch.manual_seed(0)
     kw = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -111,7 +112,7 @@ def test_fused_projections_give_the_same_logits(family):
     tokens = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
         assert (model(tokens) - fused(tokens)).abs().max() < 1e-5
-    assert torch.equal(model.generate(tokens[:1, :5], 10), fused.generate(tokens[:1, :5], 10))
+    assert torch.equal(generate_tokens(model, tokens[:1, :5], 10), generate_tokens(fused, tokens[:1, :5], 10))
     with pytest.raises(ValueError, match="for inference only"):
         save_hf(fused, "unused")
 
@@ -126,7 +127,7 @@ def test_quantize_linear_layers_keeps_the_output_layer_at_8_bits():
 
 
 def test_unknown_quantization_is_a_clear_error():
-    from torchbook.models.gguf import default_chat_model
+    from torchbook.hub.gguf import default_chat_model
 
     with pytest.raises(CheckpointError, match="unknown quantization 'int3'; accepted: int8, int4"):
         torchbook.load(default_chat_model(), quantize="int3")
@@ -134,7 +135,7 @@ def test_unknown_quantization_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def smollm2_pair():
-    from torchbook.models.gguf import default_chat_model
+    from torchbook.hub.gguf import default_chat_model
 
     path = default_chat_model()
     return torchbook.load(path), torchbook.load(path, quantize="int4")
@@ -159,7 +160,7 @@ def test_smollm2_int4_stays_close_to_float32_on_real_text(smollm2_pair):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.93
     chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     prompt = torch.tensor([full.tokenizer.encode(chat).ids])
-    assert torch.equal(full.model.generate(prompt, 16), quantized.model.generate(prompt, 16))
+    assert torch.equal(generate_tokens(full.model, prompt, 16), generate_tokens(quantized.model, prompt, 16))
 
 
 def test_generate_cli_quantized(capsys):
@@ -196,7 +197,7 @@ def test_gguf_layers_keep_the_files_codes(tmp_path, qtype):
     hf = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                           tie_word_embeddings=False)).eval()
-    from torchbook.models.gguf import gguf_model
+    from torchbook.hub.gguf import gguf_model
 
     write_llama_gguf(hf, tmp_path / "tiny.gguf", qtype)  # no tokenizer in the file: the models alone
     full, _ = gguf_model(tmp_path / "tiny.gguf")

@@ -106,7 +106,7 @@ def test_smoke_run_reloads_and_forecasts(tmp_path, capsys):
     assert round(results["naive"]) == 42_143 and results["sarima"] > 0
     report = (run.path / "report.md").read_text()
     assert "| naive (7-day lag) | 42,143 |" in report and "SARIMA" in report
-    assert torchbook.load(run.path).meta["rung"] == "linear"
+    assert torchbook.load(run.path).meta["extra"]["rung"] == "linear"
     assert ridership.evaluate(run.path)["val_mae"] == pytest.approx(results["linear"]["val_mae_median"], rel=1e-5)
     assert main(["forecast", str(run.path), "--days", "14", "--end", "2019-06-30"]) == 0
     out = capsys.readouterr().out

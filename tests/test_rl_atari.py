@@ -14,7 +14,7 @@ import torchbook
 from torchbook.cli import main
 from torchbook.config import build_config
 from torchbook.errors import UserInputError
-from torchbook.models import save_model
+from torchbook.hub import save_model
 from torchbook.recipes import breakout_ppo
 from torchbook.rl import ppo
 from torchbook.rl.atari import AtariPool, evaluate, random_policy

@@ -10,8 +10,8 @@ from torch import nn
 
 import torchbook
 from torchbook.errors import CheckpointError, UserInputError
+from torchbook.hub import load_model, save_model
 from torchbook.io import atomic_write, atomic_write_json
-from torchbook.models import load_model, save_model
 from torchbook.models.mlp import MLP, MLPConfig
 from torchbook.report import Report, fmt
 from torchbook.runs import RunDir

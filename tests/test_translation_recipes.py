@@ -16,7 +16,7 @@ from torchbook.config import build_config
 from torchbook.data.translation import GETTEXT_DIR
 from torchbook.errors import CheckpointError
 from torchbook.recipes import translator, translator_rnn
-from torchbook.recipes.translator import translate, translate_run
+from torchbook.train.translation import translate, translate_run
 
 pytestmark = [
     pytest.mark.skipif(not list(GETTEXT_DIR.glob("*.mo")), reason=f"no gettext catalogs in {GETTEXT_DIR}"),

@@ -7,11 +7,21 @@ from collections.abc import Iterable
 
 
 class TorchbookError(Exception):
-    """Base class: a problem the user can fix. The message says what was wrong and what is accepted."""
+    """Base class: a problem the user can fix. The message says what was wrong and what is accepted; `param` names
+    the setting at fault (a function argument or config key), so that a front end (the CLI, the HTTP server) can
+    name its own flag or field for it."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class UserInputError(TorchbookError):
     """A wrong name, key, value or file given by the user."""
+
+
+class RunExists(UserInputError):
+    """A run folder already holds another run (another recipe or config)."""
 
 
 class DataUnavailable(TorchbookError):

@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from torchbook.config import C, build_config, to_dict
-from torchbook.errors import CheckpointError, UserInputError
-from torchbook.io import atomic_write_json, is_main_process, is_read_only, make_read_only, to_jsonable
+from torchbook.errors import CheckpointError, RunExists
+from torchbook.io import (
+    atomic_write_json,
+    atomic_write_text,
+    is_main_process,
+    is_read_only,
+    make_read_only,
+    to_jsonable,
+)
 
 RUNS_ROOT = Path("runs")
 
@@ -69,13 +77,8 @@ class RunDir:
         if rd.config_path.exists() and not overwrite:
             old = rd.read_json("config.json")
             if to_jsonable(old) != to_jsonable(record):
-                raise UserInputError(
-                    f"run folder {str(path)!r} already holds a run with another recipe or config; "
-                    "resume it with --resume, pick a new folder, or pass --overwrite"
-                )
+                raise RunExists(f"run folder {str(path)!r} already holds a run with another recipe or config")
         elif overwrite and path.exists():
-            import shutil
-
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         rd.write_json("config.json", record)
@@ -162,7 +165,5 @@ class RunDir:
 
     def truncate_metrics(self, keep: Any) -> None:
         """Keep only the events for which `keep(record)` is true (used when resuming from a checkpoint)."""
-        from torchbook.io import atomic_write_text
-
         kept = [r for r in self.metrics() if keep(r)]
         atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))

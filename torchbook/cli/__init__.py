@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 from torchbook import __version__
 from torchbook.config import PRESET_NAMES_DOC
-from torchbook.errors import TorchbookError, UserInputError
+from torchbook.errors import RunExists, TorchbookError, UserInputError
 
 EXIT_USAGE = 2
 
@@ -31,10 +32,40 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from torchbook.recipes import all_recipes
+class NoticeFormatter(logging.Formatter):
+    """The library's log records as the CLI's notices: `torchbook: ...`, `torchbook: warning: ...`."""
 
-    recipes = all_recipes()
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "torchbook: warning: " if record.levelno >= logging.WARNING else "torchbook: "
+        return prefix + record.getMessage()
+
+
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at the time (tests and callers may replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def show_library_notices(level: int = logging.INFO) -> None:
+    """The library logs (`logging.getLogger("torchbook...")`) and never prints: the CLI shows its notices on stderr."""
+    logger = logging.getLogger("torchbook")
+    if not any(isinstance(h.formatter, NoticeFormatter) for h in logger.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(NoticeFormatter())
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from torchbook.recipes import recipe_infos
+
+    recipes = recipe_infos()
     width = max((len(n) for n in recipes), default=10)
     for name, recipe in recipes.items():
         print(f"{name:<{width}}  ch {recipe.chapter:<6} {recipe.summary}")
@@ -57,7 +88,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         base = load_config_file(args.config) if args.config else None
         config = build_config(recipe.config, preset=args.preset, overrides=args.overrides, base=base)
-        run = RunDir.start(args.run_dir, recipe.name, config, overwrite=args.overwrite)
+        try:
+            run = RunDir.start(args.run_dir, recipe.name, config, overwrite=args.overwrite)
+        except RunExists as e:
+            raise UserInputError(f"{e}; resume it with --resume, pick another --run-dir, or pass --overwrite") from None
     print(f"torchbook: {recipe.name} -> {run.path}", file=sys.stderr)
     try:
         recipe.run(config, run)
@@ -146,6 +180,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    show_library_notices()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may come after options (`run RECIPE --preset smoke lr=0.1`); anything else is an error.
@@ -156,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TorchbookError as e:
-        print(f"torchbook: error: {e}", file=sys.stderr)
+        flag = f"--{e.param.replace('_', '-')}: " if e.param else ""
+        print(f"torchbook: error: {flag}{e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         return 0

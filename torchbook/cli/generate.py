@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from pathlib import Path
 
 NAME = "generate"
 HELP = "generate text with a language model (run folder, Hugging Face folder, GGUF file or Hub id)"
@@ -40,9 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def split_words(words: list[str], chat: bool) -> tuple[str | None, str | None]:
     """(MODEL, PROMPT) from the positional words: `MODEL PROMPT...`, `MODEL` (prompt on stdin), or, with --chat,
     `PROMPT...` alone when the first word is not an existing path or Hub id."""
-    from pathlib import Path
-
-    from torchbook.hub import HUB_ID
+    from torchbook.hub.loading import HUB_ID  # imports torch: kept out of `torchbook --help`
 
     if not words:
         return None, None
@@ -53,28 +51,20 @@ def split_words(words: list[str], chat: bool) -> tuple[str | None, str | None]:
     return first, " ".join(words[1:]) or None
 
 
-def special_token(loaded: Any, kind: str) -> str:
-    """The text of the beginning- or end-of-sequence token, for chat templates that write it."""
-    token = loaded.meta.get(f"{kind}_token")
-    token_id = loaded.meta.get(f"{kind}_token_id")
-    if token is None and token_id is not None:
-        token = loaded.tokenizer.id_to_token(token_id)
-    return token or ""
-
-
 def main(args: argparse.Namespace) -> int:
+    # The library (torch and the models) is imported here, not at the top, so that `torchbook --help` stays fast.
     import torchbook
-    from torchbook.chat_template import render_chat
     from torchbook.errors import CheckpointError, UserInputError
     from torchbook.generate.sampling import SamplingConfig
-    from torchbook.generate.text import end_token_ids, generate_text
+    from torchbook.generate.text import generate_text
+    from torchbook.hub.prompts import chat_prompt, messages_for
 
     model_name, prompt = split_words(args.words, args.chat)
     if model_name is None:
         if not args.chat:
             raise UserInputError("give MODEL and PROMPT (a run folder, Hugging Face folder, GGUF file or Hub id), "
                                  "or use --chat for the default chat model")
-        from torchbook.models.gguf import default_chat_model
+        from torchbook.hub.gguf import default_chat_model
 
         model_name = str(default_chat_model())
     if prompt is None:
@@ -92,12 +82,9 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = loaded.tokenizer
     add_special_tokens = True
     if args.chat:
-        messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": prompt})
-        prompt = render_chat(messages, loaded.meta.get("chat_template"), bos_token=special_token(loaded, "bos"),
-                             eos_token=special_token(loaded, "eos"))
+        prompt = chat_prompt(messages_for(prompt, args.system), loaded.meta)
         add_special_tokens = False  # the template writes its own special tokens
-    ends = end_token_ids(tokenizer, loaded.meta, loaded.path)
+    ends = loaded.meta["end_token_ids"]
 
     def stream(row: int, text: str) -> None:
         sys.stdout.write(text)

@@ -22,7 +22,7 @@ def main(args: argparse.Namespace) -> int:
 
     run = RunDir.open(args.run_dir)
     loaded = torchbook.load(run.path)
-    env_id = loaded.meta.get("env_id")
+    env_id = loaded.meta["extra"].get("env_id")
     if env_id is None or not hasattr(loaded.model, "act"):
         raise CheckpointError(f"{args.run_dir!r} holds no reinforcement-learning policy (recipe {run.recipe!r})")
     path = args.output or run.plots / f"play-{args.seed}.gif"

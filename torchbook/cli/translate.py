@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from torchbook.errors import UserInputError
-    from torchbook.recipes.translator import translate_run
+    from torchbook.train.translation import translate_run
 
     if args.beam < 1:
         raise UserInputError(f"--beam {args.beam} must be at least 1")

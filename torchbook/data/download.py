@@ -14,16 +14,20 @@ When all three fail, `DataUnavailable` says why and names the offline alternativ
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
+from torchbook import paths
 from torchbook.errors import DataUnavailable
 
+log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 
 
@@ -41,15 +45,6 @@ class RemoteFile:
         return self.filename or self.url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TORCHBOOK_CACHE") or Path.home() / ".cache" / "torchbook")
-
-
-def mirror_dir() -> Path | None:
-    value = os.environ.get("TORCHBOOK_MIRROR")
-    return Path(value) if value else None
-
-
 def sha256_of(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -60,7 +55,7 @@ def sha256_of(path: str | Path) -> str:
 
 def _copy_checked(src: Path, dest: Path, sha256: str) -> bool:
     if sha256 and sha256_of(src) != sha256:  # an empty sha256: none published (see `fetch`)
-        print(f"torchbook: ignoring {src}: its sha256 does not match the expected {sha256[:12]}...", file=sys.stderr)
+        log.warning("ignoring %s: its sha256 does not match the expected %s...", src, sha256[:12])
         return False
     tmp = dest.with_name(dest.name + ".copy")
     shutil.copyfile(src, tmp)
@@ -78,8 +73,6 @@ def _download(remote: RemoteFile, dest: Path, timeout: float) -> None:
         if offset and response.status != 206:  # the server ignored the range: start over
             offset = 0
         total = int(response.headers.get("Content-Length") or 0) + offset
-        from tqdm import tqdm
-
         with (
             open(part, "ab" if offset else "wb") as f,
             tqdm(total=total or None, initial=offset, unit="B", unit_scale=True, desc=remote.name, disable=None) as bar,
@@ -89,7 +82,7 @@ def _download(remote: RemoteFile, dest: Path, timeout: float) -> None:
                 bar.update(len(chunk))
     actual = sha256_of(part)
     if not remote.sha256:
-        print(f"torchbook: {remote.name} has no published checksum; its sha256 is {actual}", file=sys.stderr)
+        log.warning("%s has no published checksum; its sha256 is %s", remote.name, actual)
     elif actual != remote.sha256:
         part.unlink()
         raise DataUnavailable(
@@ -101,14 +94,14 @@ def _download(remote: RemoteFile, dest: Path, timeout: float) -> None:
 
 def fetch(remote: RemoteFile, timeout: float = 30.0) -> Path:
     """The local path of `remote`, from the cache, the mirror or the web (see the module docstring)."""
-    cache = cache_dir()
+    cache = paths.cache()
     cache.mkdir(parents=True, exist_ok=True)
     dest = cache / remote.name
     if dest.exists():
         if not remote.sha256 or sha256_of(dest) == remote.sha256:  # "": no published checksum to check against
             return dest
         dest.unlink()  # stale or damaged: fetch again
-    mirror = mirror_dir()
+    mirror = paths.mirror()
     if mirror is not None and (mirror / remote.name).is_file() and _copy_checked(mirror / remote.name, dest, remote.sha256):
         return dest
     try:

@@ -11,7 +11,9 @@ import tarfile
 import numpy as np
 import pandas as pd
 
-from torchbook.data.download import RemoteFile, cache_dir, fetch
+from torchbook import paths
+from torchbook.data.download import RemoteFile, fetch
+from torchbook.data.images import read_idx
 
 HOUSING = RemoteFile(
     "https://github.com/ageron/data/raw/main/housing.tgz",
@@ -24,10 +26,10 @@ HOUSING_SOURCE = "California housing, 1990 census (Pace and Barry, 1997), the bo
 def extract(remote: RemoteFile, member: str) -> str:
     """Extract one member of a fetched tar archive into the cache (once) and return its path."""
     archive = fetch(remote)
-    target = cache_dir() / archive.stem / member
+    target = paths.cache() / archive.stem / member
     if not target.exists():
         with tarfile.open(archive) as tar:
-            tar.extract(member, path=cache_dir() / archive.stem, filter="data")
+            tar.extract(member, path=paths.cache() / archive.stem, filter="data")
     return str(target)
 
 
@@ -54,8 +56,6 @@ MNIST_SOURCE = "MNIST (LeCun, Cortes and Burges), 70,000 28x28 digits, the book'
 
 def load_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """MNIST as the book uses it: flat 784-pixel rows in 0..255 (float64) and string-free int labels, 60k / 10k."""
-    from torchbook.data.images import read_idx
-
     arrays = {key: read_idx(str(fetch(remote))) for key, remote in MNIST.items()}
     return (arrays["train_images"].reshape(-1, 784).astype(np.float64), arrays["train_labels"].astype(np.int64),
             arrays["test_images"].reshape(-1, 784).astype(np.float64), arrays["test_labels"].astype(np.int64))

@@ -15,6 +15,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from torchbook.errors import UserInputError
+from torchbook.io import atomic_write_text
+
+TOKENIZER = "tokenizer.json"  # a tokenizer saved beside a model
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
@@ -73,8 +78,6 @@ def char_tokenizer(text: str) -> Tokenizer:
 def char_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """The ids of `text`'s characters; a clear error naming the characters the vocabulary lacks (the tokenizer
     itself would silently drop them)."""
-    from torchbook.errors import UserInputError
-
     vocab = tokenizer.get_vocab()
     unknown = sorted(set(text) - vocab.keys())
     if unknown:
@@ -92,9 +95,6 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
 
 
 def save_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> Path:
-    from torchbook.hub import TOKENIZER
-    from torchbook.io import atomic_write_text
-
     path = Path(folder) / TOKENIZER
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, tokenizer.to_str())

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from torchbook.data.download import RemoteFile, fetch, sha256_of
-from torchbook.errors import DataUnavailable
+from torchbook.errors import DataUnavailable, unknown
 
 Pair = tuple[str, str]
 
@@ -184,7 +184,6 @@ def load_pairs(name: str, seed: int = 42) -> TranslationData:
         return load_tatoeba(seed)
     if name == "gettext":
         return load_gettext()
-    from torchbook.errors import unknown
 
     raise unknown("translation data", name, DATASETS)
 

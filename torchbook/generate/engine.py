@@ -133,6 +133,16 @@ def decode(
 
 
 @torch.no_grad()
+def generate_tokens(model: Any, tokens: Tensor, max_new_tokens: int, eos_id: int | None = None,
+                    attention_mask: Tensor | None = None, use_cache: bool = True) -> Tensor:
+    """Greedy continuation of a decoder-only model's prompts (B, T) (left-padded: give their `attention_mask`):
+    the (B, max_new_tokens) new tokens, `eos_id` repeated after a row ends."""
+    state = model.start_decoding(tokens.size(0), attention_mask=attention_mask)
+    return decode(model, state, tokens, max_new_tokens, eos_id=-1 if eos_id is None else eos_id,
+                  use_cache=use_cache).tokens
+
+
+@torch.no_grad()
 def beam_search(
     model: Decoder,
     state: Any,

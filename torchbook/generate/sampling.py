@@ -42,10 +42,13 @@ class SamplingConfig:
         return self.temperature == 0
 
 
-def apply_repetition_penalty(logits: Tensor, sequence: Tensor, penalty: float) -> Tensor:
-    """Divide the positive logits of tokens already in `sequence` (B, T) by `penalty`, multiply the negative ones."""
+def apply_repetition_penalty(logits: Tensor, sequence: Tensor, penalty: float, real: Tensor | None = None) -> Tensor:
+    """Divide the positive logits of tokens already in `sequence` (B, T) by `penalty`, multiply the negative ones.
+    `real` (B, T), True for real tokens: the padding of a left-padded row is not a token the row has seen."""
     if penalty == 1.0 or sequence.size(1) == 0:
         return logits
+    if real is not None:  # padding positions point at the row's last token (always real), counted once anyway
+        sequence = torch.where(real, sequence, sequence[:, -1:])
     seen = logits.gather(1, sequence)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return logits.scatter(1, sequence, seen)
@@ -78,9 +81,10 @@ def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def process_logits(logits: Tensor, sequence: Tensor, config: SamplingConfig) -> Tensor:
-    """The logits (B, V) to sample from, given the sequence so far (B, T); filtered tokens get -inf."""
-    logits = apply_repetition_penalty(logits.float(), sequence, config.repetition_penalty)
+def process_logits(logits: Tensor, sequence: Tensor, config: SamplingConfig, real: Tensor | None = None) -> Tensor:
+    """The logits (B, V) to sample from, given the sequence so far (B, T) (`real`: its non-padding positions);
+    filtered tokens get -inf."""
+    logits = apply_repetition_penalty(logits.float(), sequence, config.repetition_penalty, real)
     if config.greedy:
         return logits
     if config.temperature != 1.0:
@@ -91,9 +95,13 @@ def process_logits(logits: Tensor, sequence: Tensor, config: SamplingConfig) -> 
 
 
 class Sampler:
-    """`choose(logits, sequence) -> next tokens (B,)` for `engine.decode`: greedy or sampled, seeded."""
+    """`choose(logits, sequence) -> next tokens (B,)` for `engine.decode`: greedy or sampled, seeded.
+    `prompt_mask` (B, T_prompt), 1 for real tokens, marks a left-padded prompt's padding, which the repetition
+    penalty must not count."""
 
-    def __init__(self, config: SamplingConfig | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, config: SamplingConfig | None = None, device: str | torch.device = "cpu",
+                 prompt_mask: Tensor | None = None):
+        self.prompt_mask = None if prompt_mask is None else prompt_mask.to(device).bool()
         self.config = config or SamplingConfig()
         self.config.validate()
         self.generator = torch.Generator(device=device)
@@ -102,8 +110,15 @@ class Sampler:
         else:
             self.generator.manual_seed(self.config.seed)
 
+    def real_tokens(self, sequence: Tensor) -> Tensor | None:
+        """Which positions of `sequence` are real tokens (None: all)."""
+        if self.prompt_mask is None:
+            return None
+        generated = sequence.size(1) - self.prompt_mask.size(1)
+        return torch.cat([self.prompt_mask, self.prompt_mask.new_ones(sequence.size(0), generated)], dim=1)
+
     def __call__(self, logits: Tensor, sequence: Tensor) -> Tensor:
-        logits = process_logits(logits, sequence, self.config)
+        logits = process_logits(logits, sequence, self.config, self.real_tokens(sequence))
         if self.config.greedy:
             return logits.argmax(dim=-1)
         probs = logits.softmax(-1)

@@ -8,10 +8,8 @@ protocol; `start_decoding(batch, attention_mask=...)` receives the padding mask 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +19,6 @@ from torchbook.generate.engine import decode
 from torchbook.generate.sampling import Sampler, SamplingConfig
 from torchbook.generate.streaming import TextStream
 
-# Tokens that end a turn or a document in the families torchbook loads; used when a checkpoint names none.
-END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<eos>", "<|end|>")
 CONTEXT_TOKENS = 5  # prompt tokens a stream decodes before the new ones, to get the first word's spacing right
 
 
@@ -34,28 +30,6 @@ class Completion:
     tokens: list[int]
     finish_reason: str
     prompt_tokens: int
-
-
-def end_token_ids(tokenizer: Any, meta: dict[str, Any] | None = None, folder: str | Path | None = None) -> list[int]:
-    """The ids that end generation: the checkpoint's end-of-sequence id(s) (GGUF metadata, generation_config.json
-    or config.json of a Hugging Face folder), plus the usual end-of-turn tokens the vocabulary holds."""
-    ids: list[int] = []
-
-    def add(value: Any) -> None:
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, int) and v not in ids:
-                ids.append(v)
-
-    add((meta or {}).get("eos_token_id"))
-    if folder is not None and Path(folder).is_dir():
-        for name in ("generation_config.json", "config.json"):
-            try:
-                add(json.loads((Path(folder) / name).read_text()).get("eos_token_id"))
-            except (OSError, json.JSONDecodeError):
-                pass
-    for token in END_TOKENS:
-        add(tokenizer.token_to_id(token))
-    return ids
 
 
 def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
@@ -89,8 +63,8 @@ def generate_text(
     add_special_tokens: bool = True,
     use_cache: bool = True,
 ) -> list[Completion]:
-    """Continue each prompt. `end_ids`: tokens that end a row (not part of its text); `stop`: strings that end a
-    row (cut from its text); `on_text(row, text)` streams; `add_special_tokens`: let the tokenizer add its
+    """Continue each prompt. `end_ids`: tokens that end a row (not part of its text; a loaded checkpoint's are
+    `Loaded.meta["end_token_ids"]`); `stop`: strings that end a row (cut from its text); `on_text(row, text)` streams; `add_special_tokens`: let the tokenizer add its
     beginning-of-sequence token (False for a prompt rendered from a chat template, which has its own)."""
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -141,7 +115,7 @@ def generate_text(
                 stopped[row] = True
         return stopped.to(next_tokens.device)
 
-    sampler = Sampler(sampling or SamplingConfig(temperature=0.0), device=device)
+    sampler = Sampler(sampling or SamplingConfig(temperature=0.0), device=device, prompt_mask=mask if padded else None)
     out = decode(model, state, tokens, max_new_tokens, eos_id=end_ids[0] if end_ids else None, choose=sampler,
                  use_cache=use_cache, on_step=on_step)
     completions = []

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchbook.nn.attention import KVCache, MultiHeadAttention
+from torchbook.nn.attention import MultiHeadAttention
+from torchbook.nn.kv_cache import KVCache
 from torchbook.nn.norms import RMSNorm
 from torchbook.nn.positions import RotaryEmbedding
+from torchbook.nn.quantized import concat_linear
 
 
 @dataclass
@@ -92,8 +93,6 @@ class MLP(nn.Module):
     def fuse_gate_up(self) -> None:
         """For inference: the SwiGLU gate and up projections as one matrix product (`gate_up`)."""
         if self.swiglu:
-            from torchbook.nn.quantized import concat_linear
-
             self.gate_up = concat_linear([self.gate, self.up])
             del self.gate, self.up
 
@@ -165,23 +164,29 @@ class Block(nn.Module):
 
 @dataclass
 class GPTState:
-    """Decoding state: the KV cache, each row's padding mask over all tokens so far, and each row's next position."""
+    """Decoding state: the KV cache, each row's padding mask over all tokens so far, and each row's next position.
+    `prompt_padding` (B, T_prompt), True where a left-padded prompt is padding, covers the first tokens fed (in
+    one step or several), and stays for `fresh()` states, which read the whole sequence again."""
 
     cache: KVCache
     padding: Tensor  # (B, T_so_far) True where padding
     next_position: Tensor  # (B,)
+    prompt_padding: Tensor | None = None
 
     def reorder(self, index: Tensor) -> None:
         self.cache.reorder(index)
         self.padding = self.padding.index_select(0, index)
         self.next_position = self.next_position.index_select(0, index)
+        if self.prompt_padding is not None:
+            self.prompt_padding = self.prompt_padding.index_select(0, index)
 
     def fresh(self) -> GPTState:
-        return GPTState(KVCache(), self.padding[:, :0], torch.zeros_like(self.next_position))
+        return GPTState(KVCache(), self.padding[:, :0], torch.zeros_like(self.next_position), self.prompt_padding)
 
 
 class GPT(nn.Module):
     config_class = GPTConfig
+    output_layers = ("lm_head",)  # whose errors go straight into the logits: quantization keeps them at 8 bits
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -244,10 +249,9 @@ class GPT(nn.Module):
         """An empty state. With left-padded prompts, pass their attention mask: it covers the prompt tokens
         that the first `decode_step` call will bring."""
         device = self.embed.weight.device
-        state = GPTState(KVCache(), torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
-                         torch.zeros(batch_size, dtype=torch.long, device=device))
-        state.pending_mask = attention_mask  # type: ignore[attr-defined]
-        return state
+        return GPTState(KVCache(), torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+                        torch.zeros(batch_size, dtype=torch.long, device=device),
+                        None if attention_mask is None else attention_mask.to(device) == 0)
 
     def decode_step(self, tokens: Tensor, state: GPTState) -> Tensor:
         # Inference mode (no autograd bookkeeping at all) takes about a tenth off a decoding step of a small model;
@@ -257,258 +261,14 @@ class GPT(nn.Module):
         return logits.clone()
 
     def _decode_step(self, tokens: Tensor, state: GPTState) -> Tensor:
-        new = tokens.size(1)
-        mask = getattr(state, "pending_mask", None)
-        if mask is not None and state.padding.size(1) == 0 and mask.size(1) == new:
-            new_padding = mask == 0
-        else:
-            new_padding = torch.zeros(tokens.size(0), new, dtype=torch.bool, device=tokens.device)
+        new, done = tokens.size(1), state.padding.size(1)
+        new_padding = torch.zeros(tokens.size(0), new, dtype=torch.bool, device=tokens.device)
+        if state.prompt_padding is not None and done < state.prompt_padding.size(1):  # (part of) the prompt
+            prompt_part = state.prompt_padding[:, done : done + new]
+            new_padding[:, : prompt_part.size(1)] = prompt_part
         real = (~new_padding).long()
         positions = state.next_position[:, None] + (real.cumsum(-1) - 1).clamp_min(0)
         state.padding = torch.cat([state.padding, new_padding], dim=1)
         logits = self(tokens, positions=positions, cache=state.cache, padding=state.padding, last_only=True)
         state.next_position = state.next_position + real.sum(-1)
         return logits[:, -1]
-
-    @torch.no_grad()
-    def generate(self, tokens: Tensor, max_new_tokens: int, eos_id: int | None = None,
-                 attention_mask: Tensor | None = None, use_cache: bool = True) -> Tensor:
-        """Greedy continuation through the shared engine: (B, T) -> (B, max_new_tokens) new tokens."""
-        from torchbook.generate.engine import decode
-
-        state = self.start_decoding(tokens.size(0), attention_mask=attention_mask)
-        out = decode(self, state, tokens, max_new_tokens, eos_id=-1 if eos_id is None else eos_id, use_cache=use_cache)
-        return out.tokens
-
-
-# -- Hugging Face checkpoints ----------------------------------------------------------------------------------
-SUPPORTED = ("gpt2", "llama", "qwen2", "mistral", "mixtral")
-
-
-def config_from_hf(hf: Any) -> GPTConfig:
-    """Our config from a transformers config (GPT-2, Llama, Qwen2, Mistral, Mixtral)."""
-    kind = hf.model_type
-    if kind == "gpt2":
-        return GPTConfig(hf.vocab_size, hf.n_layer, hf.n_head, None, hf.n_embd, hf.n_inner or 4 * hf.n_embd, None,
-                         hf.n_positions, "layernorm", hf.layer_norm_epsilon, "gelu", "learned",
-                         tie_embeddings=True)
-    if kind not in SUPPORTED:
-        raise ValueError(f"unsupported architecture {kind!r}; supported: {', '.join(SUPPORTED)}")
-    rope = dict(getattr(hf, "rope_parameters", None) or {})
-    theta = rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0))
-    if rope.get("rope_type", "default") == "default":
-        rope = {}
-    return GPTConfig(
-        vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads,
-        n_kv_head=hf.num_key_value_heads, d_model=hf.hidden_size, d_ff=hf.intermediate_size,
-        head_dim=getattr(hf, "head_dim", None), max_len=hf.max_position_embeddings, norm="rmsnorm",
-        norm_eps=hf.rms_norm_eps, mlp="swiglu", positions="rope", rope_theta=theta, rope_scaling=rope,
-        qkv_bias=kind == "qwen2" or bool(getattr(hf, "attention_bias", False)),
-        out_bias=bool(getattr(hf, "attention_bias", False)), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        tie_embeddings=bool(hf.tie_word_embeddings),
-        sliding_window=getattr(hf, "sliding_window", None) if kind in ("mistral",) else None,
-        n_experts=getattr(hf, "num_local_experts", 0) if kind == "mixtral" else 0,
-        experts_per_token=getattr(hf, "num_experts_per_tok", 2),
-    )
-
-
-def fuse_legacy_experts(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Mixtral checkpoints on disk keep one (w1 = gate, w3 = up, w2 = down) per expert under `block_sparse_moe`;
-    transformers (and we) hold them fused: gate_up (E, 2 d_ff, d) and down (E, d, d_ff)."""
-    if not any(".block_sparse_moe." in k for k in sd):
-        return sd
-    out = {k: v for k, v in sd.items() if ".block_sparse_moe." not in k}
-    layers = sorted({k.split(".")[2] for k in sd if ".block_sparse_moe." in k}, key=int)
-    for layer in layers:
-        p = f"model.layers.{layer}.block_sparse_moe."
-        n = len({k.split(".")[5] for k in sd if k.startswith(p + "experts.")})
-        out[f"model.layers.{layer}.mlp.gate.weight"] = sd[p + "gate.weight"]
-        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([sd[p + f"experts.{e}.w1.weight"], sd[p + f"experts.{e}.w3.weight"]]) for e in range(n)])
-        out[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([sd[p + f"experts.{e}.w2.weight"] for e in range(n)])
-    return out
-
-
-def state_dict_from_hf(sd: dict[str, Tensor], config: GPTConfig, kind: str) -> dict[str, Tensor]:
-    """Rename (and for GPT-2, split and transpose) a Hugging Face state dict into ours."""
-    out: dict[str, Tensor] = {}
-    if kind == "gpt2":
-        d = config.d_model
-        out["embed.weight"], out["position.weight"] = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
-        out["norm.weight"], out["norm.bias"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
-        for i in range(config.n_layer):
-            p, q = f"transformer.h.{i}.", f"blocks.{i}."
-            for ours, theirs in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
-                out[q + ours + ".weight"], out[q + ours + ".bias"] = sd[p + theirs + ".weight"], sd[p + theirs + ".bias"]
-            w, b = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]  # Conv1D: (in, out)
-            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                out[q + f"attn.{name}.weight"] = w[:, j * d : (j + 1) * d].t()
-                out[q + f"attn.{name}.bias"] = b[j * d : (j + 1) * d]
-            out[q + "attn.out_proj.weight"] = sd[p + "attn.c_proj.weight"].t()
-            out[q + "attn.out_proj.bias"] = sd[p + "attn.c_proj.bias"]
-            out[q + "mlp.up.weight"], out[q + "mlp.up.bias"] = sd[p + "mlp.c_fc.weight"].t(), sd[p + "mlp.c_fc.bias"]
-            out[q + "mlp.down.weight"] = sd[p + "mlp.c_proj.weight"].t()
-            out[q + "mlp.down.bias"] = sd[p + "mlp.c_proj.bias"]
-        out["lm_head.weight"] = sd.get("lm_head.weight", out["embed.weight"])
-        return out
-    sd = fuse_legacy_experts(sd)
-    renames = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj", "self_attn.v_proj": "attn.v_proj",
-               "self_attn.o_proj": "attn.out_proj", "input_layernorm": "norm_1", "post_attention_layernorm": "norm_2",
-               "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down",
-               "mlp.gate": "mlp.router", "mlp.experts.gate_up_proj": "mlp.gate_up", "mlp.experts.down_proj": "mlp.down"}
-    for name, tensor in sd.items():
-        if name == "model.embed_tokens.weight":
-            out["embed.weight"] = tensor
-        elif name == "model.norm.weight":
-            out["norm.weight"] = tensor
-        elif name == "lm_head.weight":
-            out["lm_head.weight"] = tensor
-        elif name.startswith("model.layers."):
-            layer, rest = name.split(".", 3)[2:]
-            module, _, param = rest.rpartition(".")
-            if module == "mlp.experts" or rest in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
-                module, param = rest, ""
-            if module not in renames:
-                raise KeyError(f"unexpected tensor {name!r} in the checkpoint")
-            out[f"blocks.{layer}.{renames[module]}" + (f".{param}" if param else "")] = tensor
-        elif "rotary_emb" not in name:
-            raise KeyError(f"unexpected tensor {name!r} in the checkpoint")
-    if config.tie_embeddings:
-        out["lm_head.weight"] = out["embed.weight"]
-    return out
-
-
-def state_dict_to_hf(model: GPT, kind: str) -> dict[str, Tensor]:
-    """Our state dict under Hugging Face's names (the inverse of `state_dict_from_hf`)."""
-    sd, config = model.state_dict(), model.config
-    out: dict[str, Tensor] = {}
-    if kind == "gpt2":
-        out["transformer.wte.weight"], out["transformer.wpe.weight"] = sd["embed.weight"], sd["position.weight"]
-        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
-        for i in range(config.n_layer):
-            p, q = f"transformer.h.{i}.", f"blocks.{i}."
-            for ours, theirs in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
-                out[p + theirs + ".weight"], out[p + theirs + ".bias"] = sd[q + ours + ".weight"], sd[q + ours + ".bias"]
-            out[p + "attn.c_attn.weight"] = torch.cat([sd[q + f"attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")]).t()
-            out[p + "attn.c_attn.bias"] = torch.cat([sd[q + f"attn.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")])
-            out[p + "attn.c_proj.weight"], out[p + "attn.c_proj.bias"] = sd[q + "attn.out_proj.weight"].t(), sd[q + "attn.out_proj.bias"]
-            out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = sd[q + "mlp.up.weight"].t(), sd[q + "mlp.up.bias"]
-            out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = sd[q + "mlp.down.weight"].t(), sd[q + "mlp.down.bias"]
-        return {k: v.contiguous() for k, v in out.items()}
-    back = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
-            "attn.out_proj": "self_attn.o_proj", "norm_1": "input_layernorm", "norm_2": "post_attention_layernorm",
-            "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj", "mlp.router": "mlp.gate"}
-    for name, tensor in sd.items():
-        if name == "embed.weight":
-            out["model.embed_tokens.weight"] = tensor
-        elif name == "norm.weight":
-            out["model.norm.weight"] = tensor
-        elif name == "lm_head.weight":
-            if not config.tie_embeddings:
-                out["lm_head.weight"] = tensor
-        elif name.startswith("blocks."):
-            layer, rest = name.split(".", 2)[1:]
-            if config.n_experts and rest in ("mlp.gate_up", "mlp.down", "mlp.router.weight"):
-                p = f"model.layers.{layer}.block_sparse_moe."  # the on-disk layout of Mixtral checkpoints
-                if rest == "mlp.router.weight":
-                    out[p + "gate.weight"] = tensor
-                for e in range(config.n_experts):
-                    if rest == "mlp.gate_up":
-                        out[p + f"experts.{e}.w1.weight"], out[p + f"experts.{e}.w3.weight"] = tensor[e].chunk(2)
-                    elif rest == "mlp.down":
-                        out[p + f"experts.{e}.w2.weight"] = tensor[e]
-                continue
-            module, _, param = rest.rpartition(".")
-            out[f"model.layers.{layer}.{back[module]}.{param}"] = tensor
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def hf_config_dict(config: GPTConfig) -> dict[str, Any]:
-    """A transformers config.json for our config (GPT-2 or the Llama family)."""
-    if config.positions == "learned":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
-                "n_embd": config.d_model, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": config.d_ff,
-                "n_positions": config.max_len, "layer_norm_epsilon": config.norm_eps, "activation_function": "gelu_new",
-                "tie_word_embeddings": True}
-    kind = "mixtral" if config.n_experts else "mistral" if config.sliding_window else "qwen2" if config.qkv_bias else "llama"
-    out: dict[str, Any] = {
-        "model_type": kind, "architectures": [f"{kind.capitalize() if kind != 'qwen2' else 'Qwen2'}ForCausalLM"],
-        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
-        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head, "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim or config.d_model // config.n_head, "max_position_embeddings": config.max_len,
-        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
-        "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default", **config.rope_scaling},
-        "attention_bias": config.out_bias, "mlp_bias": config.mlp_bias,
-    }
-    if config.sliding_window:
-        out["sliding_window"] = config.sliding_window
-    if config.n_experts:
-        out.update(num_local_experts=config.n_experts, num_experts_per_tok=config.experts_per_token)
-    return out
-
-
-def save_hf(model: GPT, folder: str | Path, tokenizer: Any = None) -> Path:
-    """Write `model` as a Hugging Face folder (config.json + model.safetensors [+ tokenizer.json])."""
-    from safetensors.torch import save
-
-    from torchbook.io import atomic_write, atomic_write_json
-    from torchbook.nn.quantized import check_savable
-
-    check_savable(model)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = hf_config_dict(model.config)
-    tensors = state_dict_to_hf(model, config["model_type"])
-    payload = save(tensors, metadata={"format": "pt"})
-    atomic_write(folder / "model.safetensors", lambda f: f.write(payload))
-    atomic_write_json(folder / "config.json", config)
-    if tokenizer is not None:
-        tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
-
-
-def load_hf_folder(folder: str | Path) -> GPT:
-    """Our GPT from a Hugging Face folder (config.json + *.safetensors), without importing the transformers model."""
-    import json
-
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    from torchbook.errors import CheckpointError
-
-    folder = Path(folder)
-    try:
-        kind = json.loads((folder / "config.json").read_text())["model_type"]
-        hf_config = AutoConfig.from_pretrained(str(folder))
-        config = config_from_hf(hf_config)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{str(folder)!r}: {e}") from None
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{str(folder)!r} holds no *.safetensors weights")
-    sd: dict[str, Tensor] = {}
-    for file in files:
-        sd.update(load_file(str(file)))
-    model = GPT(config)
-    try:
-        state = state_dict_from_hf(sd, config, kind)
-    except KeyError as e:
-        raise CheckpointError(f"{str(folder)!r}: {e.args[0]}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{str(folder)!r} does not match the model: missing tensors {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    return model.eval()
-
-
-def from_hf_model(hf_model: Any) -> GPT:
-    """Our GPT with the weights of a loaded transformers causal LM."""
-    config = config_from_hf(hf_model.config)
-    model = GPT(config)
-    state = state_dict_from_hf(hf_model.state_dict(), config, hf_model.config.model_type)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise KeyError(f"checkpoint does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.eval()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from torchbook.nn.attention import KVCache
+from torchbook.nn.kv_cache import KVCache
 from torchbook.nn.positions import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 from torchbook.nn.transformer import Decoder, Encoder
 

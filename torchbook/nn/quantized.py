@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchbook.nn.swap import swap_modules
+
 COMPUTE_DTYPE = torch.bfloat16
 KERNEL_MAX_ROWS = 64  # above this many input rows, unpacking to bfloat16 + a dense product is faster (measured)
 OUTPUT_EXACT_TOP = 64  # an output layer's largest outputs recomputed exactly (`Int8Linear.forward`)
@@ -256,16 +258,14 @@ def concat_linear(layers: list[nn.Module]) -> nn.Module:
             fused.bias.data = bias
     else:
         raise ValueError(f"concat_linear: unsupported layer {type(first).__name__}")
+    fused.inference_only = True  # type: ignore[assignment]  # `check_savable` refuses to save it
     return fused
 
 
 def check_savable(model: nn.Module) -> None:
     """Quantized or fused layers (`torchbook.load(..., quantize=...)`, `fuse_projections`) are for inference: they
     have no place in a checkpoint's layout."""
-    def fused(module: nn.Module) -> bool:  # a fused layer is a submodule (Mixtral's `gate_up` is a weight)
-        return any(isinstance(getattr(module, name, None), nn.Module) for name in ("qkv_proj", "gate_up"))
-
-    if any(isinstance(m, QuantizedLinear) or fused(m) for m in model.modules()):
+    if any(isinstance(m, QuantizedLinear) or getattr(m, "inference_only", False) for m in model.modules()):
         raise ValueError("this model has quantized or fused layers, which are for inference only; save the model "
                          "loaded without quantize= instead")
 
@@ -276,10 +276,12 @@ QUANTIZATIONS = ("int8", "int4")
 def quantize_for_decoding(model: nn.Module, quantize: str, replacements: dict[str, nn.Module] | None = None) -> nn.Module:
     """What `torchbook.load(..., quantize=...)` does to a model, in place: its linear layers become weight-only
     `quantize` ("int8" or "int4") layers (`replacements`: ready layers by name, e.g. a GGUF file's own codes), the
-    output layer (`lm_head`) gets 8 bits either way, and a model with `fuse_projections` (GPT) fuses them."""
+    layers the model names in `output_layers` (GPT: `lm_head`) get 8 bits either way, and a model with
+    `fuse_projections` (GPT) fuses them."""
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; accepted: {', '.join(QUANTIZATIONS)}")
-    quantize_linear_layers(model, 4 if quantize == "int4" else 8, replacements=replacements, keep_8bit=("lm_head",))
+    quantize_linear_layers(model, 4 if quantize == "int4" else 8, replacements=replacements,
+                           keep_8bit=tuple(getattr(model, "output_layers", ())))
     fuse = getattr(model, "fuse_projections", None)
     if callable(fuse):
         fuse()
@@ -297,21 +299,22 @@ def quantize_linear_layers(model: nn.Module, bits: int, group_size: int = 32,
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    replacements = replacements or {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
+    ready = replacements or {}
+
+    def quantized(name: str, module: nn.Module) -> nn.Module | None:
+        assert isinstance(module, nn.Linear)
         if module.in_features % group_size:
-            continue  # no whole groups: stays as it is
+            return None  # no whole groups: stays as it is
         new: nn.Module
-        if name in replacements:
-            new = replacements[name]
+        if name in ready:
+            new = ready[name]
         elif bits == 4 and name not in keep_8bit:
             new = Int4Linear.from_linear(module, group_size)
         else:
             new = Int8Linear.from_linear(module, group_size)
         if name in keep_8bit and isinstance(new, Int8Linear):
             new.exact_top = OUTPUT_EXACT_TOP
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        return new
+
+    swap_modules(model, quantized, nn.Linear)
     return model

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchbook.nn.attention import KVCache, MultiHeadAttention
+from torchbook.nn.attention import MultiHeadAttention
+from torchbook.nn.kv_cache import KVCache
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 

@@ -9,15 +9,20 @@ A recipe module defines, at module level::
     RECIPE = Recipe(name="translator-rnn", chapter="14", summary="...", config=Config, run=run, evaluate=evaluate)
 
 Modules are discovered: adding `torchbook/recipes/my_recipe.py` with a `RECIPE` is all it takes to appear in
-`torchbook list`.
+`torchbook list`. Listing reads each module's `RECIPE = Recipe(NAME, "chapter", "summary", ...)` line from its
+source without importing it (`recipe_infos`), so that `torchbook list` and a mistyped recipe name answer at once
+instead of importing torch and every recipe's libraries; keep name, chapter and summary literal (or module-level
+string constants).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torchbook.errors import unknown
@@ -43,6 +48,56 @@ def module_name(recipe_name: str) -> str:
     return f"{__name__}.{recipe_name.replace('-', '_')}"
 
 
+@dataclass(frozen=True)
+class RecipeInfo:
+    """What `torchbook list` shows of a recipe, read from its module's source (see the module docstring)."""
+
+    name: str
+    chapter: str
+    summary: str
+    module: str
+
+
+def _chapter_order(chapter: str, name: str) -> tuple[float, str]:
+    digits = "".join(ch for ch in chapter.split("-")[0] if ch.isdigit())
+    return (float(digits) if digits else 99.0, name)
+
+
+def _read_info(path: Path) -> RecipeInfo | None:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    constants = {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                 for target in node.targets if isinstance(target, ast.Name)}
+
+    def text(node: ast.expr | None) -> str | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        return constants.get(node.id) if isinstance(node, ast.Name) else None
+
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "RECIPE" for t in node.targets)
+                and isinstance(node.value, ast.Call)):
+            args: list[ast.expr | None] = [*node.value.args[:3], *[None] * 3][:3]
+            for keyword in node.value.keywords:
+                if keyword.arg in ("name", "chapter", "summary"):
+                    args[("name", "chapter", "summary").index(keyword.arg)] = keyword.value
+            name, chapter, summary = (text(a) for a in args)
+            if name and chapter is not None and summary is not None:
+                return RecipeInfo(name, chapter, summary, f"{__name__}.{path.stem}")
+    return None
+
+
+def recipe_infos() -> dict[str, RecipeInfo]:
+    """Every recipe's name, chapter and summary, sorted by chapter then name, without importing any recipe."""
+    infos = []
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            found = _read_info(Path(__path__[0]) / f"{info.name}.py")
+            if found is not None:
+                infos.append(found)
+    return {i.name: i for i in sorted(infos, key=lambda i: _chapter_order(i.chapter, i.name))}
+
+
 def all_recipes() -> dict[str, Recipe]:
     """Every implemented recipe, by name, sorted by chapter then name."""
     found = {}
@@ -54,11 +109,7 @@ def all_recipes() -> dict[str, Recipe]:
         if isinstance(recipe, Recipe):
             found[recipe.name] = recipe
 
-    def order(r: Recipe) -> tuple[float, str]:
-        digits = "".join(ch for ch in r.chapter.split("-")[0] if ch.isdigit())
-        return (float(digits) if digits else 99.0, r.name)
-
-    return {r.name: r for r in sorted(found.values(), key=order)}
+    return {r.name: r for r in sorted(found.values(), key=lambda r: _chapter_order(r.chapter, r.name))}
 
 
 def get_recipe(name: str) -> Recipe:
@@ -71,4 +122,4 @@ def get_recipe(name: str) -> Recipe:
     except ModuleNotFoundError as e:
         if e.name != module_name(name):
             raise
-    raise unknown("recipe", name, all_recipes())
+    raise unknown("recipe", name, recipe_infos())

@@ -36,7 +36,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from torchbook.data.sources import DIGITS_SOURCE, MNIST_SOURCE, load_digits_split, load_mnist
-from torchbook.models import save_estimator
+from torchbook.hub import save_estimator
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir

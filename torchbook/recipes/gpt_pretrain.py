@@ -20,13 +20,16 @@ from typing import Any, ClassVar
 
 import torch
 
+import torchbook
 from torchbook.data.sources import SHAKESPEARE_SOURCE
 from torchbook.data.tokenizers import save_tokenizer, special_ids, train_bpe
 from torchbook.errors import UserInputError
-from torchbook.models import save_model
+from torchbook.hub import save_model
 from torchbook.models.gpt import GPT, GPTConfig
 from torchbook.recipes import Recipe
-from torchbook.recipes.char_rnn import (
+from torchbook.report import Report
+from torchbook.runs import RunDir
+from torchbook.train.language_model import (
     BOOK_VAL_ACCURACY,
     Text,
     TextLMConfig,
@@ -36,8 +39,6 @@ from torchbook.recipes.char_rnn import (
     samples,
     train_lm,
 )
-from torchbook.report import Report
-from torchbook.runs import RunDir
 
 NAME = "gpt-pretrain"
 
@@ -172,8 +173,6 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
 def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
     """Reload a finished run and measure bits per character on its held-out text again."""
-    import torchbook
-
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
     loaded = torchbook.load(run.path)

@@ -27,25 +27,29 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import root_mean_squared_error
 from sklearn.metrics.pairwise import rbf_kernel
-from sklearn.model_selection import GridSearchCV, RandomizedSearchCV, cross_val_score, train_test_split
+from sklearn.model_selection import GridSearchCV, RandomizedSearchCV, cross_val_score
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 from sklearn.tree import DecisionTreeRegressor
 
+from torchbook.data.housing import (
+    CATEGORICAL_INPUTS,
+    INCOME_BINS,
+    INPUTS,
+    NUMERIC_INPUTS,
+    TARGET,
+    Split,
+    income_category,
+    stratified_split,
+)
 from torchbook.data.sources import HOUSING_SOURCE, load_housing
 from torchbook.errors import UserInputError
-from torchbook.models import load_estimator, save_estimator
+from torchbook.hub import load_estimator, save_estimator
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
 
 NAME = "housing"
-TARGET = "median_house_value"
-NUMERIC_INPUTS = ["longitude", "latitude", "housing_median_age", "total_rooms", "total_bedrooms", "population",
-                  "households", "median_income"]
-CATEGORICAL_INPUTS = ["ocean_proximity"]
-INPUTS = NUMERIC_INPUTS + CATEGORICAL_INPUTS
-INCOME_BINS = [0.0, 1.5, 3.0, 4.5, 6.0, np.inf]
 # The book's figures (chapter 2), dollars.
 BOOK = {
     "linear_train_rmse": 68_973, "linear_cv_rmse": 70_003, "linear_cv_std": 4_182, "tree_cv_rmse": 66_574,
@@ -142,26 +146,6 @@ def preprocessing(n_clusters: int = 10, gamma: float = 1.0, seed: int = 42) -> C
 
 
 # -- data ---------------------------------------------------------------------------------------------------
-@dataclass
-class Split:
-    train: pd.DataFrame
-    test: pd.DataFrame
-
-    def xy(self, part: str) -> tuple[pd.DataFrame, pd.Series]:
-        frame = getattr(self, part)
-        return frame[INPUTS], frame[TARGET]
-
-
-def income_category(frame: pd.DataFrame) -> pd.Series:
-    return pd.cut(frame["median_income"], bins=INCOME_BINS, labels=[1, 2, 3, 4, 5])
-
-
-def stratified_split(frame: pd.DataFrame, test_size: float = 0.2, seed: int = 42) -> Split:
-    """The book's split: stratified on the income category, so both sets keep its proportions."""
-    train, test = train_test_split(frame, test_size=test_size, stratify=income_category(frame), random_state=seed)
-    return Split(train, test)
-
-
 def income_proportions(split: Split, frame: pd.DataFrame) -> list[list[Any]]:
     rows = []
     for name, part in (("overall", frame), ("stratified test", split.test)):

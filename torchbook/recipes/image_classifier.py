@@ -16,9 +16,10 @@ import torch
 import torchmetrics
 from torch.utils.data import TensorDataset
 
+import torchbook
 from torchbook.data.images import IMAGE_DATASETS, ImageData
 from torchbook.data.splits import split_indices, split_record
-from torchbook.models import save_model
+from torchbook.hub import save_model
 from torchbook.models.mlp import MLP, MLPConfig
 from torchbook.recipes import Recipe
 from torchbook.report import Report
@@ -162,8 +163,6 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
 def evaluate(run_dir: RunDir | str) -> dict[str, float]:
     """Reload the saved model and measure it again on the run's test split."""
-    import torchbook
-
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
     loaded = torchbook.load(run.path)

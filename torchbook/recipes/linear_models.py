@@ -22,7 +22,7 @@ from sklearn.model_selection import learning_curve, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
-from torchbook.models import save_estimator
+from torchbook.hub import save_estimator
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir

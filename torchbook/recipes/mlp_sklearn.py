@@ -23,8 +23,9 @@ from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from torchbook.data.housing import housing_features
 from torchbook.data.sources import HOUSING_SOURCE, load_housing
-from torchbook.models import save_estimator
+from torchbook.hub import load_estimator, save_estimator
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
@@ -64,8 +65,6 @@ def perceptron_study(seed: int = 42) -> dict[str, Any]:
 
 
 def housing_splits(seed: int = 42, limit: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from torchbook.recipes.regression_mlp import housing_features
-
     frame = load_housing()
     x = housing_features(frame).to_numpy()
     y = (frame["median_house_value"] / 100_000).to_numpy()
@@ -141,8 +140,6 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
 def evaluate(run_dir: RunDir | str) -> dict[str, float]:
     """Reload the saved regression MLP and measure its test RMSE and R2 again on the run's split."""
-    from torchbook.models import load_estimator
-
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
     x_test, y_test = housing_splits(config.seed, config.limit)["test"]

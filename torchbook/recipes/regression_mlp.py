@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
 import torchmetrics
 from torch.utils.data import TensorDataset
 
+import torchbook
+from torchbook.data.housing import housing_features
 from torchbook.data.sources import HOUSING_SOURCE, load_housing
 from torchbook.data.splits import split_indices, split_record
-from torchbook.models import save_model
+from torchbook.hub import save_model
 from torchbook.models.mlp import MLP, MLPConfig
 from torchbook.recipes import Recipe
 from torchbook.report import Report
@@ -48,21 +49,6 @@ class Config(TrainConfig):
         "quick": {"epochs": 20},
         "book": {},
     }
-
-
-def housing_features(frame: pd.DataFrame) -> pd.DataFrame:
-    """The eight features of scikit-learn's California housing set, computed from the book's archive."""
-    households = frame["households"]
-    return pd.DataFrame({
-        "MedInc": frame["median_income"],
-        "HouseAge": frame["housing_median_age"],
-        "AveRooms": frame["total_rooms"] / households,
-        "AveBedrms": frame["total_bedrooms"] / households,
-        "Population": frame["population"],
-        "AveOccup": frame["population"] / households,
-        "Latitude": frame["latitude"],
-        "Longitude": frame["longitude"],
-    })
 
 
 @dataclass
@@ -142,8 +128,6 @@ def scatter_plot(path: Any, truth: np.ndarray, predicted: np.ndarray) -> None:
 
 def evaluate(run_dir: RunDir | str) -> dict[str, float]:
     """Reload the saved model and compute its test RMSE again."""
-    import torchbook
-
     run = RunDir.open(run_dir)
     prep = prepare(run.load_config(Config))
     model = torchbook.load(run.path).model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -19,7 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torchmetrics
+from safetensors.torch import load_file
 
+import torchbook
 from torchbook.data.timeseries import (
     PERIODS,
     RIDERSHIP_SOURCE,
@@ -30,7 +33,8 @@ from torchbook.data.timeseries import (
     make_windows,
     period,
 )
-from torchbook.models import save_model
+from torchbook.errors import UserInputError
+from torchbook.hub import save_model
 from torchbook.models.forecasting import ForecastConfig, Forecaster, rollout
 from torchbook.recipes import Recipe
 from torchbook.report import Report
@@ -118,8 +122,6 @@ def naive_mae(frame: pd.DataFrame) -> float:
 
 def sarima_mae(frame: pd.DataFrame, days: int = 0) -> tuple[float, int]:
     """SARIMA (1,0,0)(0,1,1,7) refitted each day on 2019 so far, forecasting the next day (the book: 32,041)."""
-    import warnings
-
     from statsmodels.tsa.arima.model import ARIMA
 
     rail = frame["rail"].asfreq("D")
@@ -160,7 +162,6 @@ def train_rung(name: str, rung: Rung, config: Config, seed: int, frame: pd.DataF
 
     if run.has("results.json"):
         results = run.read_json("results.json")
-        from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(run.model_dir / "model.safetensors")))
         return model.eval(), results
@@ -307,20 +308,18 @@ def forecast(run_dir: RunDir | str, days: int = 14, end: str | None = None) -> p
     A multi-day model forecasts directly (up to its horizon); a next-day univariate model is rolled out.
     The day type after the last known day is taken from the calendar (weekday, Saturday, Sunday).
     """
-    import torchbook
-    from torchbook.errors import UserInputError
-
     run = RunDir.open(run_dir)
     loaded = torchbook.load(run.path)
     model: Forecaster = loaded.model
-    name = loaded.meta.get("rung", "?")
+    name = loaded.meta["extra"].get("rung", "?")
     frame = load_ridership()
     history = period(frame, None, end) if end else frame
     if end and pd.Timestamp(end) > frame.index.max():
-        raise UserInputError(f"--end {end} is after the data's last day, {frame.index.max().date()}")
+        raise UserInputError(f"the end date {end} is after the data's last day, {frame.index.max().date()}",
+                             param="end")
     if len(history) < SEQ_LEN:
-        raise UserInputError(f"forecasting needs {SEQ_LEN} days of history before --end; the data starts "
-                             f"{frame.index.min().date()}")
+        raise UserInputError(f"forecasting needs {SEQ_LEN} days of history before the end date; the data starts "
+                             f"{frame.index.min().date()}", param="end")
     last_day = history.index[-1]
     series = features(history, model.config.n_features > 1)
     if model.config.n_features > 1:  # tomorrow's day type, from the calendar
@@ -334,7 +333,8 @@ def forecast(run_dir: RunDir | str, days: int = 14, end: str | None = None) -> p
         values = rollout(model, window, days)[0]
     else:
         raise UserInputError(f"this run's model ({name}) forecasts {model.config.horizon} day(s) and needs future "
-                             f"bus ridership to roll out further; ask for --days {model.config.horizon} or less")
+                             f"bus ridership to roll out further; ask for {model.config.horizon} day(s) or less",
+                             param="days")
     dates = pd.date_range(last_day + pd.Timedelta(days=1), periods=days)
     return pd.DataFrame({"rail_forecast": (values.numpy() * SCALE).round().astype(int)}, index=dates.rename("date"))
 
@@ -353,12 +353,10 @@ def plot_forecast(path: Any, frame: pd.DataFrame, table: pd.DataFrame) -> None:
 
 def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
     """Reload the saved (best) model and measure its validation MAE again."""
-    import torchbook
-
     run = RunDir.open(run_dir)
     loaded = torchbook.load(run.path)
-    rung = LADDER[loaded.meta["rung"]]
-    return {"model": loaded.meta["rung"], "val_mae": mae_next_day(loaded.model, split_windows(load_ridership(), rung, "val"))}
+    rung = LADDER[loaded.meta["extra"]["rung"]]
+    return {"model": loaded.meta["extra"]["rung"], "val_mae": mae_next_day(loaded.model, split_windows(load_ridership(), rung, "val"))}
 
 
 RECIPE = Recipe(NAME, "13", "Chicago rail ridership: naive, SARIMA, linear, RNNs, seq2seq, LSTM/GRU, WaveNet",

@@ -3,7 +3,7 @@
 The book's model: a shared BPE vocabulary of 10,000, a GRU 2 x 512 encoder and decoder, teacher forcing in
 training, greedy and beam search (width 3) to translate; Luong attention fixes the long sentences the plain
 encoder-decoder gets wrong (`attention=none|bahdanau|luong`, `cell=gru|lstm`). Data, batching, evaluation and the
-report are the Transformer translator's (`torchbook.recipes.translator`), so the two compare on equal terms: the
+report are the Transformer translator's (`torchbook.train.translation`), so the two compare on equal terms: the
 `compare` preset trains each for the same 20 minutes.
 """
 
@@ -18,9 +18,9 @@ import torch
 from torchbook.errors import unknown
 from torchbook.models.seq2seq_rnn import Seq2SeqConfig, Seq2SeqRNN
 from torchbook.recipes import Recipe
-from torchbook.recipes.translator import TranslationConfig, evaluate, finish_run, prepare, train_translator
 from torchbook.report import Report
 from torchbook.runs import RunDir
+from torchbook.train.translation import TranslationConfig, evaluate_run, finish_run, prepare, train_translator
 
 NAME = "translator-rnn"
 
@@ -72,6 +72,11 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
                     f"{config.attention} attention)", NAME, "14", prep.data.source)
     finish_run(run, config, prep, model, trainer, report, started)
     return run
+
+
+def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
+    """Reload a finished run and measure BLEU/chrF again on its test split (see `train.translation.evaluate_run`)."""
+    return evaluate_run(run_dir)
 
 
 RECIPE = Recipe(NAME, "14", "English-to-Spanish encoder-decoder GRU/LSTM with attention, greedy and beam search",

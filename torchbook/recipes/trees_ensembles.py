@@ -29,8 +29,10 @@ from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, export_text
 
+from torchbook.data.housing import TARGET, stratified_split
+from torchbook.data.sources import load_housing
 from torchbook.errors import DataUnavailable
-from torchbook.models import save_estimator
+from torchbook.hub import save_estimator
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
@@ -124,9 +126,6 @@ def housing_boosting(seed: int = 42) -> dict[str, float]:
     from sklearn.model_selection import cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import OrdinalEncoder
-
-    from torchbook.data.sources import load_housing
-    from torchbook.recipes.housing import TARGET, stratified_split
 
     split = stratified_split(load_housing(), seed=seed)
     x, y = split.train.drop(columns=[TARGET]), split.train[TARGET]

@@ -25,7 +25,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.random_projection import GaussianRandomProjection, johnson_lindenstrauss_min_dim
 
 from torchbook.data.sources import DIGITS_SOURCE, MNIST_SOURCE, load_digits_split, load_mnist
-from torchbook.models import save_estimator
+from torchbook.hub import save_estimator
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir

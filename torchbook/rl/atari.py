@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchbook.rl.envs import Policy, check_env_id, save_gif
+from torchbook.rl.base import Policy, check_env_id, save_gif
 
 FRAME_SKIP = 4
 SCREEN_SIZE = 84

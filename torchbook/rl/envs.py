@@ -6,34 +6,19 @@ is kept as `final_obs`, so an agent can bootstrap a value when an episode was on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from torchbook.errors import UserInputError, unknown
+from torchbook.errors import UserInputError
+from torchbook.rl import atari
+from torchbook.rl.base import Policy, check_env_id, is_atari, save_gif
 
-Policy = Callable[[np.ndarray], np.ndarray]  # a batch of observations -> a batch of actions
-
-
-def is_atari(env_id: str) -> bool:
-    """Atari games (ale-py's `ALE/...` ids) get the book's preprocessing (torchbook/rl/atari.py)."""
-    return env_id.startswith("ALE/")
-
-
-def check_env_id(env_id: str) -> None:
-    """A one-line error for an unknown id (closest registered ids first); registers ale-py's Atari games."""
-    import gymnasium as gym
-
-    if is_atari(env_id):
-        import ale_py
-
-        gym.register_envs(ale_py)
-    if env_id not in gym.registry:
-        raise unknown("environment id", env_id, [k for k in gym.registry if "/" not in k or k.startswith("ALE/")], limit=8)
-
+__all__ = ["EnvPool", "Policy", "check_env_id", "evaluate", "is_atari", "lean_policy", "make_env", "make_pool",
+           "record_gif", "require_discrete", "save_gif"]
 
 def make_env(env_id: str, max_episode_steps: int | None = None, render_mode: str | None = None) -> Any:
     """gymnasium.make with a one-line error for an unknown id (closest registered ids first)."""
@@ -41,7 +26,6 @@ def make_env(env_id: str, max_episode_steps: int | None = None, render_mode: str
 
     check_env_id(env_id)
     if render_mode is not None:  # pygame renders off-screen: no display, no audio, no runtime-dir warnings
-        import os
 
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
         os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
@@ -115,9 +99,7 @@ def make_pool(env_id: str, n: int, seed: int = 0, max_episode_steps: int | None 
               episodic_life: bool = False) -> Any:
     """An `EnvPool`, or for an Atari id (`ALE/...`) an `AtariPool` with the book's preprocessing."""
     if is_atari(env_id):
-        from torchbook.rl.atari import AtariPool
-
-        return AtariPool(env_id, n, seed, max_episode_steps, episodic_life)
+        return atari.AtariPool(env_id, n, seed, max_episode_steps, episodic_life)
     return EnvPool(env_id, n, seed, max_episode_steps)
 
 
@@ -125,8 +107,6 @@ def evaluate(policy: Policy, env_id: str, episodes: int = 100, seed: int = 10_00
              max_episode_steps: int | None = None) -> np.ndarray:
     """The return of each of `episodes` episodes, episode k seeded with seed + k (Atari: whole games, unclipped)."""
     if is_atari(env_id):
-        from torchbook.rl import atari
-
         return atari.evaluate(policy, env_id, episodes, seed, max_episode_steps)
     env = make_env(env_id, max_episode_steps)
     returns = []
@@ -151,8 +131,6 @@ def record_gif(policy: Policy, env_id: str, path: str | Path, seed: int = 0, max
                every: int = 2) -> Path:
     """Play one episode and save every `every`-th frame as an animated GIF (20 frames per second)."""
     if is_atari(env_id):
-        from torchbook.rl import atari
-
         return atari.record_gif(policy, env_id, path, seed, every=every)
     env = make_env(env_id, render_mode="rgb_array")
     obs, _ = env.reset(seed=seed)
@@ -164,17 +142,3 @@ def record_gif(policy: Policy, env_id: str, path: str | Path, seed: int = 0, max
             break
     env.close()
     return save_gif(frames, path, every)
-
-
-def save_gif(frames: list[np.ndarray], path: str | Path, every: int = 2) -> Path:
-    """Every `every`-th RGB frame as an animated GIF at 20 frames per second, written atomically."""
-    from PIL import Image
-
-    from torchbook.io import atomic_write
-
-    images = [Image.fromarray(f) for f in frames[::every]]
-
-    def write(f: Any) -> None:
-        images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=50 * every, loop=0)
-
-    return atomic_write(path, write)

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from torchbook.checkpoint import load_latest, save_checkpoint
 from torchbook.rl.envs import make_env, make_pool, require_discrete
 from torchbook.rl.networks import ActorCritic, ActorCriticConfig, Agent, CNNActorCritic, CNNActorCriticConfig
 from torchbook.runs import RunDir
-from torchbook.train.checkpoint import load_latest, save_checkpoint
 
 
 @dataclass

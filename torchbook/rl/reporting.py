@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchbook.models import save_model
+import torchbook
+from torchbook.hub import save_model
 from torchbook.report import Report
+from torchbook.rl.atari import random_policy
 from torchbook.rl.envs import Policy, evaluate, is_atari, lean_policy, record_gif
 from torchbook.runs import RunDir
 
@@ -39,8 +41,6 @@ def baseline(env_id: str, n_actions: int) -> tuple[str, Policy, float | None, st
     if env_id.startswith("CartPole"):
         return "lean", lean_policy, BOOK_LEAN_MEAN, "book: 500 seeded episodes"
     if is_atari(env_id):
-        from torchbook.rl.atari import random_policy
-
         return ("random", random_policy(n_actions), RANDOM_SCORES.get(env_id),
                 "Mnih et al. (2015): random play, 5-minute games")
     return None
@@ -89,8 +89,6 @@ def finish(run: RunDir, report: Report, model: nn.Module, env_id: str, eval_epis
 
 def evaluate_saved(run_dir: RunDir | str, env_id: str, episodes: int, max_episode_steps: int = 0) -> dict[str, Any]:
     """Reload a saved policy and evaluate it again on the same seeded episodes."""
-    import torchbook
-
     model = torchbook.load(RunDir.open(run_dir).path).model
     returns = evaluate(model.act, env_id, episodes, max_episode_steps=max_episode_steps or None)
     return {"eval_mean_return": float(np.mean(returns)), "eval_episodes": len(returns)}

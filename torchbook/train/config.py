@@ -7,6 +7,15 @@ from dataclasses import dataclass
 from torchbook.errors import UserInputError, unknown
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
+# The names `torchbook.train.optim` implements (it checks that its tables have exactly these).
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "nadam", "adamax", "rmsprop", "adagrad")
+SCHEDULE_NAMES = ("constant", "cosine", "warmup", "exponential", "cosine_restarts", "onecycle", "plateau")
+
+
+def monitor_mode(name: str) -> str:
+    """Lower is better for losses and errors, higher for everything else (accuracy, F1, BLEU...)."""
+    lowered = name.lower()
+    return "min" if any(w in lowered for w in ("loss", "mae", "mse", "rmse", "error", "perplexity", "bpc")) else "max"
 
 
 @dataclass
@@ -53,12 +62,10 @@ class TrainConfig:
     plateau_patience: int = 2  # ...after this many epochs without improvement of `monitor`
 
     def validate(self) -> None:
-        from torchbook.train.optim import OPTIMIZERS, SCHEDULES
-
-        if self.optimizer not in OPTIMIZERS:
-            raise unknown("optimizer", self.optimizer, OPTIMIZERS)
-        if self.schedule not in SCHEDULES:
-            raise unknown("schedule", self.schedule, SCHEDULES)
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise unknown("optimizer", self.optimizer, OPTIMIZER_NAMES)
+        if self.schedule not in SCHEDULE_NAMES:
+            raise unknown("schedule", self.schedule, SCHEDULE_NAMES)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise unknown("precision", self.precision, ["fp32", "bf16", "fp16"])
         for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints"):

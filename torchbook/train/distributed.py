@@ -12,8 +12,11 @@ each block of the model (the children of its `nn.ModuleList`s) is sharded on its
 from __future__ import annotations
 
 import atexit
+import copy
 import datetime
 import os
+import socket
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +87,6 @@ def teardown() -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -148,8 +149,6 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     if d.mode == "ddp":
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if d.mode == "fsdp":
-        import copy
-
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -232,8 +231,6 @@ def load_model_state(module: nn.Module, state: dict[str, torch.Tensor], d: Dist)
 def no_gradient_sync(module: nn.Module, d: Dist) -> Any:
     """A context in which backward accumulates gradients locally (micro-batches before the last of an optimizer
     step), saving one all-reduce per micro-batch."""
-    from contextlib import contextmanager, nullcontext
-
     if d.mode == "ddp":
         return module.no_sync()  # type: ignore[operator]
     if d.mode == "fsdp":

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchbook.train.config import TrainConfig
+from torchbook.train.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, TrainConfig, monitor_mode
 
 
 def _sgd(params: Iterable[Any], c: TrainConfig) -> torch.optim.Optimizer:
@@ -119,8 +119,6 @@ def _onecycle(opt: torch.optim.Optimizer, c: TrainConfig, total: int) -> Any:
 def _plateau(opt: torch.optim.Optimizer, c: TrainConfig, total: int) -> Any:
     """Performance scheduling: multiply lr by plateau_factor when `monitor` has not improved for plateau_patience
     epochs (stepped once per epoch with the monitored value)."""
-    from torchbook.train.trainer import monitor_mode
-
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min" if monitor_mode(c.monitor) == "min" else "max", factor=c.plateau_factor, patience=c.plateau_patience
     )
@@ -137,6 +135,7 @@ SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, TrainConfig, int], Any]] =
 }
 
 PER_EPOCH_SCHEDULES = {"plateau"}
+assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES and tuple(SCHEDULES) == SCHEDULE_NAMES, "update train/config.py's names"
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import shutil
 import sys
 from typing import Any
 
@@ -11,6 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from torchbook.train.distributed import blocks
+
+log = logging.getLogger(__name__)
 
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests use a lighter one
 
@@ -48,15 +52,13 @@ def compile_unavailable() -> str | None:
     if not torch._dynamo.is_dynamo_supported():
         return f"torch.compile does not support Python {sys.version.split()[0]} on this torch build"
     if COMPILE_BACKEND == "inductor" and not torch.cuda.is_available():
-        import shutil
-
         if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
             return "the CPU compiler backend needs a C++ compiler (g++ or clang++) on PATH"
     return None
 
 
 def fallback_message(problem: str) -> None:
-    print(f"torchbook: compile=true could not compile the model ({problem}); training without compile", file=sys.stderr)
+    log.warning("could not compile the model (%s); training without compiling", problem)
 
 
 def enable_activation_checkpointing(model: nn.Module, modules: list[nn.Module] | None = None) -> list[nn.Module]:

@@ -14,6 +14,7 @@ under torchrun (see torchbook.train.distributed), `l1`/`l2`/`max_norm` regulariz
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import sys
@@ -27,16 +28,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from tqdm import tqdm
 
+from torchbook.checkpoint import load_latest, save_checkpoint
 from torchbook.errors import TrainingDiverged
 from torchbook.runs import RunDir
 from torchbook.train import distributed
 from torchbook.train.callbacks import TensorBoardLogger, active_extra_callbacks
-from torchbook.train.checkpoint import load_latest, save_checkpoint
-from torchbook.train.config import TrainConfig
+from torchbook.train.config import TrainConfig, monitor_mode
 from torchbook.train.optim import PER_EPOCH_SCHEDULES, build_optimizer, build_scheduler
 from torchbook.train.regularization import add_penalty_gradients, apply_max_norm, mc_dropout
 from torchbook.train.speed import Compiled, enable_activation_checkpointing
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,12 +113,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def monitor_mode(name: str) -> str:
-    """Lower is better for losses and errors, higher for everything else (accuracy, F1, BLEU...)."""
-    lowered = name.lower()
-    return "min" if any(w in lowered for w in ("loss", "mae", "mse", "rmse", "error", "perplexity", "bpc")) else "max"
 
 
 class Trainer:
@@ -314,7 +312,7 @@ class Trainer:
         step = self.global_step
         if self.is_main:
             self.run.truncate_metrics(lambda r: r.get("kind") not in ("step", "epoch") or r.get("step", 0) <= step)
-        print(f"torchbook: resumed from step {step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})", file=sys.stderr)
+        log.info("resumed from step %d (epoch %d, batch %d)", step, self.epoch + 1, self.batch_in_epoch)
         return True
 
     # -- training -------------------------------------------------------------------------------------------
@@ -373,7 +371,6 @@ class Trainer:
         config = self.config
         batches = self.batches(self.epoch)
         self.model.train()
-        from tqdm import tqdm
 
         bar = tqdm(
             total=len(batches),
@@ -512,7 +509,7 @@ class Trainer:
         if self.config.progress and self.is_main and sys.stderr.isatty():
             # The live bar (loss, lr, rate, ETA) vanishes at the epoch's end; this line with the metrics stays.
             summary = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k == "train_loss" or k.startswith("val_"))
-            print(f"epoch {record['epoch']}/{self.config.epochs}  {summary}", file=sys.stderr)
+            log.info("epoch %s/%s  %s", record["epoch"], self.config.epochs, summary)
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_loss_sum = 0.0

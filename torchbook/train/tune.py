@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import time
 import warnings
@@ -28,8 +29,11 @@ from typing import Any, get_origin
 from torchbook.config import build_config, field_types, parse_value, split_override, to_dict
 from torchbook.errors import UserInputError
 from torchbook.io import atomic_write_json
+from torchbook.report import Report
 from torchbook.train.callbacks import extra_callbacks
-from torchbook.train.trainer import monitor_mode
+from torchbook.train.config import monitor_mode
+
+log = logging.getLogger(__name__)
 
 SPACE_KINDS = ("loguniform", "uniform", "int", "logint", "choice")
 _SPACE = re.compile(r"^\s*(loguniform|uniform|int|logint|choice)\s*\((.*)\)\s*$", re.S)
@@ -198,7 +202,7 @@ def tune(
     import optuna
 
     if trials < 1:
-        raise UserInputError(f"--trials {trials} must be at least 1")
+        raise UserInputError(f"the number of trials must be at least 1, got {trials}", param="trials")
     spaces, fixed = split_arguments(recipe.config, items)
     if not spaces:
         raise UserInputError("give at least one key=SPACE to search, e.g. lr=loguniform(1e-4,1e-1)")
@@ -214,14 +218,12 @@ def tune(
         if old != settings:
             raise UserInputError(
                 f"{str(folder)!r} holds another search ({old['recipe']}, {old['spaces']}, fixed {old['fixed']}); "
-                "give the same recipe, preset and key=value/SPACE items to resume it, or another --dir"
+                "give the same recipe, preset and key=value/SPACE items to resume it, or another folder", param="dir"
             )
     else:
         atomic_write_json(settings_path, settings)
 
-    import sys
-
-    print(f"torchbook: tuning {recipe.name} in {folder} (resume: the same command with --dir {folder})", file=sys.stderr)
+    log.info("tuning %s in %s (a search started again in the same folder resumes it)", recipe.name, folder)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         storage=f"sqlite:///{(folder / 'study.db').resolve()}",
@@ -287,12 +289,11 @@ def write_report(study: Any, folder: Path, recipe: Any, metric: str, settings: d
     from optuna.trial import TrialState
 
     from torchbook.plots import line_plot
-    from torchbook.report import Report
-
     done = finished(study)
     complete = [t for t in done if t.state == TrialState.COMPLETE]
     if not complete:
-        raise UserInputError(f"no trial of {str(folder)!r} completed (all pruned or failed); run more --trials")
+        raise UserInputError(f"no trial of {str(folder)!r} completed (all pruned or failed); run more trials",
+                             param="trials")
     best = study.best_trial
     try:
         with warnings.catch_warnings():  # "too few trials": the note below says so
@@ -321,7 +322,7 @@ def write_report(study: Any, folder: Path, recipe: Any, metric: str, settings: d
     report.text("Search", f"Optuna TPE sampler, median pruner on `{metric}` per epoch; searched {search}; fixed: "
                 f"{', '.join(f'`{f}`' for f in settings['fixed']) or 'none'}; preset: {settings['preset'] or 'defaults'}. "
                 f"Trials: {counts['complete']} completed, {counts['pruned']} pruned, {counts['fail']} failed or "
-                f"interrupted. Study: `study.db` (resume by running the same command with `--dir {folder}`).")
+                f"interrupted. Study: `study.db` (the same search started again in this folder resumes it).")
     report.table("Best trial", ["parameter", "value"], [[k, v] for k, v in best.params.items()]
                  + [["run folder", best.user_attrs.get("run_dir", "-")]])
     report.text("Parameter importances", importance_note)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from torchbook.io import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 # Fault injection for the resume tests: kill this process half-way through writing the checkpoint of this step.
 CRASH_ENV = "TORCHBOOK_CRASH_DURING_CHECKPOINT"
@@ -80,5 +82,5 @@ def load_latest(folder: Path, map_location: Any = "cpu") -> tuple[dict[str, Any]
             except Exception as e:  # torch.load raises many kinds on damaged data
                 problem = f"it cannot be read ({type(e).__name__}: {e})"
         warnings.append(f"skipping checkpoint {path}: {problem}")
-        print(f"torchbook: {warnings[-1]}", file=sys.stderr)
+        log.warning(warnings[-1])
     return None, warnings

@@ -10,15 +10,20 @@ Hugging Face layout our attention uses. The tokenizer is built by transformers' 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from torchbook import paths
 from torchbook.errors import CheckpointError
+from torchbook.hub.state import load_state
+from torchbook.io import atomic_write_text
 from torchbook.models.gpt import GPT, GPTConfig
 from torchbook.nn.quantized import Int4Linear, Int8Linear, quantize_for_decoding
 
@@ -89,7 +94,7 @@ def read_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[GPTConfig, d
     """The config, our state dict (float32) and metadata (architecture, chat template) of a GGUF file. With
     `keep_blocks`, the metadata's "blocks" maps each linear layer stored as Q8_0, Q4_0 or Q4_1 to its
     (kind, codes, scales, minimums) (see `unpack_blocks`); a tied output layer shares the token embedding's."""
-    import gguf
+    import gguf  # an optional dependency: only GGUF files need it
 
     path = Path(path)
     try:
@@ -179,11 +184,7 @@ def gguf_model(path: str | Path, quantize: str | None = None) -> tuple[GPT, dict
     config, state, info = read_gguf(path, keep_blocks=quantize is not None)
     kept = info.pop("blocks", {})
     model = GPT(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{str(path)!r} does not match the model: missing tensors {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+    load_state(model, state, repr(str(path)))
     if quantize is not None:
         from_file: dict[str, nn.Module] = {}
         for name, (kind, codes, scales, minimums) in kept.items():
@@ -198,18 +199,12 @@ def gguf_model(path: str | Path, quantize: str | None = None) -> tuple[GPT, dict
 def gguf_tokenizer(path: str | Path) -> Any:
     """The tokenizer a GGUF file carries, converted by transformers' GGUF converter (slow: it walks the whole
     vocabulary in Python) once per file and kept as tokenizer.json in torchbook's cache."""
-    import hashlib
-
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
-
-    from torchbook.data.download import cache_dir
-    from torchbook.io import atomic_write_text
+    from transformers import AutoTokenizer  # heavy: only a GGUF file's first load converts its tokenizer
 
     path = Path(path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "gguf-tokenizers" / f"{path.stem}-{key}.json"
+    cached = paths.cache() / "gguf-tokenizers" / f"{path.stem}-{key}.json"
     if cached.exists():
         try:
             return Tokenizer.from_file(str(cached))

@@ -1,0 +1,38 @@
+"""Training steps: what one batch costs, for the objectives recipes share. A step is
+`step(model, batch) -> Step(loss, outputs, targets, count)`, handed to the `Trainer`; recipes pick one here rather
+than importing each other's. Later objectives (SFT's assistant-only loss, DPO) join them here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchbook.train.trainer import Step
+
+
+def next_token_step(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Step:
+    """Cross-entropy of every next token of the window; predictions kept for the accuracy metric."""
+    inputs, targets = batch
+    logits = model(inputs)
+    if isinstance(logits, tuple):  # an RNN also returns its final state
+        logits = logits[0]
+    logits = logits.reshape(-1, logits.size(-1))
+    targets = targets.reshape(-1)
+    return Step(F.cross_entropy(logits, targets), logits.detach(), targets, count=targets.numel())
+
+
+def translation_step(pad_id: int, label_smoothing: float = 0.0) -> Callable[[nn.Module, Any], Step]:
+    """Teacher forcing: the decoder reads <s> y1 .. y(n-1) and predicts y1 .. yn </s>; padding is ignored."""
+
+    def step(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Step:
+        source, target = batch
+        labels = target[:, 1:]
+        real = labels != pad_id
+        logits = model(source, target[:, :-1], keep=real)  # (N, vocab): real target tokens only
+        loss = F.cross_entropy(logits, labels[real], label_smoothing=label_smoothing if model.training else 0.0)
+        return Step(loss, count=int(real.sum()))
+
+    return step
