@@ -138,3 +138,30 @@ def test_the_books_ternary_packing():
     assert max(nf.pack_ternary([1] * 5)) == 242  # 3^5 - 1: five ternary values fill a byte
     with pytest.raises(ValueError):
         nf.pack_ternary([2])
+
+
+# -- the recipe ---------------------------------------------------------------------------------------------------
+def test_quantization_recipe_smoke_run(tmp_path):
+    """The whole table on a sliver of Fashion-MNIST: every variant classifies like the float model it came from
+    (8-bit within half a point, 4-bit within two), the sizes shrink by the bits, and the float model reloads."""
+    import json
+
+    import torchbook
+    from torchbook.config import build_config
+    from torchbook.recipes import quantization as recipe
+
+    run = recipe.run(build_config(recipe.Config, preset="smoke"), tmp_path / "run")
+    results = json.loads((run.path / "results.json").read_text())
+    rows = {r["variant"]: r for r in results["variants"]}
+    base = rows["float32"]["test_accuracy"]
+    assert base > 0.3 and results["test_images"] == 10_000
+    for name, row in rows.items():
+        tolerance = 0.005 if "8" in name else 0.02 if "PTQ" in name or "weight-only" in name else 1.0
+        assert abs(row["test_accuracy"] - base) <= tolerance, name
+    assert rows["PTQ static 8-bit (ours, W8A8)"]["size_ratio"] == pytest.approx(3.9, abs=0.2)
+    assert rows["PTQ static 4-bit (ours, W4A4)"]["size_ratio"] == pytest.approx(7.6, abs=0.4)
+    assert rows["weight-only int4 (Int4Linear)"]["bytes"] < rows["weight-only int8 (Int8Linear)"]["bytes"]
+    report = (run.path / "report.md").read_text()
+    assert "| fp8 E4M3 | 8 (1, 4, 3) | 448 |" in report and "QAT 4-bit (ours, W4A4)" in report
+    assert torchbook.load(run.path).recipe == "quantization"
+    assert recipe.evaluate(run.path)["test_accuracy"] == base

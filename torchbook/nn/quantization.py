@@ -96,8 +96,9 @@ class FakeQuantLinear(nn.Module):
     been observed the input passes unquantized. Gradients flow straight through both roundings (QAT).
     """
 
-    def __init__(self, linear: nn.Linear, weight_bits: int = 8, activation_bits: int = 8):
+    def __init__(self, linear: nn.Linear, weight_bits: int = 8, activation_bits: int = 8, per_row: bool = True):
         super().__init__()
+        self.per_row = per_row
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_bits, self.activation_bits = weight_bits, activation_bits
         self.weight = nn.Parameter(linear.weight.detach().clone())
@@ -109,7 +110,10 @@ class FakeQuantLinear(nn.Module):
         self.calibrating = False
 
     def weight_quantization(self) -> tuple[Tensor, int, int]:
-        scale = symmetric_scale(self.weight.detach().abs().amax(1, keepdim=True), self.weight_bits)
+        max_abs = self.weight.detach().abs().amax(1, keepdim=True)
+        if not self.per_row:  # one scale for the whole matrix, as the book's per-tensor examples
+            max_abs = max_abs.amax().expand_as(max_abs)
+        scale = symmetric_scale(max_abs, self.weight_bits)
         return (scale, *code_range(self.weight_bits, symmetric=True))
 
     def input_quantization(self) -> tuple[Tensor, Tensor, int, int]:
@@ -139,16 +143,17 @@ class FakeQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"weight_bits={self.weight_bits}, activation_bits={self.activation_bits}")
+                f"weight_bits={self.weight_bits}, activation_bits={self.activation_bits}, per_row={self.per_row}")
 
 
-def fake_quantize_linear_layers(model: nn.Module, weight_bits: int, activation_bits: int) -> nn.Module:
+def fake_quantize_linear_layers(model: nn.Module, weight_bits: int, activation_bits: int,
+                                per_row: bool = True) -> nn.Module:
     """Swap every `nn.Linear` of `model` (in place) for a `FakeQuantLinear` with the same weights."""
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
-                    FakeQuantLinear(module, weight_bits, activation_bits))
+                    FakeQuantLinear(module, weight_bits, activation_bits, per_row))
     return model
 
 
