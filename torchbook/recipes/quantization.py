@@ -150,7 +150,7 @@ def torchao_variants(model: Any, calibration: Any) -> dict[str, Any]:
     out["PTQ static 8-bit (torchao)"] = static8
 
     dynamic4 = copy.deepcopy(model)
-    ao.quantize_(dynamic4, ao.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+    ao.quantize_(dynamic4, ao.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
                                                                     weight_granularity=PerAxis(0)))
     out["PTQ dynamic, 4-bit weights (torchao)"] = dynamic4
     return out
@@ -231,7 +231,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     model = MLP(MLPConfig(n_pixels, len(data.classes), list(config.hidden), "relu", standardize=False))
     trainer = Trainer(model, config, run, train, val, criterion=torch.nn.CrossEntropyLoss(), metrics=metrics)
     trainer.fit()
-    model = trainer.model.cpu().eval()
+    trainer.model.cpu().eval()
     save_model(model, run.model_dir, extra={"classes": data.classes, "image_shape": list(data.images.shape[1:])})
     float_val = trainer.evaluate(val)["accuracy"]
 
@@ -267,13 +267,14 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
         wo = weight_only(model, bits)
         variants[f"weight-only int{bits} (Int{bits}Linear)"] = (wo, wo.state_dict(), "torchbook.nn.quantized")
 
-    rows, table = [], []
+    rows: list[dict[str, Any]] = []
+    table: list[list[Any]] = []
     float_bytes = stored_bytes(model.state_dict())
     one, batch = test_images[:1], test_images[:256]
     for name, (variant, state, kind) in variants.items():
         variant.eval()
         size = stored_bytes(state)
-        row = {"variant": name, "kind": kind, "test_accuracy": accuracy(variant, test_images, test_y),
+        row: dict[str, Any] = {"variant": name, "kind": kind, "test_accuracy": accuracy(variant, test_images, test_y),
                "bytes": size, "size_ratio": float_bytes / size,
                "latency_ms_1": latency_ms(variant, one, config.latency_runs),
                "latency_ms_256": latency_ms(variant, batch, config.latency_runs)}
