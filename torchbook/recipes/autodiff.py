@@ -228,7 +228,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
         f"A {images.shape[1]}-{'-'.join(map(str, config.hidden))}-10 ReLU MLP, {len(splits['train'])} training "
         f"digits, batch {config.batch_size}, SGD lr {config.lr}, {config.epochs} epochs ({len(ours)} steps). Our "
         f"NumPy tape took {our_seconds:.2f} s, torch through the Trainer {torch_seconds:.2f} s (the Trainer also "
-        "validates, checkpoints and logs). The weights agree after every step to "
+        "checkpoints and logs). The weights agree after every step to "
         f"{results_json['max_weight_difference']:.1e}: our reverse mode computes the same gradients as torch's."))
     report.table("Data split", ["split", "images"], [[k, len(v)] for k, v in splits.items()])
     report.image("Computation graph of f", run.plots / "computation_graph.png", run.path)

@@ -35,8 +35,8 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from torchbook.data.images import IMAGE_DATASETS, ImageData
-from torchbook.data.splits import split_indices, split_record
+from torchbook.data.images import IMAGE_DATASETS, ImageData, image_split
+from torchbook.data.splits import split_record
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
@@ -74,15 +74,7 @@ def load_split(config: Config) -> tuple[ImageData, dict[str, np.ndarray], np.nda
     """Fashion-MNIST: the book's split (the last 5,000 training images validate, the official 10,000 test);
     digits: stratified 65/15/20. Returns the data, the split and the test images and labels."""
     data = IMAGE_DATASETS[config.data]()
-    if data.test_images is not None and data.test_labels is not None:
-        n = len(data.images)
-        splits = {"train": np.arange(n - 5000), "val": np.arange(n - 5000, n), "test": np.arange(len(data.test_images))}
-        test_x, test_y = data.test_images, data.test_labels
-    else:
-        splits = split_indices(len(data.images), val=0.15, test=0.20, seed=config.seed, stratify=data.labels)
-        test_x, test_y = data.images[splits["test"]], data.labels[splits["test"]]
-    if config.limit:
-        splits["train"] = splits["train"][: config.limit]
+    splits, test_x, test_y = image_split(data, config.seed, config.limit)
     return data, splits, test_x, test_y
 
 
