@@ -168,3 +168,13 @@ def test_autodiff_recipe_trains_the_same_mlp_as_torch_step_for_step(tmp_path):
     assert (run.path / "plots" / "computation_graph.png").read_bytes()[:4] == b"\x89PNG"
     assert torchbook.load(run.path).recipe == "autodiff"
     assert recipe.evaluate(run.path)["test_accuracy"] == pytest.approx(results["test_accuracy_ours"], abs=1e-9)
+
+
+def test_autodiff_recipe_refuses_settings_it_cannot_compare():
+    from torchbook.config import build_config
+    from torchbook.errors import UserInputError
+    from torchbook.recipes import autodiff as recipe
+
+    for override in ("optimizer=adam", "momentum=0.9", "grad_accum=2"):
+        with pytest.raises(UserInputError, match="plain SGD"):
+            build_config(recipe.Config, preset="smoke", overrides=[override])

@@ -23,6 +23,7 @@ import numpy as np
 from torchbook import autodiff
 from torchbook.data.images import load_digits
 from torchbook.data.splits import split_indices, split_record
+from torchbook.errors import UserInputError
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
@@ -54,8 +55,6 @@ class Config(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        from torchbook.errors import UserInputError
-
         if self.optimizer != "sgd" or self.momentum or self.weight_decay or self.grad_accum != 1 or self.grad_clip:
             raise UserInputError("autodiff compares plain SGD step for step: keep optimizer=sgd with momentum=0, "
                                  "weight_decay=0, grad_accum=1 and grad_clip=0")
@@ -193,10 +192,11 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     started = time.perf_counter()
     ours = list(autodiff.sgd_steps(initial, batches, config.lr))
     our_seconds = time.perf_counter() - started
+    if len(ours) != len(recorder.weights):  # e.g. a resumed run: the trainer did not replay its first steps
+        raise UserInputError(f"{len(ours)} steps of ours against {len(recorder.weights)} of the trainer; "
+                           "run the comparison from the start (it takes seconds)")
     differences = [max(float(np.abs(a - b).max()) for a, b in zip(mine, theirs, strict=True))
                    for mine, theirs in zip(ours, recorder.weights, strict=True)]
-    if len(ours) != len(recorder.weights):
-        raise RuntimeError(f"{len(ours)} steps of ours against {len(recorder.weights)} of the trainer")
     final = ours[-1]
 
     with torch.no_grad():  # the saved model: torch's MLP holding the weights our tape trained, in float32

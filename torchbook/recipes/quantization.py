@@ -223,9 +223,9 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     model = MLP(MLPConfig(n_pixels, len(data.classes), list(config.hidden), "relu", standardize=False))
     trainer = Trainer(model, config, run, train, val, criterion=torch.nn.CrossEntropyLoss(), metrics=metrics)
     trainer.fit()
-    trainer.model.cpu().eval()
+    float_val = trainer.evaluate(val)["accuracy"]  # on the training device, before the model moves to the CPU
+    trainer.model.cpu().eval()  # quantized CPU inference from here on
     save_model(model, run.model_dir, extra={"classes": data.classes, "image_shape": list(data.images.shape[1:])})
-    float_val = trainer.evaluate(val)["accuracy"]
 
     test_images = torch.from_numpy(np.ascontiguousarray(test_x))
     generator = np.random.default_rng(config.seed)
