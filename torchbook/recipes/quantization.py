@@ -11,6 +11,7 @@ The float32 model trains with the chapter-10 settings through the `Trainer` (res
 - PTQ static 8-bit and 4-bit, ours (`torchbook.nn.quantization.FakeQuantLinear`: weights symmetric per row,
   activations asymmetric per tensor, ranges calibrated): torchao has no static activation quantization below 8
   bits, and one quantizer for PTQ and QAT makes the QAT row's gain attributable to training alone;
+- QAT with torchao (`QATConfig` prepare, fine-tune, convert) for its int4-weight scheme;
 - QAT 4-bit, ours: the static 4-bit model fine-tuned through its fake quantization (straight-through gradients)
   for `qat_epochs` with the same Trainer, beside a control: the float model trained for the same extra epochs
   (what QAT gains over static 4-bit is partly just more training; the control separates the two);
@@ -121,11 +122,10 @@ def accuracy(model: Any, images: Any, labels: np.ndarray) -> float:
 
 def torchao_variants(model: Any, calibration: Any) -> dict[str, Any]:
     """The torchao post-training quantizations, each on its own copy of the float model."""
-    import torch
     from torch import nn
 
     ao = import_torchao()
-    from torchao.quantization.granularity import PerAxis, PerTensor
+    from torchao.quantization.granularity import PerTensor
 
     out = {}
     dynamic8 = copy.deepcopy(model)
@@ -142,10 +142,34 @@ def torchao_variants(model: Any, calibration: Any) -> dict[str, Any]:
     out["PTQ static 8-bit (torchao)"] = static8
 
     dynamic4 = copy.deepcopy(model)
-    ao.quantize_(dynamic4, ao.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
-                                                                    weight_granularity=PerAxis(0)))
+    ao.quantize_(dynamic4, torchao_int4_config())
     out["PTQ dynamic, 4-bit weights (torchao)"] = dynamic4
     return out
+
+
+def torchao_int4_config() -> Any:
+    """torchao's CPU 4-bit scheme: int4 weights, one scale per output row, int8 activations quantized at run time
+    (its `Int4WeightOnlyConfig` leaves a CPU model unchanged)."""
+    import torch
+
+    ao = import_torchao()
+    from torchao.quantization.granularity import PerAxis
+
+    return ao.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
+                                                    weight_granularity=PerAxis(0))
+
+
+def torchao_qat(model: Any, fine_tune: Any) -> Any:
+    """torchao's QAT: `prepare` swaps the linear layers for fake-quantized ones (the int4 scheme above), the model
+    fine-tunes, `convert` makes it the quantized model."""
+    from torchao.quantization.qat import QATConfig
+
+    ao = import_torchao()
+    prepared = copy.deepcopy(model)
+    ao.quantize_(prepared, QATConfig(torchao_int4_config(), step="prepare"))
+    tuned = fine_tune(prepared)
+    ao.quantize_(tuned, QATConfig(torchao_int4_config(), step="convert"))
+    return tuned
 
 
 def calibration_inputs(model: Any, calibration: Any) -> dict[str, Any]:
@@ -252,6 +276,8 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
     qat = fine_tune(static4)
     variants["QAT 4-bit (ours, W4A4)"] = (qat, integer_state(qat), "fake-quant")
+    ao_qat = torchao_qat(model, fine_tune)
+    variants["QAT, 4-bit weights (torchao)"] = (ao_qat, ao_qat.state_dict(), "torchao")
     # The control: the float model trained for the same extra epochs, so QAT's gain is not mistaken for training's.
     control = fine_tune(model)
     variants[CONTROL] = (control, control.state_dict(), "trained")
