@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from torchbook.data.download import RemoteFile, fetch
+from torchbook.data.splits import split_indices  # imports scikit-learn: heavy, and only needed for digits
 from torchbook.errors import DataUnavailable
 
 log = logging.getLogger(__name__)
@@ -109,3 +110,19 @@ def load_digits() -> ImageData:
 
 
 IMAGE_DATASETS = {"fashion-mnist": load_fashion_mnist, "digits": load_digits}
+
+
+def image_split(data: ImageData, seed: int, limit: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The book's split when the source has a test set (Fashion-MNIST: the last 5,000 training images validate,
+    the official 10,000 test), else a stratified 65/15/20 one (digits); `limit` keeps only the first training
+    images. Returns the split's indices and the test images and labels."""
+    if data.test_images is not None and data.test_labels is not None:
+        n = len(data.images)
+        splits = {"train": np.arange(n - 5000), "val": np.arange(n - 5000, n), "test": np.arange(len(data.test_images))}
+        test_x, test_y = data.test_images, data.test_labels
+    else:
+        splits = split_indices(len(data.images), val=0.15, test=0.20, seed=seed, stratify=data.labels)
+        test_x, test_y = data.images[splits["test"]], data.labels[splits["test"]]
+    if limit:
+        splits["train"] = splits["train"][:limit]
+    return splits, test_x, test_y

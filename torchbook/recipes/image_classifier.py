@@ -17,8 +17,8 @@ import torchmetrics
 from torch.utils.data import TensorDataset
 
 import torchbook
-from torchbook.data.images import IMAGE_DATASETS, ImageData
-from torchbook.data.splits import split_indices, split_record
+from torchbook.data.images import IMAGE_DATASETS, ImageData, image_split
+from torchbook.data.splits import split_record
 from torchbook.hub import save_model
 from torchbook.models.mlp import MLP, MLPConfig
 from torchbook.recipes import Recipe
@@ -64,15 +64,7 @@ class Prepared:
 def prepare(config: Config) -> Prepared:
     """Load the images and make the book's split (Fashion-MNIST) or a stratified 65/15/20 one (digits)."""
     data = IMAGE_DATASETS[config.data]()
-    if data.test_images is not None and data.test_labels is not None:
-        n = len(data.images)
-        splits = {"train": np.arange(n - 5000), "val": np.arange(n - 5000, n), "test": np.arange(len(data.test_images))}
-        test_x, test_y = data.test_images, data.test_labels
-    else:
-        splits = split_indices(len(data.images), val=0.15, test=0.20, seed=config.seed, stratify=data.labels)
-        test_x, test_y = data.images[splits["test"]], data.labels[splits["test"]]
-    if config.limit:
-        splits["train"] = splits["train"][: config.limit]
+    splits, test_x, test_y = image_split(data, config.seed, config.limit)
 
     def tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y))
