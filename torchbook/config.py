@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -169,6 +170,9 @@ def build_config(
     for item in overrides or []:
         key, text = split_override(item, types_)
         values[key] = parse_value(text, types_[key], key)
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserInputError(f"{key}={value} is not a finite number; give a finite value", param=key)
     config = cls(**values)
     validate = getattr(config, "validate", None)
     if callable(validate):

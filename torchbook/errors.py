@@ -24,6 +24,10 @@ class RunExists(UserInputError):
     """A run folder already holds another run (another recipe or config)."""
 
 
+class RunFinished(UserInputError):
+    """A run folder holds a finished run (its report.md is written): there is nothing to resume."""
+
+
 class DataUnavailable(TorchbookError):
     """A dataset or file could not be obtained (offline, missing, checksum mismatch)."""
 

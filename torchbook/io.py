@@ -30,14 +30,26 @@ def is_read_only(path: str | Path) -> bool:
     return any(resolved == f or f in resolved.parents for f in _READ_ONLY_FOLDERS)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files are created as `open()` would create them: 0666 less the umask (a temporary file is 0600 by default).
+FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
-    """Call `write(f)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call `write(f)` on a temporary file beside `path`, fsync it, then rename it over `path`. The file gets the
+    mode a plain `open()` would give it (the umask's)."""
     path = Path(path)
     if is_read_only(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from torchbook.config import C, build_config, to_dict
-from torchbook.errors import CheckpointError, RunExists
+from torchbook.errors import CheckpointError, RunExists, RunFinished
 from torchbook.io import (
     atomic_write_json,
     atomic_write_text,
@@ -74,12 +74,24 @@ class RunDir:
         if not is_main_process():  # distributed: rank 0 writes the run folder, the other processes only train
             make_read_only(path)
             return rd
+        if path.exists() and not path.is_dir():
+            raise RunExists(f"{str(path)!r} is a file, not a folder; give a new or empty folder for the run")
+        if path.is_dir() and any(path.iterdir()) and not rd.config_path.exists():
+            # Never delete or mix into a folder that is not a run: it may hold anything.
+            raise RunExists(f"{str(path)!r} already holds files and is not a torchbook run folder; give a new or "
+                            "empty folder for the run")
         if rd.config_path.exists() and not overwrite:
             old = rd.read_json("config.json")
             if to_jsonable(old) != to_jsonable(record):
                 raise RunExists(f"run folder {str(path)!r} already holds a run with another recipe or config")
-        elif overwrite and path.exists():
-            shutil.rmtree(path)
+            if rd.finished:
+                raise RunFinished(f"run folder {str(path)!r} holds a finished run (its report.md is written); "
+                                  "nothing to resume")
+        elif overwrite and rd.config_path.exists():
+            shutil.rmtree(path)  # a torchbook run (checked above), replaced on request
+        path.mkdir(parents=True, exist_ok=True)
+        if rd.has("failed.json"):
+            (path / "failed.json").unlink()  # tried again: the old failure no longer describes the run
         path.mkdir(parents=True, exist_ok=True)
         rd.write_json("config.json", record)
         return rd
@@ -117,6 +129,20 @@ class RunDir:
         if not is_read_only(p):
             p.mkdir(parents=True, exist_ok=True)
         return p
+
+    @property
+    def finished(self) -> bool:
+        """A run is finished once its report.md is written: every recipe writes it last."""
+        return (self.path / "report.md").exists()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the run failed, if it did (`mark_failed`) and has not been tried again since."""
+        return str(self.read_json("failed.json")["reason"]) if self.has("failed.json") else None
+
+    def mark_failed(self, reason: str) -> None:
+        """Record why the run stopped (shown by `report`); the run folder and its checkpoints stay."""
+        self.write_json("failed.json", {"reason": reason, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
 
     @property
     def recipe(self) -> str:

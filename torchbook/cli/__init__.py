@@ -19,7 +19,7 @@ from typing import Any
 
 from torchbook import __version__
 from torchbook.config import PRESET_NAMES_DOC
-from torchbook.errors import RunExists, TorchbookError, UserInputError
+from torchbook.errors import RunExists, RunFinished, TorchbookError, UserInputError
 
 EXIT_USAGE = 2
 
@@ -84,20 +84,31 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserInputError(f"{args.resume!r} is a run of {run.recipe!r}, not {recipe.name!r}")
         if args.overrides or args.preset or args.config:
             raise UserInputError("--resume continues a run with its own config.json; drop key=value, --preset and --config")
+        if run.finished:
+            print(f"torchbook: {run.path} is a finished run (report.md is written); nothing to resume. "
+                  f"Its report: torchbook report {run.path}", file=sys.stderr)
+            return 0
         config: Any = build_config(recipe.config, base=run.config_values())
     else:
         base = load_config_file(args.config) if args.config else None
         config = build_config(recipe.config, preset=args.preset, overrides=args.overrides, base=base)
         try:
             run = RunDir.start(args.run_dir, recipe.name, config, overwrite=args.overwrite)
+        except RunFinished as e:
+            raise UserInputError(f"{e}; see it with `torchbook report`, or pass --overwrite to train it again") from None
         except RunExists as e:
-            raise UserInputError(f"{e}; resume it with --resume, pick another --run-dir, or pass --overwrite") from None
+            hint = "pick another --run-dir" if "not a torchbook run" in str(e) else (
+                "resume it with --resume, pick another --run-dir, or pass --overwrite")
+            raise UserInputError(f"{e}; {hint}") from None
     print(f"torchbook: {recipe.name} -> {run.path}", file=sys.stderr)
     try:
         recipe.run(config, run)
     except KeyboardInterrupt:
         print(f"\ntorchbook: interrupted; resume with: torchbook run {recipe.name} --resume {run.path}", file=sys.stderr)
         return 130
+    except (TorchbookError, OSError) as e:
+        run.mark_failed(str(e))  # `torchbook report` says why; the folder and its checkpoints stay
+        raise
     report = run.path / "report.md"
     if report.exists():
         print(f"report: {report}")
@@ -110,7 +121,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     run = RunDir.open(args.run_dir)
     report = run.path / "report.md"
     if not report.exists():
-        raise UserInputError(f"{str(run.path)!r} has no report.md yet (the run did not finish); resume it with --resume")
+        if run.failure is not None:
+            raise UserInputError(f"{str(run.path)!r} failed: {run.failure}. Fix that and resume it with "
+                                 f"`torchbook run {run.recipe} --resume {run.path}`, or start a new run")
+        raise UserInputError(f"{str(run.path)!r} has no report.md yet (the run did not finish); resume it with "
+                             f"`torchbook run {run.recipe} --resume {run.path}`")
     print(report.read_text())
     return 0
 
@@ -176,6 +191,8 @@ def build_parser() -> Parser:
         p = sub.add_parser(module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
         module.add_arguments(p)
         p.set_defaults(func=module.main)
+    for command in sub.choices.values():  # each command's own options, to name the one an error is about
+        command.set_defaults(flags={o for action in command._actions for o in action.option_strings})
     return parser
 
 
@@ -191,11 +208,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TorchbookError as e:
-        flag = f"--{e.param.replace('_', '-')}: " if e.param else ""
+        flag = f"--{e.param.replace('_', '-')}" if e.param else ""
+        flag = f"{flag}: " if flag in getattr(args, "flags", ()) else ""  # the setting is this command's option
         print(f"torchbook: error: {flag}{e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         return 0
+    except UnicodeDecodeError as e:
+        print(f"torchbook: error: the input is not valid UTF-8 text (byte {e.start}); give UTF-8 text", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a read-only folder, a full disk, a file that cannot be read: what, where, and no traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"torchbook: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

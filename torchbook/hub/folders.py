@@ -6,6 +6,7 @@ package named by a config file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from torchbook.config import to_dict
+from torchbook.data.download import sha256_of
 from torchbook.data.tokenizers import TOKENIZER
 from torchbook.errors import CheckpointError
 from torchbook.hub.state import load_state
@@ -51,10 +53,20 @@ def save_model(model: nn.Module, folder: str | Path, extra: dict[str, Any] | Non
         {
             "torchbook_class": f"{type(model).__module__}:{type(model).__qualname__}",
             "config": to_dict(config),
+            "sha256": {WEIGHTS: hashlib.sha256(payload).hexdigest()},
             **(extra or {}),
         },
     )
     return folder
+
+
+def verify_checksums(folder: Path, meta: dict[str, Any]) -> None:
+    """Each file whose sha256 the folder's config.json records must still have it (a damaged model file would
+    otherwise load and silently compute nonsense). Folders saved before checksums were recorded pass."""
+    for name, expected in (meta.get("sha256") or {}).items():
+        if sha256_of(folder / name) != expected:
+            raise CheckpointError(f"{str(folder / name)!r} is corrupt: its sha256 is not the one recorded when it "
+                                  "was saved (the file was changed or damaged); train the run again or restore it")
 
 
 def model_class(spec: str) -> type[nn.Module]:
@@ -81,6 +93,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
         meta = json.loads(config_path.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{str(config_path)!r} is corrupt (not valid JSON)") from None
+    verify_checksums(folder, meta)
     cls = model_class(meta["torchbook_class"])
     config_cls = cls.config_class  # type: ignore[attr-defined]
     model = cls(config_cls(**meta["config"]))
@@ -97,8 +110,11 @@ def save_estimator(estimator: Any, folder: str | Path, extra: dict[str, Any] | N
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / ESTIMATOR, lambda f: joblib.dump(estimator, f))
-    atomic_write_json(folder / CONFIG, {"torchbook_class": "sklearn", **(extra or {})})
+    # Compressed: a random forest's trees pickle to over 100 MB (every node of every tree), about a fifth of that
+    # compressed; prediction needs all of them.
+    atomic_write(folder / ESTIMATOR, lambda f: joblib.dump(estimator, f, compress=("zlib", 3)))
+    atomic_write_json(folder / CONFIG, {"torchbook_class": "sklearn", "sha256": {ESTIMATOR: sha256_of(folder / ESTIMATOR)},
+                                        **(extra or {})})
     return folder
 
 
@@ -108,6 +124,10 @@ def load_estimator(folder: str | Path) -> Any:
     path = Path(folder) / ESTIMATOR
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} is missing: not a saved scikit-learn model")
+    try:
+        verify_checksums(Path(folder), json.loads((Path(folder) / CONFIG).read_text()))
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"{str(Path(folder) / CONFIG)!r} is missing or corrupt (not valid JSON)") from None
     try:
         return joblib.load(path)
     except Exception as e:  # joblib raises many kinds on a damaged pickle

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torchbook.devices import check_device
 from torchbook.errors import UserInputError, unknown
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
@@ -73,6 +74,7 @@ class TrainConfig:
                 raise UserInputError(f"{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0:
             raise UserInputError(f"lr={self.lr} must be positive")
+        check_device(self.device)
         if self.parallel not in PARALLEL_MODES:
             raise unknown("parallel mode", self.parallel, PARALLEL_MODES)
         for name in ("l1", "l2", "max_norm", "grad_clip", "weight_decay"):

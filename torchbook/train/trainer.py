@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from tqdm import tqdm
 
 from torchbook.checkpoint import load_latest, save_checkpoint
+from torchbook.devices import choose_device
 from torchbook.errors import TrainingDiverged
 from torchbook.runs import RunDir
 from torchbook.train import distributed
@@ -58,17 +59,6 @@ class Step:
 
 StepFn = Callable[[nn.Module, Any], Step]
 MetricFactory = Callable[[], Any]
-
-
-def choose_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple's MPS, then the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
