@@ -1,9 +1,11 @@
 """`image-classifier`: the book's Fashion-MNIST MLP, 784-300-100-10 (chapter 10).
 
-Book source: Fashion-MNIST, downloaded with checksums (60,000 training images of which the last 5,000 validate,
-10,000 test). Offline: scikit-learn's 8x8 digits (`data=digits`), split 65/15/20 stratified. Every run trains a
-logistic-regression baseline on the same split, and the report puts both beside the book's ~87.2% validation
-accuracy (which is for Fashion-MNIST only).
+Book source: Fashion-MNIST (Debian's checksummed copy, or the canonical download): the 60,000 training images
+are cut into 55,000 training and 5,000 validation images with `torch.utils.data.random_split` after seeding with 42,
+as the book does (the same indices), and the 10,000 test images are kept for the test. With the book's settings
+(SGD lr 0.002, momentum 0.9, batch 32, 20 epochs) the book reports 87.2% accuracy on the validation set. Offline
+without Fashion-MNIST: scikit-learn's 8x8 digits (`data=digits`), split 65/15/20 stratified, for which the book
+has no figure. Every run trains a logistic-regression baseline on the same split.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from torchbook.runs import RunDir
 from torchbook.train import TrainConfig, Trainer
 
 NAME = "image-classifier"
-BOOK_VAL_ACCURACY = 0.872  # Fashion-MNIST, 784-300-100-10, 20 epochs
+BOOK_VAL_ACCURACY = 0.872  # chapter 10: "87.2% accuracy on the validation set" (Fashion-MNIST, 784-300-100-10, 20 epochs)
+BOOK_VAL_SIZE = 5_000  # the book's random_split(train_and_valid_data, [55_000, 5_000]) after torch.manual_seed(42)
 
 
 @dataclass
@@ -40,11 +43,12 @@ class Config(TrainConfig):
     optimizer: str = "sgd"
     lr: float = 0.002
     momentum: float = 0.9
+    restore_best: bool = False  # the book reports the model after its 20 epochs, not the best epoch's weights
     limit: int = 0  # use only this many training images (0 = all), for smoke runs
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {"data": "digits", "epochs": 3, "limit": 600, "optimizer": "adam", "lr": 3e-3},
-        "quick": {"data": "digits", "epochs": 60, "optimizer": "adam", "lr": 1e-3, "patience": 15},
+        "quick": {"data": "digits", "epochs": 60, "optimizer": "adam", "lr": 1e-3, "patience": 15, "restore_best": True},
         "book": {},
     }
 
@@ -64,8 +68,8 @@ def prepare(config: Config) -> Prepared:
     """Load the images and make the book's split (Fashion-MNIST) or a stratified 65/15/20 one (digits)."""
     data = IMAGE_DATASETS[config.data]()
     if data.test_images is not None and data.test_labels is not None:
-        n = len(data.images)
-        splits = {"train": np.arange(n - 5000), "val": np.arange(n - 5000, n), "test": np.arange(len(data.test_images))}
+        splits = book_split(len(data.images), config.seed)
+        splits["test"] = np.arange(len(data.test_images))
         test_x, test_y = data.test_images, data.test_labels
     else:
         splits = split_indices(len(data.images), val=0.15, test=0.20, seed=config.seed, stratify=data.labels)
@@ -85,6 +89,14 @@ def prepare(config: Config) -> Prepared:
         test_x,
         test_y,
     )
+
+
+def book_split(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Chapter 10's split of the training images: `random_split` into n - 5,000 training and 5,000 validation
+    images with a generator seeded like the book's `torch.manual_seed(42)` (same permutation, same indices)."""
+    generator = torch.Generator().manual_seed(seed)
+    train, val = torch.utils.data.random_split(range(n), [n - BOOK_VAL_SIZE, BOOK_VAL_SIZE], generator=generator)
+    return {"train": np.asarray(train.indices, dtype=np.int64), "val": np.asarray(val.indices, dtype=np.int64)}
 
 
 def accuracy_metric(n_classes: int) -> dict[str, Any]:
@@ -146,8 +158,12 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
     predictions = trainer.predict(prep.test).argmax(1).numpy()
     confusion_plot(run.plots / "confusion_matrix.png", prep.test_y, predictions, data.classes)
-    book_note = "book: Fashion-MNIST validation" if data.name == "fashion-mnist" else "book's figure is for Fashion-MNIST"
-    report.compare("validation accuracy", val["accuracy"], BOOK_VAL_ACCURACY, book_note)
+    if data.name == "fashion-mnist":
+        report.compare("validation accuracy", val["accuracy"], BOOK_VAL_ACCURACY,
+                       f"the book's split (random_split, seed {config.seed}): {len(prep.splits['val']):,} images")
+    else:
+        report.compare("validation accuracy", val["accuracy"], None,
+                       "the book's figure (87.2%) is for Fashion-MNIST; it has none for digits")
     report.compare("test accuracy", test["accuracy"], None, f"{len(prep.test_y):,} test images")
     report.compare("logistic-regression baseline, test accuracy", baseline, None, "same split, same run")
     verdict = "beats" if test["accuracy"] > baseline else "does NOT beat"
