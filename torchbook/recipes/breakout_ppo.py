@@ -10,8 +10,8 @@ Where we differ from the book's environment: the book trains on `BreakoutNoFrame
 frame skipping and preprocessing done by gymnasium's wrappers), we on `ALE/Breakout-v5` through ale-py's
 `AtariVectorEnv`, which does the same preprocessing in C++ with v5's sticky actions (repeat_action_probability
 0.25). Why: gymnasium's `AtariPreprocessing` needs OpenCV, which torchbook does not install, so the vector env
-is the one implementation. Sticky actions make the game slightly harder, so our scores are at most as good
-as the book's setup would give, not directly comparable.
+is the one implementation. Sticky actions make the game harder to play precisely, so our scores are not directly
+comparable with the book's.
 
 The report gives the mean *unclipped* score over whole evaluation games (sampled actions, as trained; each game
 cut after 5 minutes of play, 4,500 steps), random play on the same games, the learning curve against environment
