@@ -108,10 +108,13 @@ def test_image_classifier_book_preset_reproduces_the_books_validation_accuracy(t
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_regression_mlp_quick_gate(tmp_path):
+    """The book's validation RMSE is 0.639 (batch 32, lr 0.02, 20 epochs): ours, on the validation set too, must be
+    no worse (measured 0.579 with seed 42; 0.556 and 0.583 with seeds 1 and 2). The test RMSE must beat the linear
+    regression of the same run."""
     run = regression_mlp.run(build_config(regression_mlp.Config, preset="quick"), tmp_path / "run")
     results = json.loads((run.path / "results.json").read_text())
+    assert results["val_rmse"] <= regression_mlp.BOOK_VAL_RMSE
     assert results["test_rmse"] < results["baseline_linear_test_rmse"]
-    assert results["test_rmse"] < 0.65  # the book's validation figure is 0.639
 
 
 def test_trainer_learns_and_early_stopping_restores_best(tmp_path):

@@ -41,6 +41,7 @@ class Config(TrainConfig):
     batch_size: int = 32
     optimizer: str = "sgd"
     lr: float = 0.02
+    restore_best: bool = False  # the book measures the model after its 20 epochs, not the best epoch's weights
     limit: int = 0  # use only this many training districts (0 = all), for smoke runs
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
