@@ -14,7 +14,6 @@ from torchbook.data import images
 from torchbook.errors import DataUnavailable
 
 
-
 @needs_debian_fashion
 def test_fashion_mnist_loads_from_debians_package_with_the_books_shapes() -> None:
     data = images.load_fashion_mnist()

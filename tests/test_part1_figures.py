@@ -112,7 +112,7 @@ def test_moons_ensembles_table_matches_the_book():
 def test_gradient_boosting_by_hand_gives_the_books_predictions_and_early_stopping_keeps_53_trees():
     gb = trees_ensembles.gradient_boosting_by_hand()
     # the book prints 0.57356534, 0.0405142, 0.66914249 (8 decimals, the middle one 7)
-    np.testing.assert_allclose(gb["gbrt_by_hand"], trees_ensembles.BOOK["gbrt_by_hand"], rtol=0, atol=5e-8)
+    np.testing.assert_allclose(gb["gbrt_by_hand"], trees_ensembles.BOOK_GBRT_BY_HAND, rtol=0, atol=5e-8)
     np.testing.assert_allclose(gb["gbrt_by_hand"], gb["gbrt_sklearn_3_trees"], rtol=1e-10)  # and scikit-learn's
     assert gb["gbrt_early_stopping_trees"] == 53
 

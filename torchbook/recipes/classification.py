@@ -202,10 +202,11 @@ def write_report(report: Report, run: RunDir, config: Config, results: dict[str,
     for key, label in (("sgd_cv_folds", "5-detector (SGD): accuracy of the 3 CV folds"),
                        ("dummy_cv_folds", "dummy (never 5): accuracy of the 3 CV folds"),
                        ("multiclass_sgd_scaled_cv_folds", "multiclass SGD with scaling: accuracy of the 3 CV folds")):
-        ours, book = results[key], BOOK_FOLDS[key]
-        note = (f"largest difference {max(abs(a - b) for a, b in zip(ours, book, strict=True)):.4f}" if on_mnist
-                else "ours on digits; the book's on MNIST")
-        report.compare(label, ", ".join(f"{v:.5g}" for v in ours), ", ".join(f"{v:.5g}" for v in book), note)
+        our_folds, book_folds = results[key], BOOK_FOLDS[key]
+        note = (f"largest difference {max(abs(a - b) for a, b in zip(our_folds, book_folds, strict=True)):.4f}"
+                if on_mnist else "ours on digits; the book's on MNIST")
+        report.compare(label, ", ".join(f"{v:.5g}" for v in our_folds), ", ".join(f"{v:.5g}" for v in book_folds),
+                       note)
     labels = {
         "sgd_precision": "5-detector: precision", "sgd_recall": "5-detector: recall", "sgd_f1": "5-detector: F1",
         "sgd_roc_auc": "5-detector: ROC AUC", "forest_f1": "random forest 5-detector: F1",

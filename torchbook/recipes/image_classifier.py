@@ -11,12 +11,12 @@ has no figure. Every run trains a logistic-regression baseline on the same split
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
 import torchmetrics
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from torchbook.data.images import IMAGE_DATASETS, ImageData
 from torchbook.data.splits import split_indices, split_record
@@ -96,7 +96,8 @@ def book_split(n: int, seed: int) -> dict[str, np.ndarray]:
     """Chapter 10's split of the training images: `random_split` into n - 5,000 training and 5,000 validation
     images with a generator seeded like the book's `torch.manual_seed(42)` (same permutation, same indices)."""
     generator = torch.Generator().manual_seed(seed)
-    train, val = torch.utils.data.random_split(range(n), [n - BOOK_VAL_SIZE, BOOK_VAL_SIZE], generator=generator)
+    indices = cast("Dataset[int]", range(n))  # random_split only needs len(); its subsets hold the indices
+    train, val = torch.utils.data.random_split(indices, [n - BOOK_VAL_SIZE, BOOK_VAL_SIZE], generator=generator)
     return {"train": np.asarray(train.indices, dtype=np.int64), "val": np.asarray(val.indices, dtype=np.int64)}
 
 
