@@ -71,6 +71,10 @@ def mirror_has(name: str) -> bool:
 
 
 needs_housing = pytest.mark.skipif(not mirror_has("housing.tgz"), reason="the book's housing.tgz is not in $TORCHBOOK_MIRROR")
+needs_debian_fashion = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz").is_file(),
+    reason="Debian's dataset-fashion-mnist is not installed (make system-deps)",
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_debian_fashion
 
 from torchbook.data import images
 from torchbook.errors import DataUnavailable
-
-needs_debian_fashion = pytest.mark.skipif(
-    not (images.DEBIAN_FASHION_DIR / "train-labels-idx1-ubyte.gz").is_file(),
-    reason="Debian's dataset-fashion-mnist is not installed (make system-deps)",
-)
 
 
 @needs_debian_fashion

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import needs_housing
+from conftest import needs_debian_fashion, needs_housing
 
 import torchbook
 from torchbook.cli import main
 from torchbook.config import build_config
+from torchbook.data import images
 from torchbook.errors import CheckpointError
 from torchbook.recipes import image_classifier, regression_mlp
 
@@ -62,7 +63,7 @@ def test_load_rejects_a_corrupt_model(tmp_path):
                                tmp_path / "run")
     weights = run.path / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="model.safetensors.* is corrupt"):
         torchbook.load(run.path)
     with pytest.raises(CheckpointError, match="does not exist"):
         torchbook.load(tmp_path / "nowhere")
@@ -78,14 +79,43 @@ def test_image_classifier_quick_gate(tmp_path):
     assert results["test_accuracy"] > results["baseline_logistic_test_accuracy"]
 
 
+def test_fashion_mnist_split_is_the_books_random_split():
+    """The book: `torch.manual_seed(42)` then `random_split(train_and_valid_data, [55_000, 5_000])`."""
+    torch.manual_seed(42)
+    book_train, book_val = torch.utils.data.random_split(range(60_000), [55_000, 5_000])
+    torch.manual_seed(0)  # our split does not depend on the global generator's state
+    ours = images.book_split(60_000, seed=42)
+    assert ours["train"].tolist() == list(book_train.indices) and ours["val"].tolist() == list(book_val.indices)
+    assert sorted(ours["train"].tolist() + ours["val"].tolist()) == list(range(60_000))
+
+
+@needs_debian_fashion
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_image_classifier_book_preset_reproduces_the_books_validation_accuracy(tmp_path):
+    """Chapter 10: "87.2% accuracy on the validation set" (Fashion-MNIST, the book's split and settings). Ours must
+    be within 2 points of it: the book's run differs in its initial weights and shuffling, and over the last epochs
+    of one run the validation accuracy itself moves by about a point from epoch to epoch (measured: README)."""
+    run = image_classifier.run(build_config(image_classifier.Config, preset="book", overrides=["progress=false"]),
+                               tmp_path / "run")
+    results = json.loads((run.path / "results.json").read_text())
+    assert results["dataset"] == "fashion-mnist"
+    assert results["val_accuracy"] == pytest.approx(image_classifier.BOOK_VAL_ACCURACY, abs=0.02)
+    assert results["test_accuracy"] > results["baseline_logistic_test_accuracy"]
+    assert "| validation accuracy | " in (run.path / "report.md").read_text()
+
+
 @needs_housing
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_regression_mlp_quick_gate(tmp_path):
+    """The book's validation RMSE is 0.639 (batch 32, lr 0.02, 20 epochs): ours, on the validation set too, must be
+    no worse (measured 0.579 with seed 42; 0.556 and 0.583 with seeds 1 and 2). The test RMSE must beat the linear
+    regression of the same run."""
     run = regression_mlp.run(build_config(regression_mlp.Config, preset="quick"), tmp_path / "run")
     results = json.loads((run.path / "results.json").read_text())
+    assert results["val_rmse"] <= regression_mlp.BOOK_VAL_RMSE
     assert results["test_rmse"] < results["baseline_linear_test_rmse"]
-    assert results["test_rmse"] < 0.65  # the book's validation figure is 0.639
 
 
 def test_trainer_learns_and_early_stopping_restores_best(tmp_path):
@@ -93,7 +123,7 @@ def test_trainer_learns_and_early_stopping_restores_best(tmp_path):
     from torchbook.runs import RunDir
 
     config = build_config(image_classifier.Config, overrides=["data=digits", "epochs=30", "optimizer=adam", "lr=0.05",
-                                                             "patience=3", "progress=false"])
+                                                             "patience=3", "restore_best=true", "progress=false"])
     prep = image_classifier.prepare(config)
     model = torchbook.models.mlp.MLP(torchbook.models.mlp.MLPConfig(64, 10, [64], standardize=False))
     from torchbook.train import Trainer

@@ -7,11 +7,14 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 from torchbook.data.download import RemoteFile, fetch
-from torchbook.data.splits import split_indices  # imports scikit-learn: heavy, and only needed for digits
+from torchbook.data.splits import split_indices
 from torchbook.errors import DataUnavailable
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ FASHION_MNIST = {
     "test_labels": RemoteFile(_FASHION + "t10k-labels-idx1-ubyte.gz",
                               "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5", offline=_OFFLINE),
 }
+BOOK_VAL_SIZE = 5_000  # the book's random_split(train_and_valid_data, [55_000, 5_000]) after torch.manual_seed(42)
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
@@ -112,13 +116,21 @@ def load_digits() -> ImageData:
 IMAGE_DATASETS = {"fashion-mnist": load_fashion_mnist, "digits": load_digits}
 
 
+def book_split(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Chapter 10's split of the training images: `random_split` into n - 5,000 training and 5,000 validation
+    images with a generator seeded like the book's `torch.manual_seed(42)` (same permutation, same indices)."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = cast("Dataset[int]", range(n))  # random_split only needs len(); its subsets hold the indices
+    train, val = torch.utils.data.random_split(indices, [n - BOOK_VAL_SIZE, BOOK_VAL_SIZE], generator=generator)
+    return {"train": np.asarray(train.indices, dtype=np.int64), "val": np.asarray(val.indices, dtype=np.int64)}
+
+
 def image_split(data: ImageData, seed: int, limit: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """The book's split when the source has a test set (Fashion-MNIST: the last 5,000 training images validate,
-    the official 10,000 test), else a stratified 65/15/20 one (digits); `limit` keeps only the first training
+    """The book's split when the source has a test set (Fashion-MNIST: `book_split` of the training images, the
+    official 10,000 test), else a stratified 65/15/20 one (digits); `limit` keeps only the first training
     images. Returns the split's indices and the test images and labels."""
     if data.test_images is not None and data.test_labels is not None:
-        n = len(data.images)
-        splits = {"train": np.arange(n - 5000), "val": np.arange(n - 5000, n), "test": np.arange(len(data.test_images))}
+        splits = {**book_split(len(data.images), seed), "test": np.arange(len(data.test_images))}
         test_x, test_y = data.test_images, data.test_labels
     else:
         splits = split_indices(len(data.images), val=0.15, test=0.20, seed=seed, stratify=data.labels)

@@ -4,7 +4,14 @@ The book's preprocessing (torchbook/rl/atari.py: frame skip 4 with sticky action
 noop and fire reset), clipped rewards and episodic life for training only, and the Nature-DQN CNN shared by the
 actor and the critic. Settings are CleanRL's ppo_atari (8 environments x 128 steps, 4 epochs of 4 minibatches,
 lr 2.5e-4 annealed, clip 0.1, entropy 0.01, gamma 0.99, lambda 0.95); the book uses 4 environments and reports a
-mean reward of about 20 at 1M steps and human level (about 30) near 10M.
+mean reward of about 20 at 1M steps and human level near 10M (it gives no number for human level).
+
+Where we differ from the book's environment: the book trains on `BreakoutNoFrameskip-v4` (no sticky actions; the
+frame skipping and preprocessing done by gymnasium's wrappers), we on `ALE/Breakout-v5` through ale-py's
+`AtariVectorEnv`, which does the same preprocessing in C++ with v5's sticky actions (repeat_action_probability
+0.25). Why: gymnasium's `AtariPreprocessing` needs OpenCV, which torchbook does not install, so the vector env
+is the one implementation. Sticky actions make the game harder to play precisely, so our scores are not directly
+comparable with the book's.
 
 The report gives the mean *unclipped* score over whole evaluation games (sampled actions, as trained; each game
 cut after 5 minutes of play, 4,500 steps), random play on the same games, the learning curve against environment

@@ -2,14 +2,16 @@
 
 Data: the book's tiny Shakespeare (1,115,394 characters), lowercased as in the book, split as the book does: the
 first 1,000,000 characters for training, the next 60,000 for validation, the rest (55,394) held out. The
-vocabulary is every distinct character of the text (39 once lowercased). Training examples are windows of 100
-characters (every start position): the model reads characters 0..99 and predicts 1..100, its state starting
-empty in every window, as the book's stateless model does. The model is the book's: embedding 10, GRU 2 x 128.
+vocabulary is every distinct character of the text (39 once lowercased). Training examples are windows of the
+book's `window_length = 50` characters (every start position; the `quick` and `compare` presets use 100, our
+choice): the model reads characters 0..49 and predicts 1..50, its state starting empty in every window, as the
+book's stateless model does. The model is the book's: embedding 10, GRU 2 x 128. The optimizer (Nadam, lr 3e-3,
+gradients clipped at 1.0) is ours.
 
 An "epoch" here is `batches_per_epoch` random batches of windows (0: one pass over every window), so a run under
 a time budget still validates regularly and draws learning curves. The report gives the next-character
-validation accuracy beside the book's (about 55%), bits per character on the held-out text (read in one pass,
-the state carried along), samples from the book's prompt "To be or not to b" at several temperatures (through
+validation accuracy (the book prints no accuracy figure for this model), bits per character on the held-out text
+(read in one pass, the state carried along), samples from the book's prompt "To be or not to b" at several temperatures (through
 the one decoding engine and its `Sampler`) and the learning curves.
 
 What it shares with `gpt-pretrain` (chapter 15's GPT on the same text) lives in `torchbook.train.language_model`:
@@ -36,7 +38,6 @@ from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
 from torchbook.train.language_model import (
-    BOOK_VAL_ACCURACY,
     Text,
     TextLMConfig,
     bits_per_character,
@@ -55,18 +56,20 @@ class Config(TextLMConfig):
     hidden: int = 128  # ...GRU 128 units...
     layers: int = 2  # ...two layers
     dropout: float = 0.0
-    seq_len: int = 100  # the book's window: read 100 characters, predict the next 100
+    seq_len: int = 50  # the book's window_length: read 50 characters, predict the next 50
     batch_size: int = 128
-    optimizer: str = "nadam"  # the book trains its char-RNN with Nadam
+    optimizer: str = "nadam"  # ours (the book uses NAdam for its translator, not this model)
     lr: float = 3e-3  # above Adam's usual 1e-3: a small GRU under a time budget learns faster, clipping keeps it stable
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {"limit": 30_000, "eval_chars": 2000, "batches_per_epoch": 10, "epochs": 2, "batch_size": 32,
                   "sample_chars": 40, "progress": False},
-        "quick": {"time_budget_s": 110.0, "batches_per_epoch": 100},
-        # The issue #6 comparison: char-rnn and gpt-pretrain each train for the same 10 minutes.
-        "compare": {"time_budget_s": 600.0, "progress": False},
-        # The book's schedule: full passes over every window of the training text, with larger batches.
+        # Ours, not the book's: 110 s of training on windows of 100 characters (the gate was measured so).
+        "quick": {"time_budget_s": 110.0, "batches_per_epoch": 100, "seq_len": 100},
+        # The issue #6 comparison (ours): char-rnn and gpt-pretrain each train for the same 10 minutes.
+        "compare": {"time_budget_s": 600.0, "progress": False, "seq_len": 100},
+        # The book's model and window of 50 (the defaults); full passes over every window of the training text.
+        # Batches of 512 and 10 passes are ours.
         "book": {"batches_per_epoch": 0, "epochs": 10, "batch_size": 512},
     }
 
@@ -100,8 +103,9 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     run.write_json("results.json", results)
     run.log(kind="eval", **{k: v for k, v in results.items() if isinstance(v, (int, float))})
     report = Report("Character RNN on Shakespeare", NAME, "14", SHAKESPEARE_SOURCE)
-    report.compare("validation accuracy (next character)", results["val_accuracy"], BOOK_VAL_ACCURACY,
-                   f"windows of {config.seq_len} characters, state reset per window as the book's")
+    report.compare("validation accuracy (next character)", results["val_accuracy"], None,
+                   f"windows of {config.seq_len} characters, state reset per window as the book's; the book prints "
+                   "no accuracy for this model")
     report.compare("held-out accuracy (next character)", results["held_out_accuracy"], None, "read in one pass")
     report_common(report, run, config, text, results, trainer)
     report.write(run.path, time.time() - started)

@@ -1,9 +1,11 @@
 """`image-classifier`: the book's Fashion-MNIST MLP, 784-300-100-10 (chapter 10).
 
-Book source: Fashion-MNIST, downloaded with checksums (60,000 training images of which the last 5,000 validate,
-10,000 test). Offline: scikit-learn's 8x8 digits (`data=digits`), split 65/15/20 stratified. Every run trains a
-logistic-regression baseline on the same split, and the report puts both beside the book's ~87.2% validation
-accuracy (which is for Fashion-MNIST only).
+Book source: Fashion-MNIST (Debian's checksummed copy, or the canonical download): the 60,000 training images
+are cut into 55,000 training and 5,000 validation images with `torch.utils.data.random_split` after seeding with 42,
+as the book does (the same indices), and the 10,000 test images are kept for the test. With the book's settings
+(SGD lr 0.002, momentum 0.9, batch 32, 20 epochs) the book reports 87.2% accuracy on the validation set. Offline
+without Fashion-MNIST: scikit-learn's 8x8 digits (`data=digits`), split 65/15/20 stratified, for which the book
+has no figure. Every run trains a logistic-regression baseline on the same split.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torchbook.runs import RunDir
 from torchbook.train import TrainConfig, Trainer
 
 NAME = "image-classifier"
-BOOK_VAL_ACCURACY = 0.872  # Fashion-MNIST, 784-300-100-10, 20 epochs
+BOOK_VAL_ACCURACY = 0.872  # chapter 10: "87.2% accuracy on the validation set" (Fashion-MNIST, 784-300-100-10, 20 epochs)
 
 
 @dataclass
@@ -41,11 +43,13 @@ class Config(TrainConfig):
     optimizer: str = "sgd"
     lr: float = 0.002
     momentum: float = 0.9
+    restore_best: bool = False  # the book reports the model after its 20 epochs, not the best epoch's weights
     limit: int = 0  # use only this many training images (0 = all), for smoke runs
+    baseline: bool = True  # also fit the logistic-regression baseline (about 30 s on Fashion-MNIST; off for tuning)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {"data": "digits", "epochs": 3, "limit": 600, "optimizer": "adam", "lr": 3e-3},
-        "quick": {"data": "digits", "epochs": 60, "optimizer": "adam", "lr": 1e-3, "patience": 15},
+        "quick": {"data": "digits", "epochs": 60, "optimizer": "adam", "lr": 1e-3, "patience": 15, "restore_best": True},
         "book": {},
     }
 
@@ -131,7 +135,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     val = trainer.evaluate(prep.val)
     test = trainer.evaluate(prep.test)
     save_model(model, run.model_dir, extra={"classes": data.classes, "image_shape": list(data.images.shape[1:])})
-    baseline = logistic_baseline(prep)
+    baseline = logistic_baseline(prep) if config.baseline else None
     results = {"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                "baseline_logistic_test_accuracy": baseline, "dataset": data.name}
     run.write_json("results.json", results)
@@ -139,13 +143,18 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
     predictions = trainer.predict(prep.test).argmax(1).numpy()
     confusion_plot(run.plots / "confusion_matrix.png", prep.test_y, predictions, data.classes)
-    book_note = "book: Fashion-MNIST validation" if data.name == "fashion-mnist" else "book's figure is for Fashion-MNIST"
-    report.compare("validation accuracy", val["accuracy"], BOOK_VAL_ACCURACY, book_note)
+    if data.name == "fashion-mnist":
+        report.compare("validation accuracy", val["accuracy"], BOOK_VAL_ACCURACY,
+                       f"the book's split (random_split, seed {config.seed}): {len(prep.splits['val']):,} images")
+    else:
+        report.compare("validation accuracy", val["accuracy"], None,
+                       "the book's figure (87.2%) is for Fashion-MNIST; it has none for digits")
     report.compare("test accuracy", test["accuracy"], None, f"{len(prep.test_y):,} test images")
-    report.compare("logistic-regression baseline, test accuracy", baseline, None, "same split, same run")
-    verdict = "beats" if test["accuracy"] > baseline else "does NOT beat"
-    report.text("Verdict", f"The MLP {verdict} the logistic-regression baseline on the test set "
-                           f"({test['accuracy']:.4f} vs {baseline:.4f}).")
+    if baseline is not None:
+        report.compare("logistic-regression baseline, test accuracy", baseline, None, "same split, same run")
+        verdict = "beats" if test["accuracy"] > baseline else "does NOT beat"
+        report.text("Verdict", f"The MLP {verdict} the logistic-regression baseline on the test set "
+                               f"({test['accuracy']:.4f} vs {baseline:.4f}).")
     report.table("Data split", ["split", "images"], [[k, len(v)] for k, v in prep.splits.items()])
     report.image("Learning curves", run.plots / "learning_curves.png", run.path)
     report.image("Confusion matrix (test)", run.plots / "confusion_matrix.png", run.path)

@@ -32,8 +32,13 @@ SOURCE = ("synthetic data drawn with NumPy default_rng(42) exactly as the book d
           "iris (Fisher, 1936) bundled with scikit-learn")
 BOOK = {
     "normal_theta": (3.69084138, 3.32960458), "batch_gd_theta": (3.69084138, 3.32960458),
-    "sgd_theta": (3.698, 3.307), "poly_intercept": 2.00540719, "poly_coef": (1.11022126, 0.50526985),
+    "sgd_theta": (3.69826475, 3.30748311), "poly_intercept": 2.00540719, "poly_coef": (1.11022126, 0.50526985),
     "iris_boundary": 1.65, "softmax_proba": (0.0, 0.04, 0.96),
+}
+# Chapter 4 prints each regularized model's prediction for x = 1.5 (the elastic net's with 7 decimals).
+BOOK_REGULARIZED_AT_1_5 = {
+    "ridge (alpha 0.1, closed form)": 1.84414523, "ridge by SGD (l2 penalty)": 1.83659707,
+    "lasso (alpha 0.1)": 1.87550211, "elastic net (alpha 0.1, l1_ratio 0.5)": 1.8645014,
 }
 
 
@@ -200,20 +205,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     line_plot(run.plots / "learning_curves.png", curves, "Learning curves (quadratic data)", "training set size",
               "RMSE")
 
-    xr, yr = regularization_data(20, config.seed)
-    x_new = np.array([[1.5]])
-    regularized = {
-        "ridge (alpha 0.1, closed form)": Ridge(alpha=0.1, solver="cholesky"),
-        "ridge by SGD (l2 penalty)": SGDRegressor(penalty="l2", alpha=0.1 / 20, tol=None, max_iter=1000, eta0=0.01,
-                                                  random_state=config.seed),
-        "lasso (alpha 0.1)": Lasso(alpha=0.1),
-        "elastic net (alpha 0.1, l1_ratio 0.5)": ElasticNet(alpha=0.1, l1_ratio=0.5),
-        "plain linear regression": LinearRegression(),
-    }
-    regularized_rows = []
-    for name, model in regularized.items():
-        model.fit(xr, yr.ravel())
-        regularized_rows.append([name, float(model.predict(x_new)[0]), float(np.ravel(model.coef_)[0])])
+    regularized_rows = regularized_models(config.seed)
     results["regularized_predictions_at_1.5"] = {row[0]: row[1] for row in regularized_rows}
 
     xe, ye = quadratic_data(100, config.seed)  # the book's early-stopping set: 100 points, halves train / validate
@@ -239,6 +231,26 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     run.log(kind="eval", **{k: v for k, v in results.items() if isinstance(v, (int, float))})
     write_report(report, run, results, regularized_rows)
     return run
+
+
+def regularized_models(seed: int = 42) -> list[list[Any]]:
+    """Ridge (closed form and SGD), lasso and elastic net on the 20 noisy points, as chapter 4 fits them: rows of
+    (model, prediction at x = 1.5, slope, the book's printed prediction or None)."""
+    xr, yr = regularization_data(20, seed)
+    regularized = {
+        "ridge (alpha 0.1, closed form)": Ridge(alpha=0.1, solver="cholesky"),
+        "ridge by SGD (l2 penalty)": SGDRegressor(penalty="l2", alpha=0.1 / 20, tol=None, max_iter=1000, eta0=0.01,
+                                                  random_state=seed),
+        "lasso (alpha 0.1)": Lasso(alpha=0.1),
+        "elastic net (alpha 0.1, l1_ratio 0.5)": ElasticNet(alpha=0.1, l1_ratio=0.5),
+        "plain linear regression": LinearRegression(),
+    }
+    rows = []
+    for name, model in regularized.items():
+        model.fit(xr, yr.ravel())
+        rows.append([name, float(model.predict([[1.5]])[0]), float(np.ravel(model.coef_)[0]),
+                     BOOK_REGULARIZED_AT_1_5.get(name)])
+    return rows
 
 
 def iris_models(config: Config) -> dict[str, Any]:
@@ -267,11 +279,11 @@ def write_report(report: Report, run: RunDir, results: dict[str, Any], regulariz
 
     for key, label in (("normal_theta", "normal equation theta"), ("batch_gd_theta", "batch GD theta (lr 0.1)"),
                        ("sgd_theta", "SGD theta (t0 5, t1 50, 50 epochs)")):
-        report.compare(label, pair(results[key], 4), pair(BOOK[key], 4 if key != "sgd_theta" else 3))
+        report.compare(label, pair(results[key], 8), pair(BOOK[key], 8))
     report.compare("mini-batch GD theta (batch 20)", pair(results["minibatch_theta"], 4), None, "the book prints none")
     report.compare("scikit-learn SGDRegressor theta", pair(results["sklearn_sgd_theta"], 4), None)
-    report.compare("polynomial (degree 2) intercept", round(results["poly_intercept"], 6), BOOK["poly_intercept"])
-    report.compare("polynomial coefficients", pair(results["poly_coef"], 6), pair(BOOK["poly_coef"], 6))
+    report.compare("polynomial (degree 2) intercept", round(results["poly_intercept"], 8), BOOK["poly_intercept"])
+    report.compare("polynomial coefficients", pair(results["poly_coef"], 8), pair(BOOK["poly_coef"], 8))
     report.compare("iris logistic decision boundary (petal width, cm)", round(results["iris_boundary"], 3),
                    BOOK["iris_boundary"])
     report.compare("softmax (C=30) probabilities for petal (5, 2)", pair(results["softmax_proba"], 2),
@@ -280,7 +292,9 @@ def write_report(report: Report, run: RunDir, results: dict[str, Any], regulariz
     report.compare("early stopping: best epoch", results["early_stopping_best_epoch"], None,
                    f"validation RMSE {results['early_stopping_best_val_rmse']:.4f}")
     report.table("Regularized models on 20 noisy points: prediction at x = 1.5 and slope",
-                 ["model", "prediction", "slope"], regularized_rows)
+                 ["model", "prediction", "book's prediction", "slope"],
+                 [[name, f"{ours:.8f}", "-" if book is None else f"{book}", slope]
+                  for name, ours, slope, book in regularized_rows])
     for name, heading in (("gradient_descent_paths", "Gradient descent paths in parameter space"),
                           ("learning_curves", "Learning curves"), ("early_stopping", "Early stopping"),
                           ("iris_logistic", "Iris: estimated probability of virginica")):

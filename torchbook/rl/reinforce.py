@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchbook.errors import unknown
 from torchbook.rl.envs import make_env, require_discrete
 from torchbook.rl.networks import CategoricalPolicy, PolicyConfig
 from torchbook.rl.tabular import discounted_returns
@@ -30,6 +31,7 @@ class ReinforceConfig:
     episodes_per_iteration: int = 10
     gamma: float = 0.95
     lr: float = 0.01
+    optimizer: str = "adam"  # adam or nadam (chapter 19's REINFORCE uses NAdam, lr 0.06)
     hidden: list[int] = field(default_factory=lambda: [5])
     seed: int = 42
 
@@ -39,7 +41,10 @@ def train_reinforce(config: ReinforceConfig, log: Callable[..., Any] | None = No
     env = make_env(config.env_id, config.max_episode_steps or None)
     n_actions = require_discrete(env, "REINFORCE")
     policy = CategoricalPolicy(PolicyConfig(int(np.prod(env.observation_space.shape)), n_actions, list(config.hidden)))
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+    optimizers = {"adam": torch.optim.Adam, "nadam": torch.optim.NAdam}
+    if config.optimizer not in optimizers:
+        raise unknown("optimizer", config.optimizer, optimizers)
+    optimizer = optimizers[config.optimizer](policy.parameters(), lr=config.lr)
     started, steps, episode = time.perf_counter(), 0, 0
     for iteration in range(config.iterations):
         log_probs, returns, totals = [], [], []

@@ -24,7 +24,6 @@ from torchbook.train.config import TrainConfig
 from torchbook.train.steps import next_token_step
 from torchbook.train.trainer import Trainer
 
-BOOK_VAL_ACCURACY = 0.55  # chapter 14: "about 55%" next-character accuracy on the validation text
 LN2 = math.log(2)
 
 
