@@ -200,7 +200,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise UserInputError(f"config file {str(path)!r} does not exist; give a config.json written by a run")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserInputError(f"config file {str(path)!r} is not text (not UTF-8); give a config.json written by a "
+                             "run") from None
     except json.JSONDecodeError as e:
         raise UserInputError(f"config file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from torchbook.config import C, build_config, to_dict
-from torchbook.errors import CheckpointError, RunExists, RunFinished
+from torchbook.errors import CheckpointError, RunExists, RunFinished, UserInputError
 from torchbook.io import (
     atomic_write_json,
     atomic_write_text,
@@ -129,6 +129,13 @@ class RunDir:
         if not is_read_only(p):
             p.mkdir(parents=True, exist_ok=True)
         return p
+
+    def require(self, recipes: tuple[str, ...], purpose: str) -> RunDir:
+        """This run, if it is a run of one of `recipes`; else an error saying what `purpose` needs."""
+        if self.recipe not in recipes:
+            raise UserInputError(f"{str(self.path)!r} is a {self.recipe} run; {purpose} needs a run of "
+                                 f"{' or '.join(recipes)}")
+        return self
 
     @property
     def finished(self) -> bool:

@@ -16,12 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from torchbook.data.timeseries import load_ridership
-    from torchbook.errors import UserInputError
     from torchbook.recipes.ridership import forecast, plot_forecast
     from torchbook.runs import RunDir
 
-    if args.days < 1:
-        raise UserInputError(f"--days {args.days} must be at least 1")
     table = forecast(args.run_dir, args.days, args.end)
     print(table.to_string())
     path = RunDir.open(args.run_dir).plots / f"forecast-{table.index[0].date()}-{args.days}d.png"

@@ -10,6 +10,7 @@ the prompt is read from stdin. Greedy by default (`--temperature 0`); `--seed` m
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
     parser.add_argument("--seed", type=int, help="random seed for sampling (default: a fresh one)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="stop when the text contains TEXT (repeatable; TEXT is not printed)")
+                        help="stop when the text contains TEXT (repeatable; TEXT is not printed; \\n and \\t are a newline and a tab)")
     parser.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
     parser.add_argument("--quantize", choices=["int8", "int4"],
                         help="weight-only quantized layers for faster decoding on the CPU (a GGUF file keeps its own "
@@ -45,10 +46,20 @@ def split_words(words: list[str], chat: bool) -> tuple[str | None, str | None]:
     if not words:
         return None, None
     first = words[0]
+    if not first.strip():  # an empty word is an (empty) prompt, never the current folder
+        return (None, " ".join(words)) if chat else (None, None)
     looks_like_model = Path(first).exists() or (HUB_ID.match(first) is not None and " " not in first)
     if chat and not looks_like_model:
         return None, " ".join(words)
     return first, " ".join(words[1:]) or None
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`--stop "\\n"` as a newline: the shell passes a backslash and an n, which no one means literally."""
+    return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -59,6 +70,14 @@ def main(args: argparse.Namespace) -> int:
     from torchbook.generate.text import generate_text
     from torchbook.hub.prompts import chat_prompt, messages_for
 
+    # Arguments are checked before the model loads (seconds): a wrong value answers at once.
+    if args.max_new_tokens < 1:
+        raise UserInputError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
+    sampling.validate()
+    if args.system and not args.chat:
+        raise UserInputError("--system needs --chat")
+    stops = [unescape(stop) for stop in args.stop]
     model_name, prompt = split_words(args.words, args.chat)
     if model_name is None:
         if not args.chat:
@@ -71,10 +90,8 @@ def main(args: argparse.Namespace) -> int:
         if sys.stdin.isatty():
             print("reading the prompt from stdin (end with Ctrl-D)", file=sys.stderr)
         prompt = sys.stdin.read().rstrip("\n")
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
-    sampling.validate()
-    if args.system and not args.chat:
-        raise UserInputError("--system needs --chat")
+    if not prompt.strip():
+        raise UserInputError("the prompt is empty; give some text (as an argument or on stdin)")
 
     loaded = torchbook.load(model_name, quantize=args.quantize)
     if loaded.tokenizer is None or not hasattr(loaded.model, "decode_step"):
@@ -90,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    completion = generate_text(loaded.model, tokenizer, prompt, args.max_new_tokens, sampling, stop=args.stop,
+    completion = generate_text(loaded.model, tokenizer, prompt, args.max_new_tokens, sampling, stop=stops,
                                end_ids=ends, on_text=None if args.no_stream else stream,
                                add_special_tokens=add_special_tokens)[0]
     if args.no_stream:

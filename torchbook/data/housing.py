@@ -14,6 +14,7 @@ NUMERIC_INPUTS = ["longitude", "latitude", "housing_median_age", "total_rooms", 
                   "households", "median_income"]
 CATEGORICAL_INPUTS = ["ocean_proximity"]
 INPUTS = NUMERIC_INPUTS + CATEGORICAL_INPUTS
+OCEAN_PROXIMITY = ("<1H OCEAN", "INLAND", "ISLAND", "NEAR BAY", "NEAR OCEAN")  # the book's five categories
 INCOME_BINS = [0.0, 1.5, 3.0, 4.5, 6.0, np.inf]
 
 

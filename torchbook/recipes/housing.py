@@ -37,6 +37,7 @@ from torchbook.data.housing import (
     INCOME_BINS,
     INPUTS,
     NUMERIC_INPUTS,
+    OCEAN_PROXIMITY,
     TARGET,
     Split,
     income_category,
@@ -173,9 +174,16 @@ def check_districts(frame: pd.DataFrame, source: str = "the input") -> pd.DataFr
         values = frame[column].dropna()
         if not values.map(lambda v: isinstance(v, str)).all():
             mistyped.append(f"{column} (expected text such as 'INLAND')")
+        else:
+            unknown_values = sorted(set(values) - set(OCEAN_PROXIMITY))
+            if unknown_values:
+                mistyped.append(f"{column} (unknown value(s) {', '.join(map(repr, unknown_values))}; accepted: "
+                                f"{', '.join(OCEAN_PROXIMITY)})")
         frame[column] = frame[column].astype(object)
     if mistyped:
         raise UserInputError(f"{source} has mistyped column(s): {'; '.join(mistyped)}")
+    if frame.empty:
+        raise UserInputError(f"{source} has a header but no rows; give at least one district")
     return frame
 
 

@@ -10,6 +10,7 @@ ladder with `seeds` seeds each and reports the median beside the book's figure.
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 import time
 import warnings
@@ -42,6 +43,7 @@ from torchbook.runs import RunDir
 from torchbook.train import Step, TrainConfig, Trainer
 
 NAME = "ridership"
+MAX_FORECAST_DAYS = 366
 SEQ_LEN = 56
 BOOK_NAIVE_MAE = 42_143
 BOOK_SARIMA_MAE = 32_041
@@ -308,7 +310,17 @@ def forecast(run_dir: RunDir | str, days: int = 14, end: str | None = None) -> p
     A multi-day model forecasts directly (up to its horizon); a next-day univariate model is rolled out.
     The day type after the last known day is taken from the calendar (weekday, Saturday, Sunday).
     """
-    run = RunDir.open(run_dir)
+    run = RunDir.open(run_dir).require((NAME,), "forecasting")
+    if days < 1 or days > MAX_FORECAST_DAYS:
+        raise UserInputError(f"days={days} must be between 1 and {MAX_FORECAST_DAYS} (at most a year)", param="days")
+    if end is not None:
+        valid = re.fullmatch(r"\d{4}-\d{2}-\d{2}", end) is not None
+        try:
+            pd.Timestamp(end)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise UserInputError(f"the end date {end!r} is not a date; give YYYY-MM-DD", param="end")
     loaded = torchbook.load(run.path)
     model: Forecaster = loaded.model
     name = loaded.meta["extra"].get("rung", "?")

@@ -170,6 +170,7 @@ def translate(
 
 def translate_run(run_dir: str, texts: Sequence[str], beam: int = 1, length_penalty: float = 1.0) -> list[str]:
     """Load a translator run folder (either recipe) and translate `texts`."""
+    RunDir.open(run_dir).require(("translator", "translator-rnn"), "translating")
     loaded = torchbook.load(run_dir)
     if loaded.tokenizer is None or not hasattr(loaded.model, "start_decoding"):
         raise CheckpointError(f"{run_dir!r} is not a translator run (no tokenizer.json or no decoding model)")
