@@ -89,3 +89,25 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for command in ("list", "run", "report", "eval"):
         assert command in out
+
+
+def test_run_recipe_help_lists_its_config_keys_and_presets(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "breakout-ppo", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "total_steps" in out and "int" in out and "medium:" in out and "smoke:" in out
+    assert "quick:" not in out  # breakout-ppo has no quick preset, and its help does not pretend it has
+
+
+def test_threads_flag_sets_torchs_threads(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["list", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["list", "--threads", "0"]) == 2
+        assert "--threads 0 must be at least 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -8,8 +8,10 @@ are parsed according to the field's type, so `lr=0.01 epochs=3 hidden=[300,100]`
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,7 +21,8 @@ from torchbook.errors import UserInputError, closest_first, unknown
 
 C = TypeVar("C")
 
-PRESET_NAMES_DOC = "smoke (seconds, whole pipeline), quick (about 2 minutes, the quality gate), book (the book's)"
+PRESET_NAMES_DOC = ("a recipe's named settings, usually smoke (seconds, the whole pipeline), quick (minutes, the quality "
+                    "gate) and book (the book's); `torchbook run RECIPE --help` lists a recipe's own")
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -135,6 +138,42 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 def presets_of(cls: type) -> dict[str, dict[str, Any]]:
     return dict(getattr(cls, "PRESETS", {}))
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help: the comment on its line in the class body (`lr: float = 1e-3  # ...`), inherited
+    fields included (the nearest class's comment wins). Comments are the documentation of a config."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass.__module__ == "builtins":
+            continue
+        try:
+            lines, _ = inspect.getsourcelines(klass)
+        except (OSError, TypeError):
+            continue
+        for line in lines:
+            match = re.match(r"^\s{4}(\w+)\s*:[^#]*#\s*(.+)$", line)
+            if match:
+                helps[match.group(1)] = match.group(2).strip()
+    return helps
+
+
+def describe_config(cls: type) -> str:
+    """A config's keys (type, default, help) and presets, for `torchbook run RECIPE --help`."""
+    defaults = cls()  # type: ignore[call-arg]
+    helps = field_help(cls)
+    types_ = field_types(cls)
+    rows = [(f.name, describe_type(types_[f.name]), repr(getattr(defaults, f.name)), helps.get(f.name, ""))
+            for f in dataclasses.fields(cls)]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    out = ["config keys (give them as key=value; type, default, what it does):"]
+    out += [f"  {n:<{width[0]}}  {t:<{width[1]}}  {d:<{width[2]}}  {h}".rstrip() for n, t, d, h in rows]
+    presets = presets_of(cls)
+    out.append("presets (--preset NAME):" if presets else "presets: none")
+    for name, values in presets.items():
+        shown = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "the defaults"
+        out.append(f"  {name}: {shown}")
+    return "\n".join(out)
 
 
 def split_override(item: str, types_: dict[str, Any], expected: str = "key=value") -> tuple[str, str]:

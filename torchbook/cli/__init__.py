@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -154,22 +155,50 @@ def plugin_commands() -> list[Any]:
     return sorted(found, key=lambda m: m.NAME)
 
 
+class RecipeHelp(argparse.Action):
+    """`torchbook run RECIPE --help`: the command's help, then the recipe's config keys and presets."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show this help; after RECIPE, also the recipe's config keys and presets")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.print_help()
+        name = getattr(namespace, "recipe", None)
+        if name:
+            from torchbook.config import describe_config
+            from torchbook.recipes import get_recipe
+
+            try:
+                recipe = get_recipe(name)
+            except TorchbookError as e:
+                parser.exit(EXIT_USAGE, f"torchbook: error: {e}\n")
+            print(f"\n{recipe.name} (chapter {recipe.chapter}): {recipe.summary}\n")
+            print(describe_config(recipe.config))
+        parser.exit()
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="torchbook", description="Run, study and use every system of the book.")
     parser.add_argument("--version", action="version", version=f"torchbook {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
-    p = sub.add_parser("list", help="list the implemented recipes with their chapter")
+    p = sub.add_parser("list", help="list the implemented recipes with their chapter",
+                       description="List every recipe (a system of the book) with its chapter and a one-line summary. "
+                                   "`torchbook run RECIPE --help` shows a recipe's config keys and presets.")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser(
         "run",
+        add_help=False,
         help="train a recipe and write its run folder",
         description="Train RECIPE, evaluate it against the book's figure, write runs/RECIPE/RUN-ID/.",
         epilog="Examples: torchbook run image-classifier --preset quick | "
         "torchbook run regression-mlp lr=0.01 epochs=5 | torchbook run image-classifier --resume runs/image-classifier/ID",
     )
+    p.add_argument("-h", "--help", action=RecipeHelp)
     p.add_argument("recipe", help="recipe name (see `torchbook list`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, parsed by the field's type")
     p.add_argument("--preset", help=f"named settings: {PRESET_NAMES_DOC}")
@@ -179,11 +208,15 @@ def build_parser() -> Parser:
     p.add_argument("--overwrite", action="store_true", help="replace --run-dir if it already holds a run")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("report", help="print a run's report.md")
+    p = sub.add_parser("report", help="print a run's report.md",
+                       description="Print RUN_DIR/report.md: our figures beside the book's, the data source, the "
+                                   "wall-clock time and the plots' paths. An unfinished or failed run says so.")
     p.add_argument("run_dir", help="a run folder")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("eval", help="re-evaluate a finished run folder and print its metrics as JSON")
+    p = sub.add_parser("eval", help="re-evaluate a finished run folder and print its metrics as JSON",
+                       description="Reload RUN_DIR's saved model (checksums verified) and evaluate it again on the "
+                                   "run's own test data; prints the metrics as JSON.")
     p.add_argument("run_dir", help="a run folder")
     p.set_defaults(func=cmd_eval)
 
@@ -191,9 +224,26 @@ def build_parser() -> Parser:
         p = sub.add_parser(module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
         module.add_arguments(p)
         p.set_defaults(func=module.main)
-    for command in sub.choices.values():  # each command's own options, to name the one an error is about
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=int, metavar="N",
+                             help="CPU threads for torch (default: one per core; threads that find the cores busy "
+                                  "wait passively, so other work on the machine does not stall them)")
+        # each command's own options, to name the one an error is about
         command.set_defaults(flags={o for action in command._actions for o in action.option_strings})
     return parser
+
+
+def set_threads(threads: int | None) -> None:
+    """Before torch is imported: OpenMP threads that wait passively (measured on 2 busy cores, a char-rnn smoke run
+    took 90 s with spinning threads, 23 s passive, 20 s with one thread; docs/training.md), and `--threads N`."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads is not None:
+        if threads < 1:
+            raise UserInputError(f"--threads {threads} must be at least 1")
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        import torch  # only when asked: the number of threads of an already-imported torch is set here
+
+        torch.set_num_threads(threads)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        set_threads(getattr(args, "threads", None))
         return int(args.func(args) or 0)
     except TorchbookError as e:
         flag = f"--{e.param.replace('_', '-')}" if e.param else ""
