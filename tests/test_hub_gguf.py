@@ -153,3 +153,24 @@ def test_every_tested_quantization_type_loads_exactly(tmp_path, qtype):
     assert error < precision, error
     if qtype != "F32":
         assert error > 0  # the weights really went through the type
+
+
+def test_a_damaged_gguf_file_is_refused_not_run(tmp_path):
+    """GGUF carries no checksum: bytes overwritten inside a tensor show as NaN or infinite weights, which the loader
+    refuses (naming the tensor) instead of generating empty text."""
+    import transformers as T
+
+    from torchbook.hub.gguf import read_gguf
+
+    torch.manual_seed(0)
+    hf = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(hf, path, "F32")
+    read_gguf(path)  # intact: loads
+    data = bytearray(path.read_bytes())
+    nan = np.array([np.nan], dtype=np.float32).tobytes()
+    data[-400:-396] = nan  # inside the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="NaN or infinite values: the file is damaged"):
+        read_gguf(path)

@@ -133,6 +133,9 @@ def read_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[GPTConfig, d
                 raise CheckpointError(f"tensor {tensor.name!r} has the quantization type {kind}, which cannot be "
                                       f"dequantized; tested types: {', '.join(TESTED_TYPES)}") from None
             value = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
+        if not bool(torch.isfinite(value).all()):  # GGUF has no checksum: damage shows as NaN or infinite weights
+            raise CheckpointError(f"tensor {tensor.name!r} of {str(path)!r} holds NaN or infinite values: the file is "
+                                  "damaged (a GGUF file carries no checksum); download it again")
         if tensor.name == "token_embd.weight":
             state["embed.weight"] = value
             if blocks is not None and keep_blocks and config.tie_embeddings:
