@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from torchbook.io import atomic_write_bytes  # noqa: E402
 
@@ -45,20 +46,30 @@ def line_plot(
     return save_figure(fig, path)
 
 
+NOT_CURVES = {"time_s", "time"}  # bookkeeping in the epoch records (cumulative seconds), not a learning curve
+
+
 def learning_curves(path: str | Path, epochs: Sequence[Mapping[str, Any]], title: str = "Learning curves") -> Path:
-    """Train and validation loss (and every metric) per epoch, from the trainer's `kind=epoch` records."""
+    """Training and validation loss, and each validation metric, per epoch, from the trainer's `kind=epoch`
+    records (one panel per measure; the panel's title says which sets it shows)."""
     keys = sorted({k for e in epochs for k in e if k.startswith(("train_", "val_")) and isinstance(e[k], (int, float))})
-    names = sorted({k.split("_", 1)[1] for k in keys})
-    fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 3.8), squeeze=False)
+    names = sorted({k.split("_", 1)[1] for k in keys} - NOT_CURVES, key=lambda n: (n != "loss", n))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 3.8), squeeze=False, layout="constrained")
+    labels = {"train": "training", "val": "validation"}
     for ax, name in zip(axes[0], names, strict=True):
+        shown = []
         for split in ("train", "val"):
-            key = f"{split}_{name}"
-            points = [(e["epoch"], e[key]) for e in epochs if key in e]
+            points = [(e["epoch"], e[f"{split}_{name}"]) for e in epochs if f"{split}_{name}" in e]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=split)
-        ax.set_title(name)
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3 if len(points) > 1 else 7,
+                        label=labels[split])
+                shown.append(labels[split])
+        ax.set_title(f"{name} ({' and '.join(shown)})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
+        if len(epochs) == 1:
+            ax.text(0.5, 0.05, "one epoch: a single point", transform=ax.transAxes, ha="center", fontsize=8)
     fig.suptitle(title)
     return save_figure(fig, path)

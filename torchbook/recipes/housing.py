@@ -389,7 +389,14 @@ def exploration_plots(run: RunDir, train: pd.DataFrame) -> None:
     save_figure(fig, run.plots / "correlations.png")
 
     attributes = [TARGET, "median_income", "total_rooms", "housing_median_age"]
-    axes = scatter_matrix(train[attributes], figsize=(9, 7), alpha=0.2, s=3)
+    axes = scatter_matrix(train[attributes], figsize=(10, 8), alpha=0.2, s=3)
+    for ax in axes.ravel():  # large values in thousands, few ticks: the labels no longer collide
+        ax.xaxis.set_major_locator(plt.MaxNLocator(3))
+        ax.yaxis.set_major_locator(plt.MaxNLocator(3))
+        ax.tick_params(labelsize=7)
+        ax.xaxis.label.set_rotation(20)
+        ax.yaxis.label.set_rotation(70)
+        ax.yaxis.label.set_ha("right")
     save_figure(axes[0, 0].get_figure(), run.plots / "scatter_matrix.png")
 
     axes = train[NUMERIC_INPUTS + [TARGET]].hist(bins=50, figsize=(11, 8))

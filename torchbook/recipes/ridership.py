@@ -251,11 +251,15 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
     report.table("Validation MAE (riders)", ["model", "ours (median)", "seeds", "book", "ours vs book", "note"], rows)
     if best is not None:
-        _, best_name, best_model = best
+        best_mae, best_name, best_model = best
         save_model(best_model, run.model_dir, extra={"rung": best_name, **dataclasses.asdict(LADDER[best_name])})
         forecast_plot(run.plots / "validation_forecasts.png", frame, best_name, best_model)
-        report.image(f"Validation period: {best_name} (best model) against the truth", run.plots / "validation_forecasts.png",
-                     run.path)
+        versus = ""
+        if naive:  # the baseline may win (a smoke run's few epochs): the heading says so rather than "best model"
+            versus = (f"; {'worse' if best_mae > naive else 'better'} than the naive baseline ({best_mae:,.0f} against "
+                      f"{naive:,.0f}; naive is measured on March-May 2019 only)")
+        report.image(f"Validation period: {best_name}, the best of the trained models{versus}, against the truth",
+                     run.plots / "validation_forecasts.png", run.path)
         summary["best"] = best_name
     if len(names) > 1:
         report.text("Ordering", ordering_text(summary))
@@ -360,6 +364,8 @@ def plot_forecast(path: Any, frame: pd.DataFrame, table: pd.DataFrame) -> None:
     ax.plot(table.index, table["rail_forecast"], marker="o", markersize=3, label="forecast")
     ax.legend()
     ax.grid(alpha=0.3)
+    ax.set_ylabel("riders per day")
+    fig.autofmt_xdate()  # slanted dates that do not overlap
     save_figure(fig, path)
 
 
