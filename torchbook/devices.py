@@ -39,6 +39,15 @@ def check_device(name: str) -> None:
                              f"{', '.join(available_devices())}", param="device")
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights are (the CPU for a model without any): tensors made for it go there."""
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
 def choose_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA, then Apple's MPS, then the CPU; another name is checked and used as it is."""
     check_device(name)

@@ -104,11 +104,15 @@ class Sampler:
         self.prompt_mask = None if prompt_mask is None else prompt_mask.to(device).bool()
         self.config = config or SamplingConfig()
         self.config.validate()
-        self.generator = torch.Generator(device=device)
+        self.generator = self._generator(torch.device(device))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
         if self.config.seed is None:
-            self.generator.seed()
+            generator.seed()
         else:
-            self.generator.manual_seed(self.config.seed)
+            generator.manual_seed(self.config.seed)
+        return generator
 
     def real_tokens(self, sequence: Tensor) -> Tensor | None:
         """Which positions of `sequence` are real tokens (None: all)."""
@@ -122,4 +126,6 @@ class Sampler:
         if self.config.greedy:
             return logits.argmax(dim=-1)
         probs = logits.softmax(-1)
+        if self.generator.device != probs.device:  # the logits' device decides: a generator must be on it
+            self.generator = self._generator(probs.device)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)

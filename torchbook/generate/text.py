@@ -85,12 +85,11 @@ def generate_text(
 
     device = next(model.parameters()).device
     batch = len(encoded)
-    tokens = torch.zeros(batch, longest, dtype=torch.long)
-    mask = torch.zeros(batch, longest, dtype=torch.long)
+    tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
     for i, ids in enumerate(encoded):  # left padding: every row's last token is its prompt's last
-        tokens[i, longest - len(ids) :] = torch.tensor(ids)
+        tokens[i, longest - len(ids) :] = torch.tensor(ids, device=device)
         mask[i, longest - len(ids) :] = 1
-    tokens, mask = tokens.to(device), mask.to(device)
     padded = bool((mask == 0).any())
     state = model.start_decoding(batch, attention_mask=mask) if padded else model.start_decoding(batch)
 
@@ -100,7 +99,7 @@ def generate_text(
     ended = [False] * batch
 
     def on_step(next_tokens: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
-        stopped = torch.zeros(batch, dtype=torch.bool)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=next_tokens.device)
         for row, token in enumerate(next_tokens.tolist()):
             if ended[row]:
                 continue

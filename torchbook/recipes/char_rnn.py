@@ -31,6 +31,7 @@ from torch import Tensor
 import torchbook
 from torchbook.data.sources import SHAKESPEARE_SOURCE
 from torchbook.data.tokenizers import char_ids, char_tokenizer, save_tokenizer
+from torchbook.devices import device_of
 from torchbook.errors import UserInputError
 from torchbook.hub import save_model
 from torchbook.models.char_rnn import CharRNN, CharRNNConfig
@@ -118,7 +119,8 @@ def rnn_nats(model: CharRNN, ids: Tensor, first_input: int, chunk: int = 2000) -
     state carried from chunk to chunk; the first character is predicted from `first_input` (the character
     before the text) read from an empty state."""
     model.eval()
-    inputs = torch.cat([torch.tensor([first_input]), ids[:-1]])
+    ids = ids.to(device_of(model))
+    inputs = torch.cat([torch.tensor([first_input], device=ids.device), ids[:-1]])
     hidden, nats, correct = None, 0.0, 0
     for start in range(0, len(ids), chunk):
         logits, hidden = model(inputs[None, start : start + chunk], hidden)

@@ -23,6 +23,7 @@ import torch
 import torchbook
 from torchbook.data.sources import SHAKESPEARE_SOURCE
 from torchbook.data.tokenizers import save_tokenizer, special_ids, train_bpe
+from torchbook.devices import device_of
 from torchbook.errors import UserInputError
 from torchbook.hub import save_model
 from torchbook.models.gpt import GPT, GPTConfig
@@ -92,7 +93,8 @@ def gpt_nats(model: GPT, ids: list[int], block_size: int, stride: int, batch_siz
     tokens end every `stride` tokens and score only their last `stride` targets, so every target is scored once
     with at least `block_size - stride` tokens of context (all there is near the start)."""
     model.eval()
-    tokens = torch.tensor(ids)
+    device = device_of(model)
+    tokens = torch.tensor(ids, device=device)
     windows = []  # (first input, end, first scored target): inputs tokens[begin:end-1], targets tokens[begin+1:end]
     for scored in range(1, len(ids), stride):
         end = min(scored + stride, len(ids))
@@ -101,12 +103,12 @@ def gpt_nats(model: GPT, ids: list[int], block_size: int, stride: int, batch_siz
     for i in range(0, len(windows), batch_size):
         group = windows[i : i + batch_size]
         length = max(end - 1 - begin for begin, end, _ in group)
-        inputs = torch.zeros(len(group), length, dtype=torch.long)
+        inputs = torch.zeros(len(group), length, dtype=torch.long, device=device)
         for row, (begin, end, _) in enumerate(group):  # right padding: causal attention never reads it
             inputs[row, : end - 1 - begin] = tokens[begin : end - 1]
         log_probs = model(inputs).float().log_softmax(-1)
         for row, (begin, end, scored) in enumerate(group):
-            positions = torch.arange(scored - 1 - begin, end - 1 - begin)  # input positions predicting the targets
+            positions = torch.arange(scored - 1 - begin, end - 1 - begin, device=device)  # inputs predicting the targets
             nats -= float(log_probs[row, positions, tokens[scored:end]].sum())
     return nats
 

@@ -34,6 +34,7 @@ from torchbook.data.timeseries import (
     make_windows,
     period,
 )
+from torchbook.devices import device_of
 from torchbook.errors import UserInputError
 from torchbook.hub import save_model
 from torchbook.models.forecasting import ForecastConfig, Forecaster, rollout
@@ -187,8 +188,9 @@ def train_rung(name: str, rung: Rung, config: Config, seed: int, frame: pd.DataF
 @torch.no_grad()
 def predictions(model: Forecaster, windows: Windows) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H) forecasts and targets from each window's last day."""
-    out = model(windows.inputs)
-    targets = windows.targets
+    device = device_of(model)
+    out = model(windows.inputs.to(device))
+    targets = windows.targets.to(device)
     if model.config.seq2seq:
         out, targets = out[:, -1], targets[:, -1]
     return out, targets
@@ -296,7 +298,7 @@ def forecast_plot(path: Any, frame: pd.DataFrame, name: str, model: Forecaster) 
 
     rung = LADDER[name]
     val = split_windows(frame, rung, "val")
-    out, targets = predictions(model, val)
+    out, targets = (t.cpu() for t in predictions(model, val))
     dates = period(frame, *PERIODS["val"]).index[SEQ_LEN : SEQ_LEN + len(out)]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.plot(dates, targets[:, 0] * SCALE, label="truth", color="black")
@@ -341,7 +343,7 @@ def forecast(run_dir: RunDir | str, days: int = 14, end: str | None = None) -> p
     if model.config.n_features > 1:  # tomorrow's day type, from the calendar
         weekday = (last_day + pd.Timedelta(days=1)).weekday()
         series[-1, 2:] = [weekday == 5, weekday == 6, weekday < 5]
-    window = torch.from_numpy(series[-SEQ_LEN:].copy())[None]
+    window = torch.from_numpy(series[-SEQ_LEN:].copy())[None].to(device_of(model))
     if model.config.horizon >= days:
         out = model(window)
         values = (out[:, -1] if model.config.seq2seq else out)[0, :days]
@@ -352,7 +354,7 @@ def forecast(run_dir: RunDir | str, days: int = 14, end: str | None = None) -> p
                              f"bus ridership to roll out further; ask for {model.config.horizon} day(s) or less",
                              param="days")
     dates = pd.date_range(last_day + pd.Timedelta(days=1), periods=days)
-    return pd.DataFrame({"rail_forecast": (values.numpy() * SCALE).round().astype(int)}, index=dates.rename("date"))
+    return pd.DataFrame({"rail_forecast": (values.cpu().numpy() * SCALE).round().astype(int)}, index=dates.rename("date"))
 
 
 def plot_forecast(path: Any, frame: pd.DataFrame, table: pd.DataFrame) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from torchbook.devices import device_of
 from torchbook.rl.envs import EnvPool, evaluate, make_env, require_discrete
 from torchbook.rl.networks import mlp
 
@@ -61,7 +62,7 @@ class QNetwork(nn.Module):
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, greedy: bool = True) -> np.ndarray:
-        return self(torch.as_tensor(obs, dtype=torch.float32)).argmax(-1).numpy()
+        return self(torch.as_tensor(obs, dtype=torch.float32, device=device_of(self))).argmax(-1).cpu().numpy()
 
 
 @dataclass

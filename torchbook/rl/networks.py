@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical
 
+from torchbook.devices import device_of
+
 
 def mlp(sizes: list[int], activation: type[nn.Module] = nn.Tanh, out_gain: float = 1.0,
         orthogonal: bool = True) -> nn.Sequential:
@@ -59,9 +61,9 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def act(self, obs: np.ndarray, greedy: bool = True) -> np.ndarray:
         """Actions for a batch of observations: the most probable (greedy) or sampled."""
-        logits = self.actor(torch.as_tensor(obs, dtype=torch.float32))
+        logits = self.actor(torch.as_tensor(obs, dtype=torch.float32, device=device_of(self)))
         actions = logits.argmax(-1) if greedy else Categorical(logits=logits, validate_args=False).sample()
-        return actions.numpy()
+        return actions.cpu().numpy()
 
 
 @dataclass
@@ -89,8 +91,8 @@ class CategoricalPolicy(nn.Module):
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, greedy: bool = True) -> np.ndarray:
-        logits = self.actor(torch.as_tensor(obs, dtype=torch.float32))
-        return (logits.argmax(-1) if greedy else Categorical(logits=logits, validate_args=False).sample()).numpy()
+        logits = self.actor(torch.as_tensor(obs, dtype=torch.float32, device=device_of(self)))
+        return (logits.argmax(-1) if greedy else Categorical(logits=logits, validate_args=False).sample()).cpu().numpy()
 
 
 @dataclass
@@ -157,9 +159,9 @@ class CNNActorCritic(nn.Module):
     def act(self, obs: np.ndarray, greedy: bool = False) -> np.ndarray:
         """Actions for a batch of uint8 frame stacks. Sampled by default, as PPO trains and as CleanRL evaluates:
         a greedy Breakout policy can wait forever without pressing FIRE to launch the ball."""
-        logits = self(torch.as_tensor(obs))
+        logits = self(torch.as_tensor(obs, device=device_of(self)))
         actions = logits.argmax(-1) if greedy else Categorical(logits=logits, validate_args=False).sample()
-        return actions.numpy()
+        return actions.cpu().numpy()
 
 
 Agent = ActorCritic | CNNActorCritic  # what train_ppo trains: a policy and a value, one `distribution_and_value`

@@ -177,7 +177,7 @@ def sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, tempera
     max_len = getattr(model.config, "max_len", None)  # a transformer's positions end at max_len
     if max_len is not None:
         max_new_tokens = min(max_new_tokens, max_len - first.size(1))
-    sampler = Sampler(SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    sampler = Sampler(SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed), device=first.device)
     out = decode(model, model.start_decoding(1), first, max_new_tokens, choose=sampler)
     return prompt + str(tokenizer.decode(out.tokens[0].tolist()))
 

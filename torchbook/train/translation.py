@@ -137,8 +137,8 @@ def decode_sources(
     log_probs = [0.0] * len(sources)
     lengths = [len(s) + 1 for s in sources]
     for batch in eval_batches(lengths, batch_size * max(lengths, default=1), batch_size):
-        rows = [torch.tensor(list(sources[i]) + [c.eos_id]) for i in batch]
-        source = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=c.pad_id).to(device)
+        rows = [torch.tensor(list(sources[i]) + [c.eos_id], device=device) for i in batch]
+        source = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=c.pad_id)
         state = model.start_decoding(len(batch), source=source)
         first = torch.full((len(batch), 1), c.bos_id, dtype=torch.long, device=device)
         if beam > 1:
