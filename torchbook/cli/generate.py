@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when the text contains TEXT (repeatable; TEXT is not printed; \\n and \\t are a newline and a tab)")
     parser.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
+    parser.add_argument("--device", default="auto", help="where the model runs: auto (a GPU when there is one), cpu, "
+                        "cuda, cuda:N, mps")
     parser.add_argument("--quantize", choices=["int8", "int4"],
                         help="weight-only quantized layers for faster decoding on the CPU (a GGUF file keeps its own "
                              "4- and 8-bit codes; default: float32, the logits transformers computes)")
@@ -65,6 +67,7 @@ def unescape(text: str) -> str:
 def main(args: argparse.Namespace) -> int:
     # The library (torch and the models) is imported here, not at the top, so that `torchbook --help` stays fast.
     import torchbook
+    from torchbook.devices import check_device
     from torchbook.errors import CheckpointError, UserInputError
     from torchbook.generate.sampling import SamplingConfig
     from torchbook.generate.text import generate_text
@@ -77,6 +80,7 @@ def main(args: argparse.Namespace) -> int:
     sampling.validate()
     if args.system and not args.chat:
         raise UserInputError("--system needs --chat")
+    check_device(args.device)
     stops = [unescape(stop) for stop in args.stop]
     model_name, prompt = split_words(args.words, args.chat)
     if model_name is None:
@@ -93,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise UserInputError("the prompt is empty; give some text (as an argument or on stdin)")
 
-    loaded = torchbook.load(model_name, quantize=args.quantize)
+    loaded = torchbook.load(model_name, quantize=args.quantize, map_location=args.device)
     if loaded.tokenizer is None or not hasattr(loaded.model, "decode_step"):
         raise CheckpointError(f"{model_name!r} holds no language model with a tokenizer")
     tokenizer = loaded.tokenizer

@@ -12,6 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run folder of an RL recipe (e.g. cartpole-ppo, breakout-ppo)")
     parser.add_argument("--output", help="the GIF's path (default: RUN_DIR/plots/play-SEED.gif)")
     parser.add_argument("--seed", type=int, default=0, help="the episode's seed (default 0)")
+    parser.add_argument("--device", default="cpu", help="where the policy runs: cpu (default: one game steps one "
+                        "observation at a time, which a GPU does not speed up), auto, cuda, cuda:N, mps")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -21,7 +23,7 @@ def main(args: argparse.Namespace) -> int:
     from torchbook.runs import RunDir
 
     run = RunDir.open(args.run_dir)
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=args.device)
     env_id = loaded.meta["extra"].get("env_id")
     if env_id is None or not hasattr(loaded.model, "act"):
         raise CheckpointError(f"{args.run_dir!r} holds no reinforcement-learning policy (recipe {run.recipe!r})")

@@ -19,15 +19,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam", type=int, default=1, help="beam width (default 1: greedy decoding)")
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam search ranks by log-prob / length ** this (default 1.0)")
+    parser.add_argument("--device", default="auto", help="where the model runs: auto (a GPU when there is one), cpu, "
+                        "cuda, cuda:N, mps")
 
 
 def main(args: argparse.Namespace) -> int:
+    from torchbook.devices import check_device
     from torchbook.errors import UserInputError
     from torchbook.train.translation import translate_run
 
     if args.beam < 1:
         raise UserInputError(f"--beam {args.beam} must be at least 1")
+    check_device(args.device)
     lines = [" ".join(args.text)] if args.text else sys.stdin.read().splitlines()
-    for line in translate_run(args.run_dir, lines, args.beam, args.length_penalty):
+    for line in translate_run(args.run_dir, lines, args.beam, args.length_penalty, device=args.device):
         print(line)
     return 0

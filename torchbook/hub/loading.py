@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from torchbook.devices import choose_device, device_of
 from torchbook.errors import CheckpointError, DataUnavailable
 from torchbook.hub import hf
 from torchbook.hub.folders import CONFIG, load_estimator, load_model, load_tokenizer
@@ -158,15 +159,22 @@ def load(path: str | Path, map_location: str = "cpu", quantize: str | None = Non
 
     `quantize` ("int8" or "int4", torch models only) swaps the model's linear layers for weight-only quantized ones
     (`torchbook.nn.quantized`) for fast decoding; a GGUF file's quantized tensors keep their own codes. The
-    output layer gets 8 bits either way, and a GPT's projections are fused. Such a model is for inference only."""
+    output layer gets 8 bits either way, and a GPT's projections are fused. Such a model is for inference only.
+
+    `map_location`: the device the model goes to ("cpu", "cuda", "cuda:1", "mps" or "auto": the best one here);
+    a device this machine lacks is a clear error before anything loads. The packed 4-bit kernel is the CPU's: on
+    a GPU, int4 and int8 layers unpack their weights to bfloat16 for each product (correct, not faster)."""
     if quantize not in (None, *QUANTIZATIONS):
         raise CheckpointError(f"unknown quantization {quantize!r}; accepted: {', '.join(QUANTIZATIONS)}")
-    loaded = _load(path, map_location, quantize)
+    device = choose_device(str(map_location))
+    loaded = _load(path, "cpu" if device.type == "meta" else str(device), quantize)
     if quantize is not None and loaded.meta.get("quantized") != quantize:
         if not isinstance(loaded.model, nn.Module):
             raise CheckpointError(f"quantization applies to torch models; {type(loaded.model).__name__} is not one")
         quantize_for_decoding(loaded.model, quantize)
         loaded.meta["quantized"] = quantize
+    if isinstance(loaded.model, nn.Module) and device_of(loaded.model) != device:
+        loaded.model.to(device)
     return loaded
 
 

@@ -310,7 +310,7 @@ def forecast_plot(path: Any, frame: pd.DataFrame, name: str, model: Forecaster) 
 
 
 @torch.no_grad()
-def forecast(run_dir: RunDir | str, days: int = 14, end: str | None = None) -> pd.DataFrame:
+def forecast(run_dir: RunDir | str, days: int = 14, end: str | None = None, device: str = "cpu") -> pd.DataFrame:
     """Forecast `days` of rail ridership after `end` (default: the last day of the data) with a run's saved model.
 
     A multi-day model forecasts directly (up to its horizon); a next-day univariate model is rolled out.
@@ -327,7 +327,7 @@ def forecast(run_dir: RunDir | str, days: int = 14, end: str | None = None) -> p
             valid = False
         if not valid:
             raise UserInputError(f"the end date {end!r} is not a date; give YYYY-MM-DD", param="end")
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=device)
     model: Forecaster = loaded.model
     name = loaded.meta["extra"].get("rung", "?")
     frame = load_ridership()

@@ -168,10 +168,11 @@ def translate(
     return result
 
 
-def translate_run(run_dir: str, texts: Sequence[str], beam: int = 1, length_penalty: float = 1.0) -> list[str]:
-    """Load a translator run folder (either recipe) and translate `texts`."""
+def translate_run(run_dir: str, texts: Sequence[str], beam: int = 1, length_penalty: float = 1.0,
+                  device: str = "cpu") -> list[str]:
+    """Load a translator run folder (either recipe) onto `device` and translate `texts`."""
     RunDir.open(run_dir).require(("translator", "translator-rnn"), "translating")
-    loaded = torchbook.load(run_dir)
+    loaded = torchbook.load(run_dir, map_location=device)
     if loaded.tokenizer is None or not hasattr(loaded.model, "start_decoding"):
         raise CheckpointError(f"{run_dir!r} is not a translator run (no tokenizer.json or no decoding model)")
     return translate(loaded.model, loaded.tokenizer, texts, beam, length_penalty)
