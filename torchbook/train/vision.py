@@ -1,0 +1,167 @@
+"""Image classification training (chapters 11, 12 and 16): the step the vision recipes give the trainer, with
+augmentation and regularization as options, and the shared image data sets and splits.
+
+`AugmentOptions` is a config mixin (`class Config(AugmentOptions, TrainConfig)`), so every option is a flat key:
+`crop_padding=4 flip=true mixup=0.2 cutmix=1.0 label_smoothing=0.1`. Stochastic depth (`drop_path`) belongs to
+the models. Augmentation runs on the device, on whole batches, only while training (evaluation sees the images
+unchanged); mixup and CutMix train on soft targets, so the loss is cross-entropy against a distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from torchbook.data.image_transforms import cutmix, mixup, random_crop, random_flip
+from torchbook.data.images import IMAGE_DATASETS, ImageData
+from torchbook.data.splits import split_indices
+from torchbook.errors import UserInputError
+from torchbook.train.trainer import Step, StepFn, Trainer
+
+
+@dataclass
+class AugmentOptions:
+    crop_padding: int = 0  # random crops after zero-padding each side by this many pixels (0 = off)
+    flip: bool = False  # random left-right mirror (off for digits, whose mirror images are other symbols)
+    mixup: float = 0.0  # mixup's Beta(alpha, alpha) (0 = off)
+    cutmix: float = 0.0  # CutMix's Beta(alpha, alpha) (0 = off); with mixup too, each batch picks one at random
+    label_smoothing: float = 0.0  # the target puts this much mass uniformly on every class
+
+    def validate_augmentation(self) -> None:
+        for name in ("crop_padding", "mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise UserInputError(f"{name}={getattr(self, name)} must be 0 (off) or positive")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserInputError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+
+    def augmentation_summary(self) -> str:
+        parts = [f"{name}={getattr(self, name)}" for name in ("crop_padding", "flip", "mixup", "cutmix", "label_smoothing")
+                 if getattr(self, name)]
+        return ", ".join(parts) or "none"
+
+
+def classification_step(options: AugmentOptions, n_classes: int) -> StepFn:
+    """`step(model, (images, labels))`: while training (gradients on), augment and take the cross-entropy against
+    (smoothed, mixed) soft targets; in evaluation, the plain cross-entropy with logits and labels for the metrics."""
+
+    def step(model: nn.Module, batch: Any) -> Step:
+        images, labels = batch
+        if not torch.is_grad_enabled():  # the trainer evaluates under no_grad
+            logits = model(images)
+            return Step(F.cross_entropy(logits, labels), logits, labels, len(labels))
+        x = images
+        if options.crop_padding:
+            x = random_crop(x, options.crop_padding)
+        if options.flip:
+            x = random_flip(x)
+        target = F.one_hot(labels, n_classes).to(x.dtype)
+        if options.label_smoothing:
+            target = target * (1 - options.label_smoothing) + options.label_smoothing / n_classes
+        use_mixup, use_cutmix = options.mixup > 0, options.cutmix > 0
+        if use_mixup and use_cutmix:
+            use_mixup = bool(torch.rand(()) < 0.5)
+            use_cutmix = not use_mixup
+        if use_mixup:
+            x, target = mixup(x, target, options.mixup)
+        elif use_cutmix:
+            x, target = cutmix(x, target, options.cutmix)
+        logits = model(x)
+        loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return Step(loss, count=len(labels))
+
+    return step
+
+
+def accuracy_metric(n_classes: int) -> dict[str, Any]:
+    return {"accuracy": lambda: torchmetrics.classification.MulticlassAccuracy(num_classes=n_classes, average="micro")}
+
+
+@dataclass
+class ImageSplits:
+    """Train/validation/test tensors of an image data set, and the indices that made them (for split.json)."""
+
+    data: ImageData
+    indices: dict[str, np.ndarray]
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.data.classes)
+
+    @property
+    def image_shape(self) -> list[int]:
+        return [1, *self.data.images.shape[1:]]
+
+
+def image_splits(name: str, seed: int, limit: int = 0, val_limit: int = 0, test_limit: int = 0,
+                 classes: list[int] | None = None) -> ImageSplits:
+    """Fashion-MNIST: the book's split (the last 5,000 training images validate, the official 10,000 test);
+    digits: stratified 65/15/20. Images come as (N, 1, H, W). `limit`s keep the first images of a split (smoke
+    runs); `classes` keeps only those labels (relabelled 0..k-1 in the given order: transfer learning)."""
+    data = IMAGE_DATASETS[name]()
+    if data.test_images is not None and data.test_labels is not None:
+        n = len(data.images)
+        images = np.concatenate([data.images, data.test_images])
+        labels = np.concatenate([data.labels, data.test_labels])
+        indices = {"train": np.arange(n - 5000), "val": np.arange(n - 5000, n), "test": np.arange(n, len(images))}
+    else:
+        images, labels = data.images, data.labels
+        indices = split_indices(len(images), val=0.15, test=0.20, seed=seed, stratify=labels)
+    if classes is not None:
+        labels = labels.copy()
+        keep = np.isin(labels, classes)
+        mapping = np.full(int(labels.max()) + 1, -1)
+        mapping[classes] = np.arange(len(classes))
+        labels = mapping[labels]
+        indices = {k: v[keep[v]] for k, v in indices.items()}
+        data = ImageData(data.name, data.source, data.images, data.labels, [data.classes[c] for c in classes],
+                         data.test_images, data.test_labels)
+    for split, cap in (("train", limit), ("val", val_limit), ("test", test_limit)):
+        if cap:
+            indices[split] = indices[split][:cap]
+
+    def tensors(index: np.ndarray) -> TensorDataset:
+        x = torch.from_numpy(np.ascontiguousarray(images[index]))[:, None]
+        return TensorDataset(x, torch.from_numpy(labels[index].astype(np.int64)))
+
+    return ImageSplits(data, indices, tensors(indices["train"]), tensors(indices["val"]), tensors(indices["test"]))
+
+
+def channel_stats(dataset: TensorDataset) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of a training set's images (the model's input normalization)."""
+    x = dataset.tensors[0]
+    return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp_min(1e-6).tolist()
+
+
+def train_same_time(model: nn.Module, config: Any, splits: ImageSplits, seconds: float,
+                    options: AugmentOptions | None = None) -> dict[str, float]:
+    """Train `model` on the same splits for `seconds` of training time (no run folder, no checkpoints), with
+    `config`'s optimizer and seed; the best validation epoch's weights; its test accuracy. A baseline for "the
+    same data in the same time" comparisons."""
+    import dataclasses
+
+    same_time = dataclasses.replace(config, epochs=10_000, time_budget_s=seconds, restore_best=True, patience=0,
+                                    checkpoint_every=0, progress=False)
+    trainer = Trainer(model, same_time, None, splits.train, splits.val,
+                      step=classification_step(options or AugmentOptions(), splits.n_classes),
+                      metrics=accuracy_metric(splits.n_classes))
+    trainer.fit()
+    return {"test_accuracy": trainer.evaluate(splits.test)["accuracy"], "epochs": trainer.epoch,
+            "train_seconds": trainer.train_time}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 512) -> float:
+    """Top-1 accuracy of `model` (eval mode) on an (images, labels) dataset."""
+    x, y = dataset.tensors
+    predictions = torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)])
+    return float((predictions == y).float().mean())
