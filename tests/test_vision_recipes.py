@@ -98,3 +98,56 @@ def test_cnn_quick_beats_the_mlp_in_the_same_time(tmp_path):
     results = json.loads((run.path / "results.json").read_text())
     assert results["test_accuracy"] > results["mlp_test_accuracy"]
     assert results["test_accuracy"] >= 0.84  # measured 0.8545 (MLP 0.8441)
+
+
+def test_chapter11_initializations_have_their_variances():
+    from torchbook.models.mlp import MLP, MLPConfig
+
+    torch.manual_seed(0)
+    for init, variance in (("he", lambda i, o: 2 / i), ("lecun", lambda i, o: 1 / i), ("glorot", lambda i, o: 2 / (i + o))):
+        model = MLP(MLPConfig(400, 10, [300], init=init, standardize=False))
+        weight = model.layers[0].weight
+        assert float(weight.var()) == pytest.approx(variance(400, 300), rel=0.05), init
+        assert torch.all(model.layers[0].bias == 0)
+
+
+def test_self_normalizing_net_keeps_activations_standardized_where_relu_default_fades():
+    """Chapter 11: 30 SELU layers with LeCun init keep mean ~0 and std ~1 on standardized inputs."""
+    from torchbook.models.mlp import MLP, MLPConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(2000, 100)
+
+    def last_hidden(config: MLPConfig) -> torch.Tensor:
+        with torch.no_grad():
+            return MLP(config).eval().layers[:-1](x)
+
+    selu = last_hidden(MLPConfig(100, 10, [100] * 30, "selu", 0.1, standardize=False, init="lecun", alpha_dropout=True))
+    assert abs(float(selu.mean())) < 0.2 and 0.7 < float(selu.std()) < 1.3
+    relu = last_hidden(MLPConfig(100, 10, [100] * 30, "relu", standardize=False))  # PyTorch's default init
+    assert float(relu.std()) < 0.1  # the signal fades (0.04 here)
+
+
+def test_image_classifier_batch_norm_option_and_depth_experiment(tmp_path):
+    from torchbook.recipes import image_classifier
+
+    config = build_config(image_classifier.Config, preset="smoke",
+                          overrides=["batch_norm=true", "init=he", "depth_experiment=[2,6]", "depth_epochs=1"])
+    run = image_classifier.run(config, tmp_path / "run")
+    model = torchbook.load(run.path).model
+    assert any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    rows = json.loads((run.path / "depth_experiment.json").read_text())["rows"]
+    assert [r[0] for r in rows] == [2, 6] and all(0 <= v <= 1 for r in rows for v in r[1:])
+    assert "Depth experiment" in (run.path / "report.md").read_text()
+
+
+def test_transfer_learning_smoke_run(tmp_path):
+    from torchbook.recipes import transfer_learning
+
+    run = transfer_learning.run(build_config(transfer_learning.Config, preset="smoke"), tmp_path / "run")
+    results = json.loads((run.path / "results.json").read_text())
+    assert len(results["draws"]) == 2 and 0.4 < results["scratch_mean"] <= 1.0
+    assert transfer_learning.evaluate(run.path)["model_a_test_accuracy"] == pytest.approx(
+        results["model_a_test_accuracy"], abs=1e-6)
+    report = (run.path / "report.md").read_text()
+    assert "0.925" in report and "0.716" in report
