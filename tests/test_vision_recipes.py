@@ -77,7 +77,8 @@ def check_run(run_dir, recipe_module) -> dict:
 
 
 def test_cnn_smoke_run_reloads(tmp_path):
-    config = build_config(cnn.Config, preset="smoke", overrides=["crop_padding=2", "flip=true", "mixup=0.2"])
+    config = build_config(cnn.Config, preset="smoke", overrides=["crop_padding=2", "flip=true", "mixup=0.2",
+                                                                  "interpret=false"])
     results = check_run(cnn.run(config, tmp_path / "run").path, cnn)
     assert results["model"] == "cnn" and "mlp_test_accuracy" in results
     assert "crop_padding=2" in results["augmentation"]
@@ -106,7 +107,7 @@ def test_chapter11_initializations_have_their_variances():
     torch.manual_seed(0)
     for init, variance in (("he", lambda i, o: 2 / i), ("lecun", lambda i, o: 1 / i), ("glorot", lambda i, o: 2 / (i + o))):
         model = MLP(MLPConfig(400, 10, [300], init=init, standardize=False))
-        weight = model.layers[0].weight
+        weight = model.layers[0].weight.detach()
         assert float(weight.var()) == pytest.approx(variance(400, 300), rel=0.05), init
         assert torch.all(model.layers[0].bias == 0)
 
@@ -151,3 +152,84 @@ def test_transfer_learning_smoke_run(tmp_path):
         results["model_a_test_accuracy"], abs=1e-6)
     report = (run.path / "report.md").read_text()
     assert "0.925" in report and "0.716" in report
+
+
+def test_cnn_run_calibrates_interprets_and_predicts_image_files(tmp_path, capsys):
+    """The smoke run's report has the calibration table, reliability diagram and attribution maps; `torchbook
+    predict RUN IMAGE...` classifies PNG files exactly as the model does on the same pixels."""
+    from PIL import Image
+
+    from torchbook.cli import main
+    from torchbook.train.image_predict import predict_images
+    from torchbook.train.vision import image_splits
+
+    config = build_config(cnn.Config, preset="smoke", overrides=["compare_mlp=false", "dense=[32]", "dropout=0.3",
+                                                                  "mc_samples=5"])
+    run = cnn.run(config, tmp_path / "run")
+    results = json.loads((run.path / "results.json").read_text())
+    assert results["temperature"] > 0 and 0 <= results["ece_after"] <= 1 and "mc_accuracy" in results
+    report = (run.path / "report.md").read_text()
+    assert "Calibration and uncertainty" in report and "integrated gradients" in report
+    for name in ("reliability.png", "attributions.png"):
+        assert (run.path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+    test = image_splits("fashion-mnist", 42, test_limit=3).test
+    paths = []
+    for i, image in enumerate(test.tensors[0][:, 0]):
+        path = tmp_path / f"item{i}.png"
+        Image.fromarray((image.numpy() * 255).round().astype("uint8")).save(path)
+        paths.append(path)
+    predictions = predict_images(run.path, paths, top=2, saliency_dir=tmp_path / "overlays")
+    model = torchbook.load(run.path).model
+    with torch.no_grad():
+        expected = (model(test.tensors[0][:3]) / results["temperature"]).softmax(-1)
+    for prediction, probs in zip(predictions, expected):
+        best = int(probs.argmax())
+        assert prediction.top[0][0] == cnn_classes()[best]
+        assert prediction.top[0][1] == pytest.approx(float(probs[best]), abs=1e-5)
+        assert prediction.saliency_path.read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["predict", str(run.path), *map(str, paths), "--top", "3"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0] == "image,rank,class,probability" and len(rows) == 1 + 3 * 3
+    assert main(["predict", str(run.path), str(tmp_path / "missing.png")]) == 2
+
+
+def cnn_classes() -> list[str]:
+    from torchbook.data.images import FASHION_CLASSES
+
+    return FASHION_CLASSES
+
+
+def test_augmented_training_resumes_exactly(tmp_path):
+    """Crops, flips and mixup draw from torch's generator, which checkpoints save: a run stopped after 5 steps
+    and resumed ends with exactly the weights of an uninterrupted run."""
+    import dataclasses
+
+    from torchbook.runs import RunDir
+    from torchbook.train import TrainConfig, Trainer
+
+    @dataclasses.dataclass
+    class Settings(AugmentOptions, TrainConfig):
+        pass
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.rand(96, 1, 8, 8), torch.randint(0, 3, (96,)))
+    settings = Settings(epochs=2, batch_size=16, checkpoint_every=2, progress=False, crop_padding=1, flip=True,
+                        mixup=0.4, label_smoothing=0.1)
+
+    def trained(folder, max_steps: int = 0, expect_resume: bool = False):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2), nn.Linear(144, 3))
+        config = dataclasses.replace(settings, max_steps=max_steps)
+        run = RunDir.start(folder, "test", settings)
+        trainer = Trainer(model, config, run, data, step=classification_step(config, 3))
+        if expect_resume:  # the interrupted run's last checkpoint (step 4) is where this one starts
+            assert trainer.resume() and trainer.global_step == 4
+        trainer.fit()
+        return model.state_dict()
+
+    reference = trained(tmp_path / "reference")
+    trained(tmp_path / "resumed", max_steps=5)
+    resumed = trained(tmp_path / "resumed", expect_resume=True)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)

@@ -18,6 +18,8 @@ from torch import Tensor
 
 from torchbook.errors import UserInputError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what `read_image` reads
+
 
 def as_batch(x: Tensor) -> Tensor:
     """(B, H, W) one-channel images -> (B, 1, H, W); (B, C, H, W) unchanged."""

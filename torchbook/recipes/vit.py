@@ -28,10 +28,10 @@ from torchbook.runs import RunDir
 from torchbook.train import TrainConfig, Trainer
 from torchbook.train.vision import (
     AugmentOptions,
-    accuracy,
     accuracy_metric,
     channel_stats,
     classification_step,
+    evaluate_image_run,
     image_splits,
     train_same_time,
 )
@@ -163,13 +163,8 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
 
 def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    import torchbook
-
-    run = RunDir.open(run_dir)
-    config = run.load_config(Config)
-    model = torchbook.load(run.path).model
-    splits = image_splits(config.data, config.seed, config.limit, config.val_limit, config.test_limit)
-    return {"test_accuracy": accuracy(model, splits.test), "test_images": len(splits.test)}
+    """Reload the saved model and measure it again on the run's test split."""
+    return evaluate_image_run(run_dir, Config)
 
 
 RECIPE = Recipe(NAME, "16", "vision transformer from scratch on Fashion-MNIST, beside the CNN in the same time; "

@@ -9,6 +9,7 @@ unchanged); mixup and CutMix train on soft targets, so the loss is cross-entropy
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,3 +166,55 @@ def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 512) ->
     x, y = dataset.tensors
     predictions = torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)])
     return float((predictions == y).float().mean())
+
+
+ABLATIONS: dict[str, dict[str, Any]] = {  # name -> config overrides; "none" is the reference
+    "none": {},
+    "random crops (pad 2)": {"crop_padding": 2},
+    "flips": {"flip": True},
+    "mixup (0.2)": {"mixup": 0.2},
+    "CutMix (1.0)": {"cutmix": 1.0},
+    "label smoothing (0.1)": {"label_smoothing": 0.1},
+    "stochastic depth (0.1)": {"drop_path": 0.1},
+    "crops + flips + label smoothing": {"crop_padding": 2, "flip": True, "label_smoothing": 0.1},
+}
+
+
+def ablation(config: Any, build: Callable[[Any], nn.Module], splits: ImageSplits,
+             names: list[str]) -> list[dict[str, Any]]:
+    """Train one model per named variant of `ABLATIONS` (`config` with its overrides, every augmentation option
+    reset first), the same epochs and seed, no run folder; each variant's validation and test accuracy."""
+    import dataclasses
+
+    off = {"crop_padding": 0, "flip": False, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0}
+    if hasattr(config, "drop_path"):
+        off["drop_path"] = 0.0
+    rows = []
+    for name in names:
+        if name not in ABLATIONS:
+            from torchbook.errors import unknown
+
+            raise unknown("ablation", name, ABLATIONS)
+        overrides = {k: v for k, v in ABLATIONS[name].items() if hasattr(config, k)}
+        variant = dataclasses.replace(config, **{**off, **overrides}, checkpoint_every=0, progress=False)
+        torch.manual_seed(config.seed)
+        model = build(variant)
+        trainer = Trainer(model, variant, None, splits.train, splits.val,
+                          step=classification_step(variant, splits.n_classes), metrics=accuracy_metric(splits.n_classes))
+        trainer.fit()
+        rows.append({"variant": name, "val_accuracy": trainer.evaluate(splits.val)["accuracy"],
+                     "test_accuracy": trainer.evaluate(splits.test)["accuracy"], "train_seconds": trainer.train_time})
+    return rows
+
+
+def evaluate_image_run(run_dir: Any, config_class: type) -> dict[str, Any]:
+    """Reload a finished image run's model (`torchbook.load`) and measure it again on the run's test split (the
+    config's `data`, `seed` and limits)."""
+    import torchbook
+    from torchbook.runs import RunDir
+
+    run = RunDir.open(run_dir)
+    config: Any = run.load_config(config_class)
+    model = torchbook.load(run.path).model
+    splits = image_splits(config.data, config.seed, config.limit, config.val_limit, config.test_limit)
+    return {"test_accuracy": accuracy(model, splits.test), "test_images": len(splits.test)}
