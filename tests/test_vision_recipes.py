@@ -233,3 +233,14 @@ def test_augmented_training_resumes_exactly(tmp_path):
     trained(tmp_path / "resumed", max_steps=5)
     resumed = trained(tmp_path / "resumed", expect_resume=True)
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_vit_quick_learns_fashion_mnist(tmp_path):
+    """The quick ViT (3 layers, 7x7 patches, 5 epochs on 10,000 images) learns: measured 0.7951 test accuracy
+    (the quarter-width CNN in the same 50 s: 0.8153). The comparison with the CNN is reported, not gated."""
+    run = vit.run(build_config(vit.Config, preset="quick"), tmp_path / "run")
+    results = json.loads((run.path / "results.json").read_text())
+    assert results["test_accuracy"] >= 0.77
+    assert 0.5 < results["cnn_test_accuracy"] <= 1.0

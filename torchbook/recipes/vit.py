@@ -146,7 +146,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
                        f"{results['cnn_epochs']} epochs in {results['cnn_train_seconds']:.0f} s")
         beats = test["accuracy"] > results["cnn_test_accuracy"]
         why = "" if beats else (": without convolution's locality built in, a transformer needs more data or time "
-                                "to learn it (the book makes the same point)")
+                                "to learn it")
         report.text("Verdict", f"In the same {trainer.train_time:.0f} s on the same {len(splits.train):,} images, "
                                f"the ViT {'beats' if beats else 'does not beat'} the CNN ({test['accuracy']:.4f} vs "
                                f"{results['cnn_test_accuracy']:.4f}){why}.")
