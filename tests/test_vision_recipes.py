@@ -13,6 +13,7 @@ from torch import nn
 import torchbook
 from torchbook.config import build_config
 from torchbook.data.image_transforms import cutmix, mixup, random_crop, random_flip
+from torchbook.errors import UserInputError
 from torchbook.recipes import cnn, vit
 from torchbook.train.vision import AugmentOptions, classification_step
 
@@ -82,6 +83,21 @@ def test_cnn_smoke_run_reloads(tmp_path):
     results = check_run(cnn.run(config, tmp_path / "run").path, cnn)
     assert results["model"] == "cnn" and "mlp_test_accuracy" in results
     assert "crop_padding=2" in results["augmentation"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cnn_recipe_trains_resnet34_with_stochastic_depth(tmp_path):
+    """model=resnet34 end to end on 64 images (slow only for its size: 21M parameters, checkpoints with Adam's
+    state are a quarter of a gigabyte)."""
+    config = build_config(cnn.Config, preset="smoke", overrides=[
+        "model=resnet34", "drop_path=0.1", "limit=64", "val_limit=64", "test_limit=64", "compare_mlp=false",
+        "interpret=false"])
+    results = check_run(cnn.run(config, tmp_path / "run").path, cnn)
+    model = torchbook.load(tmp_path / "run").model
+    assert [len(stage) for stage in model.stages] == [3, 4, 6, 3] and results["parameters"] > 21_000_000
+    with pytest.raises(UserInputError, match="resnet34"):
+        build_config(cnn.Config, preset="smoke", overrides=["drop_path=0.1"])  # the CNN has no residual units
 
 
 def test_vit_smoke_run_reloads_with_attention_maps(tmp_path):
