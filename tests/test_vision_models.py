@@ -9,7 +9,7 @@ from torch import nn
 
 from torchbook.models import load_model, save_model
 from torchbook.models.cnn import FashionCNN, FashionCNNConfig, ResNet, ResNetConfig, resnet34
-from torchbook.models.vision_convert import CONVERTERS, convert_resnet, convert_vit, vit_key
+from torchbook.models.vision_convert import CONVERTERS, convert_convnext, convert_resnet, convert_vit, vit_key
 from torchbook.models.vit import ViT, ViTConfig, attention_rollout
 from torchbook.nn.drop import drop_path
 
@@ -46,6 +46,29 @@ def test_resnet_matches_transformers(layer_type, bottleneck_stride, tmp_path):
         save_model(ours, tmp_path)
         assert torch.allclose(load_model(tmp_path)(x), expected, atol=1e-5)
     assert CONVERTERS[hf_config.model_type] is convert_resnet
+
+
+@pytest.mark.parametrize("layer_scale", [1e-6, 0.0])
+def test_convnext_matches_transformers(layer_scale, tmp_path):
+    from transformers import ConvNextConfig as HFConfig
+    from transformers import ConvNextForImageClassification
+
+    torch.manual_seed(0)
+    hf_config = HFConfig(num_channels=3, patch_size=4, hidden_sizes=[8, 16, 24], depths=[1, 2, 1], num_stages=3,
+                         layer_scale_init_value=layer_scale, num_labels=4)
+    hf = ConvNextForImageClassification(hf_config).eval()
+    with torch.no_grad():  # random layer scales and norms (they start at 1e-6 and 1/0)
+        for name, p in hf.named_parameters():
+            if "layer_scale" in name or "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+    ours = convert_convnext(hf.state_dict(), hf_config.to_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = hf(pixel_values=x).logits
+        assert torch.allclose(ours(x), expected, atol=1e-5)
+        save_model(ours, tmp_path)
+        assert torch.allclose(load_model(tmp_path)(x), expected, atol=1e-5)
+    assert CONVERTERS["convnext"] is convert_convnext
 
 
 def test_resnet_backbone_only_checkpoint_keeps_a_fresh_head():

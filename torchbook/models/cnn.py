@@ -12,6 +12,9 @@ stage after the first halves the resolution and doubles the width, with a 1x1 co
 then global average pooling and a dense output layer. ResNet-34 is stages of 3, 4, 6 and 3 basic units of 64, 128,
 256 and 512 channels. Module layout maps one to one onto Hugging Face's `ResNetForImageClassification`
 (see `torchbook.models.vision_convert`).
+
+`ConvNeXt` (for Hugging Face ConvNeXt checkpoints): a patchify stem, stages of depthwise 7x7 convolutions with
+inverted-bottleneck MLPs and LayerNorm, downsampling between stages.
 """
 
 from __future__ import annotations
@@ -167,3 +170,81 @@ def resnet34(in_channels: int = 3, n_classes: int = 1000, **overrides: object) -
     """ResNet-34 (stages 3/4/6/3 of basic units), the chapter's from-scratch ResNet."""
     return ResNet(ResNetConfig(in_channels=in_channels, n_classes=n_classes,
                                pixel_mean=[0.0] * in_channels, pixel_std=[1.0] * in_channels, **overrides))  # type: ignore[arg-type]
+
+
+# -- ConvNeXt -------------------------------------------------------------------------------------------------
+@dataclass
+class ConvNeXtConfig:
+    """ConvNeXt (Liu et al. 2022), a ResNet modernized with a transformer's habits; ConvNeXt-T is the default."""
+
+    in_channels: int = 3
+    n_classes: int = 1000
+    patch_size: int = 4  # the stem: a patch_size x patch_size convolution with the same stride
+    widths: list[int] = field(default_factory=lambda: [96, 192, 384, 768])
+    depths: list[int] = field(default_factory=lambda: [3, 3, 9, 3])
+    layer_scale: float = 1e-6  # initial per-channel scale of each block's output (0 = none)
+    drop_path: float = 0.0
+    eps: float = 1e-12  # the final LayerNorm's (the inner ones use 1e-6, as the paper)
+    pixel_mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    pixel_std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """x + drop_path(scale * Linear(GELU(Linear(LayerNorm(depthwise 7x7 conv(x)))))): one 7x7 depthwise
+    convolution mixes space, then an inverted-bottleneck MLP (4x wider) mixes channels, as a transformer block."""
+
+    def __init__(self, width: int, layer_scale: float, drop_path: float):
+        super().__init__()
+        self.dwconv = nn.Conv2d(width, width, 7, padding=3, groups=width)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.pwconv1 = nn.Linear(width, 4 * width)
+        self.pwconv2 = nn.Linear(4 * width, width)
+        self.scale = nn.Parameter(torch.full((width,), layer_scale)) if layer_scale > 0 else None
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (B, H, W, C)
+        h = self.pwconv2(torch.nn.functional.gelu(self.pwconv1(h)))
+        if self.scale is not None:
+            h = self.scale * h
+        return x + self.drop_path(h.permute(0, 3, 1, 2))
+
+
+class ConvNeXt(nn.Module):
+    """stem (patchify conv + LayerNorm) -> stages (a LayerNorm + 2x2 stride-2 conv between them) -> global average
+    pool -> LayerNorm -> Linear."""
+
+    config_class = ConvNeXtConfig
+
+    def __init__(self, config: ConvNeXtConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.norm = PixelNorm(c.pixel_mean, c.pixel_std)
+        self.stem = nn.Sequential(nn.Conv2d(c.in_channels, c.widths[0], c.patch_size, stride=c.patch_size),
+                                  ChannelNorm(c.widths[0], eps=1e-6))
+        rates = iter(linear_rates(c.drop_path, sum(c.depths)))
+        self.stages = nn.ModuleList()
+        for s, (width, depth) in enumerate(zip(c.widths, c.depths)):
+            down: list[nn.Module] = [] if s == 0 else [ChannelNorm(c.widths[s - 1], eps=1e-6),
+                                                       nn.Conv2d(c.widths[s - 1], width, 2, stride=2)]
+            blocks = [ConvNeXtBlock(width, c.layer_scale, next(rates)) for _ in range(depth)]
+            self.stages.append(nn.Sequential(*down, *blocks))
+        self.final_norm = nn.LayerNorm(c.widths[-1], eps=c.eps)
+        self.head = nn.Linear(c.widths[-1], c.n_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        h = self.stem(self.norm(x))
+        for stage in self.stages:
+            h = stage(h)
+        return self.final_norm(h.mean((-2, -1)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))

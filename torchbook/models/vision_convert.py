@@ -1,5 +1,6 @@
-"""Hugging Face vision checkpoints -> torchbook models: ResNet (`ResNetForImageClassification`), ViT
-(`ViTForImageClassification`) and DeiT (`DeiTForImageClassification`, `...WithTeacher`).
+"""Hugging Face vision checkpoints -> torchbook models: ResNet (`ResNetForImageClassification`), ConvNeXt
+(`ConvNextForImageClassification`), ViT (`ViTForImageClassification`) and DeiT (`DeiTForImageClassification`,
+`...WithTeacher`).
 
 Each converter takes a checkpoint's state dict and its `config.json` as a dict and returns our model with those
 weights (eval mode), whose logits equal `transformers`' on the same `pixel_values` (tests/test_vision_models.py,
@@ -17,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from torchbook.errors import CheckpointError
-from torchbook.models.cnn import ResNet, ResNetConfig
+from torchbook.models.cnn import ConvNeXt, ConvNeXtConfig, ResNet, ResNetConfig
 from torchbook.models.vit import ViT, ViTConfig
 
 
@@ -84,6 +85,57 @@ def convert_resnet(state: Mapping[str, Tensor], config: Mapping[str, Any], pixel
     if not any(k.startswith("classifier.") for k in state):  # backbone only: keep our head
         ours.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     return _load(model, ours, "ResNet")  # type: ignore[return-value]
+
+
+# -- ConvNeXt -------------------------------------------------------------------------------------------------
+def convnext_config(config: Mapping[str, Any], pixel_mean: list[float] | None = None,
+                    pixel_std: list[float] | None = None) -> ConvNeXtConfig:
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"ConvNeXt with hidden_act={config['hidden_act']!r}: only gelu is supported")
+    channels = int(config.get("num_channels", 3))
+    return ConvNeXtConfig(
+        in_channels=channels,
+        n_classes=_labels(config),
+        patch_size=int(config.get("patch_size", 4)),
+        widths=list(config.get("hidden_sizes", [96, 192, 384, 768])),
+        depths=list(config.get("depths", [3, 3, 9, 3])),
+        layer_scale=float(config.get("layer_scale_init_value", 1e-6)),
+        eps=float(config.get("layer_norm_eps", 1e-12)),
+        **_normalization(channels, pixel_mean, pixel_std),
+    )
+
+
+_CONVNEXT_BLOCK = {"dwconv.": "dwconv.", "layernorm.": "norm.", "pwconv1.": "pwconv1.", "pwconv2.": "pwconv2.",
+                   "layer_scale_parameter": "scale"}
+
+
+def convnext_key(key: str) -> str | None:
+    """A Hugging Face ConvNeXt key -> ours (stage s > 0 starts with its LayerNorm and 2x2 convolution)."""
+    key = key.removeprefix("convnext.")
+    top = {"embeddings.patch_embeddings.": "stem.0.", "embeddings.layernorm.": "stem.1.", "layernorm.": "final_norm.",
+           "classifier.": "head."}
+    for theirs, ours in top.items():
+        if key.startswith(theirs):
+            return ours + key.removeprefix(theirs)
+    if m := re.match(r"encoder\.stages\.(\d+)\.downsampling_layer\.(\d+)\.(.*)", key):
+        return "stages.{}.{}.{}".format(*m.groups())
+    if m := re.match(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.*)", key):
+        stage, block, rest = m.groups()
+        index = int(block) + (2 if int(stage) > 0 else 0)
+        for theirs, ours in _CONVNEXT_BLOCK.items():
+            if rest.startswith(theirs):
+                return f"stages.{stage}.{index}.{ours}{rest.removeprefix(theirs)}"
+    return None
+
+
+def convert_convnext(state: Mapping[str, Tensor], config: Mapping[str, Any], pixel_mean: list[float] | None = None,
+                     pixel_std: list[float] | None = None) -> ConvNeXt:
+    """`ConvNextForImageClassification` (or a bare `ConvNextModel`, whose head then stays freshly initialized)."""
+    model = ConvNeXt(convnext_config(config, pixel_mean, pixel_std))
+    ours = {new: value for key, value in state.items() if (new := convnext_key(key)) is not None}
+    if not any(k.startswith("classifier.") for k in state):
+        ours.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    return _load(model, ours, "ConvNeXt")  # type: ignore[return-value]
 
 
 # -- ViT and DeiT ---------------------------------------------------------------------------------------------
@@ -166,4 +218,5 @@ def convert_vit(state: Mapping[str, Tensor], config: Mapping[str, Any], pixel_me
     return _load(model, ours, "ViT")  # type: ignore[return-value]
 
 
-CONVERTERS: dict[str, Callable[..., nn.Module]] = {"resnet": convert_resnet, "vit": convert_vit, "deit": convert_vit}
+CONVERTERS: dict[str, Callable[..., nn.Module]] = {"resnet": convert_resnet, "convnext": convert_convnext,
+                                                   "vit": convert_vit, "deit": convert_vit}
