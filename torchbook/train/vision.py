@@ -9,6 +9,7 @@ unchanged); mixup and CutMix train on soft targets, so the loss is cross-entropy
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -103,19 +104,27 @@ class ImageSplits:
         return [1, *self.data.images.shape[1:]]
 
 
+@functools.lru_cache(maxsize=2)
+def _pooled_images(name: str) -> tuple[ImageData, np.ndarray, np.ndarray, int]:
+    """A data set's training and test images in one array (read and checksummed once per process; the arrays
+    are never modified), and how many come first from the training file."""
+    data = IMAGE_DATASETS[name]()
+    if data.test_images is None or data.test_labels is None:
+        return data, data.images, data.labels, len(data.images)
+    return (data, np.concatenate([data.images, data.test_images]), np.concatenate([data.labels, data.test_labels]),
+            len(data.images))
+
+
 def image_splits(name: str, seed: int, limit: int = 0, val_limit: int = 0, test_limit: int = 0,
                  classes: list[int] | None = None) -> ImageSplits:
     """Fashion-MNIST: the book's split (the last 5,000 training images validate, the official 10,000 test);
     digits: stratified 65/15/20. Images come as (N, 1, H, W). `limit`s keep the first images of a split (smoke
     runs); `classes` keeps only those labels (relabelled 0..k-1 in the given order: transfer learning)."""
-    data = IMAGE_DATASETS[name]()
-    if data.test_images is not None and data.test_labels is not None:
-        n = len(data.images)
-        images = np.concatenate([data.images, data.test_images])
-        labels = np.concatenate([data.labels, data.test_labels])
-        indices = {"train": np.arange(n - 5000), "val": np.arange(n - 5000, n), "test": np.arange(n, len(images))}
+    data, images, labels, n_train = _pooled_images(name)
+    if n_train < len(images):  # an official test split (Fashion-MNIST): the book's split
+        indices = {"train": np.arange(n_train - 5000), "val": np.arange(n_train - 5000, n_train),
+                   "test": np.arange(n_train, len(images))}
     else:
-        images, labels = data.images, data.labels
         indices = split_indices(len(images), val=0.15, test=0.20, seed=seed, stratify=labels)
     if classes is not None:
         labels = labels.copy()
