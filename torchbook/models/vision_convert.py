@@ -31,18 +31,28 @@ def _normalization(channels: int, mean: list[float] | None, std: list[float] | N
     return {"pixel_mean": list(mean) if mean else [0.0] * channels, "pixel_std": list(std) if std else [1.0] * channels}
 
 
-def _load(model: nn.Module, state: dict[str, Tensor], what: str) -> nn.Module:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+def _require_activation(config: Mapping[str, Any], name: str, family: str) -> None:
+    if config.get("hidden_act", name) != name:
+        raise CheckpointError(f"{family} with hidden_act={config['hidden_act']!r}: only {name} is supported")
+
+
+def _convert(model: Any, state: Mapping[str, Tensor], key: Callable[[str], str | None], family: str,
+             heads: tuple[str, ...] = ("classifier.",)) -> Any:
+    """Rename the checkpoint's tensors with `key` and load them into `model` (eval mode). A backbone-only
+    checkpoint (no tensor under `heads`) keeps the model's freshly initialized classifier."""
+    ours = {new: value for name, value in state.items() if (new := key(name)) is not None}
+    if not any(name.startswith(heads) for name in state):
+        ours.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    missing, unexpected = model.load_state_dict(ours, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{what} checkpoint does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{family} checkpoint does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
 
 
 # -- ResNet ---------------------------------------------------------------------------------------------------
 def resnet_config(config: Mapping[str, Any], pixel_mean: list[float] | None = None,
                   pixel_std: list[float] | None = None) -> ResNetConfig:
-    if config.get("hidden_act", "relu") != "relu":
-        raise CheckpointError(f"ResNet with hidden_act={config['hidden_act']!r}: only relu is supported")
+    _require_activation(config, "relu", "ResNet")
     channels = int(config.get("num_channels", 3))
     return ResNetConfig(
         in_channels=channels,
@@ -80,18 +90,13 @@ def resnet_key(key: str) -> str | None:
 def convert_resnet(state: Mapping[str, Tensor], config: Mapping[str, Any], pixel_mean: list[float] | None = None,
                    pixel_std: list[float] | None = None) -> ResNet:
     """`ResNetForImageClassification` (or a bare `ResNetModel`, whose head then stays freshly initialized)."""
-    model = ResNet(resnet_config(config, pixel_mean, pixel_std))
-    ours = {new: value for key, value in state.items() if (new := resnet_key(key)) is not None}
-    if not any(k.startswith("classifier.") for k in state):  # backbone only: keep our head
-        ours.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
-    return _load(model, ours, "ResNet")  # type: ignore[return-value]
+    return _convert(ResNet(resnet_config(config, pixel_mean, pixel_std)), state, resnet_key, "ResNet")  # type: ignore[no-any-return]
 
 
 # -- ConvNeXt -------------------------------------------------------------------------------------------------
 def convnext_config(config: Mapping[str, Any], pixel_mean: list[float] | None = None,
                     pixel_std: list[float] | None = None) -> ConvNeXtConfig:
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"ConvNeXt with hidden_act={config['hidden_act']!r}: only gelu is supported")
+    _require_activation(config, "gelu", "ConvNeXt")
     channels = int(config.get("num_channels", 3))
     return ConvNeXtConfig(
         in_channels=channels,
@@ -131,18 +136,13 @@ def convnext_key(key: str) -> str | None:
 def convert_convnext(state: Mapping[str, Tensor], config: Mapping[str, Any], pixel_mean: list[float] | None = None,
                      pixel_std: list[float] | None = None) -> ConvNeXt:
     """`ConvNextForImageClassification` (or a bare `ConvNextModel`, whose head then stays freshly initialized)."""
-    model = ConvNeXt(convnext_config(config, pixel_mean, pixel_std))
-    ours = {new: value for key, value in state.items() if (new := convnext_key(key)) is not None}
-    if not any(k.startswith("classifier.") for k in state):
-        ours.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
-    return _load(model, ours, "ConvNeXt")  # type: ignore[return-value]
+    return _convert(ConvNeXt(convnext_config(config, pixel_mean, pixel_std)), state, convnext_key, "ConvNeXt")  # type: ignore[no-any-return]
 
 
 # -- ViT and DeiT ---------------------------------------------------------------------------------------------
 def vit_config(config: Mapping[str, Any], pixel_mean: list[float] | None = None,
                pixel_std: list[float] | None = None, distillation_head: bool = False) -> ViTConfig:
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"ViT with hidden_act={config['hidden_act']!r}: only gelu is supported")
+    _require_activation(config, "gelu", "ViT")
     if not config.get("qkv_bias", True):
         raise CheckpointError("ViT with qkv_bias=false is not supported")
     channels = int(config.get("num_channels", 3))
@@ -212,10 +212,7 @@ def convert_vit(state: Mapping[str, Tensor], config: Mapping[str, Any], pixel_me
     `DeiTForImageClassificationWithTeacher` (the mean of both classifiers)."""
     with_teacher = any(k.startswith("distillation_classifier.") for k in state)
     model = ViT(vit_config(config, pixel_mean, pixel_std, distillation_head=with_teacher))
-    ours = {new: value for key, value in state.items() if (new := vit_key(key)) is not None}
-    if not any(k.startswith(("classifier.", "cls_classifier.")) for k in state):
-        ours.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
-    return _load(model, ours, "ViT")  # type: ignore[return-value]
+    return _convert(model, state, vit_key, "ViT", heads=("classifier.", "cls_classifier."))  # type: ignore[no-any-return]
 
 
 CONVERTERS: dict[str, Callable[..., nn.Module]] = {"resnet": convert_resnet, "convnext": convert_convnext,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from torchbook.train.interpret import attribution_plot, integrated_gradients, oc
 from torchbook.train.vision import (
     ABLATIONS,
     AugmentOptions,
+    ImageDataOptions,
     ImageSplits,
     ablation,
     accuracy_metric,
@@ -51,8 +52,7 @@ MODELS = ("cnn", "resnet34")
 
 
 @dataclass
-class Config(AugmentOptions, TrainConfig):
-    data: Literal["fashion-mnist", "digits"] = "fashion-mnist"
+class Config(ImageDataOptions, AugmentOptions, TrainConfig):
     model: str = "cnn"  # cnn (the book's Fashion-MNIST CNN) or resnet34 (the book's residual units, 3/4/6/3)
     filters: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])  # the CNN's 7x7 conv, then 2 blocks
     dense: list[int] = dataclasses.field(default_factory=lambda: [128, 64])  # the CNN's dense layers
@@ -62,9 +62,6 @@ class Config(AugmentOptions, TrainConfig):
     interpret: bool = True  # calibration (ECE, reliability diagram, temperature), attribution maps, MC dropout
     mc_samples: int = 20  # MC dropout passes (0 = off; needs dropout > 0)
     compare_mlp: bool = True  # also train the chapter 10 MLP (784-300-100-10) on the same images for the same time
-    limit: int = 0  # training images (0 = all)
-    val_limit: int = 0
-    test_limit: int = 0
     epochs: int = 20
     batch_size: int = 32
     optimizer: str = "nadam"

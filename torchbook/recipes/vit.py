@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from torchbook.runs import RunDir
 from torchbook.train import TrainConfig, Trainer
 from torchbook.train.vision import (
     AugmentOptions,
+    ImageDataOptions,
     accuracy_metric,
     channel_stats,
     classification_step,
@@ -40,8 +41,7 @@ NAME = "vit"
 
 
 @dataclass
-class Config(AugmentOptions, TrainConfig):
-    data: Literal["fashion-mnist", "digits"] = "fashion-mnist"
+class Config(ImageDataOptions, AugmentOptions, TrainConfig):
     patch_size: int = 4
     d_model: int = 128
     n_layers: int = 6
@@ -50,9 +50,6 @@ class Config(AugmentOptions, TrainConfig):
     dropout: float = 0.1
     drop_path: float = 0.1  # stochastic depth of the last layer
     compare_cnn: bool = True  # also train the book's CNN (quarter width) on the same images for the same time
-    limit: int = 0
-    val_limit: int = 0
-    test_limit: int = 0
     epochs: int = 30
     batch_size: int = 128
     optimizer: str = "adamw"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,6 +26,16 @@ from torchbook.data.images import IMAGE_DATASETS, ImageData
 from torchbook.data.splits import split_indices
 from torchbook.errors import UserInputError
 from torchbook.train.trainer import Step, StepFn, Trainer
+
+
+@dataclass
+class ImageDataOptions:
+    """Config mixin of the vision recipes: which images, and how many of each split (0 = all)."""
+
+    data: Literal["fashion-mnist", "digits"] = "fashion-mnist"
+    limit: int = 0  # training images, for smoke and quick runs
+    val_limit: int = 0
+    test_limit: int = 0
 
 
 @dataclass
