@@ -35,6 +35,8 @@ def predict_images(run_dir: str | Path, paths: list[str | Path], top: int = 3, i
     `<name>.saliency.png`: the image beside its saliency map for the predicted class."""
     import torchbook
 
+    if top < 1:
+        raise UserInputError(f"top={top}: list at least 1 class per image")
     loaded = torchbook.load(run_dir)
     if not is_image_run(loaded.meta):
         raise UserInputError(f"{str(run_dir)!r} is not an image run (its model records no classes and image shape); "
