@@ -4,7 +4,7 @@ the same images for the same wall-clock time, with attention maps.
 The model (`torchbook.models.vit.ViT`) is built on torchbook's own transformer encoder layers: 4x4-pixel patches
 of the 28x28 images (49 patches), a class token, learned positions. The book's ViT-B/16 (patch 16, width 768, 12
 layers, 12 heads) is for 224x224 ImageNet-style images: the book prints no Fashion-MNIST figure for a ViT, so the
-report compares with the CNN of the same run; the `book` preset is our larger setting (about 1.5 hours on 2 CPU
+report compares with the CNN of the same run; the `book` preset is our larger setting (about 2.5 hours on 2 CPU
 cores here, resumable). Loading Hugging Face ViT/DeiT checkpoints: `torchbook.models.vision_convert`.
 """
 
