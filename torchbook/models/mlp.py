@@ -31,6 +31,10 @@ class MLPConfig:
     activation: str = "relu"
     dropout: float = 0.0
     standardize: bool = True  # fit per-feature mean/std on the training set (off for images already in [0, 1])
+    # Chapter 11's options (the defaults keep PyTorch's layers as they are):
+    init: str = "default"  # default (PyTorch's), glorot, he or lecun (normal, fan-in or average fan), zero biases
+    batch_norm: bool = False  # Linear (no bias) -> BatchNorm1d -> activation in every hidden layer
+    alpha_dropout: bool = False  # AlphaDropout instead of Dropout (keeps SELU's self-normalization)
 
 
 class Standardize(nn.Module):
@@ -53,8 +57,30 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+INITS = ("default", "glorot", "he", "lecun")
+
+
+def initialize(layer: nn.Linear, init: str) -> None:
+    """Chapter 11's initializations: Glorot (normal, variance 2 / (fan_in + fan_out)), He (2 / fan_in, for ReLU)
+    and LeCun (1 / fan_in, for SELU); biases start at zero. `default` keeps PyTorch's uniform initialization."""
+    if init == "default":
+        return
+    if init == "glorot":
+        nn.init.xavier_normal_(layer.weight)
+    elif init == "he":
+        nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+    elif init == "lecun":
+        nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+    else:
+        raise ValueError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 class MLP(nn.Module):
-    """x (B, ...) -> flatten -> standardize -> [Linear -> activation -> dropout] * len(hidden) -> Linear -> (B, out)."""
+    """x (B, ...) -> flatten -> standardize -> [Linear -> (BatchNorm) -> activation -> dropout] * len(hidden)
+    -> Linear -> (B, out). A self-normalizing net (chapter 11) is activation=selu, init=lecun, alpha_dropout=True
+    on standardized inputs."""
 
     config_class = MLPConfig
 
@@ -65,11 +91,18 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         width = config.in_features
         for size in config.hidden:
-            layers += [nn.Linear(width, size), ACTIVATIONS[config.activation]()]
+            linear = nn.Linear(width, size, bias=not config.batch_norm)
+            initialize(linear, config.init)
+            layers.append(linear)
+            if config.batch_norm:
+                layers.append(nn.BatchNorm1d(size))
+            layers.append(ACTIVATIONS[config.activation]())
             if config.dropout:
-                layers.append(nn.Dropout(config.dropout))
+                layers.append(nn.AlphaDropout(config.dropout) if config.alpha_dropout else nn.Dropout(config.dropout))
             width = size
-        layers.append(nn.Linear(width, config.out_features))
+        output = nn.Linear(width, config.out_features)
+        initialize(output, "glorot" if config.init != "default" else "default")
+        layers.append(output)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

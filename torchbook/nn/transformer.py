@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchbook.nn.attention import MultiHeadAttention
+from torchbook.nn.drop import drop_path
 from torchbook.nn.kv_cache import KVCache
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
@@ -42,11 +43,12 @@ class EncoderLayer(nn.Module):
 
     def __init__(
         self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1, norm_first: bool = False,
-        activation: str = "relu", eps: float = 1e-5,
+        activation: str = "relu", eps: float = 1e-5, drop_path: float = 0.0,
     ):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout)
         self.ff = FeedForward(d_model, d_ff, dropout, activation)
+        self.drop_path = drop_path  # stochastic depth on both residual branches (vision transformers); 0 = off
         self.norm1 = nn.LayerNorm(d_model, eps=eps)
         self.norm2 = nn.LayerNorm(d_model, eps=eps)
         self.dropout1 = nn.Dropout(dropout)
@@ -55,12 +57,13 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """x: (B, S, d_model); key_padding_mask: (B, S), True at padding."""
+        p, training = self.drop_path, self.training
         if self.norm_first:
             h = self.norm1(x)
-            x = x + self.dropout1(self.self_attn(h, key_padding_mask=key_padding_mask))
-            return x + self.dropout2(self.ff(self.norm2(x)))
-        x = self.norm1(x + self.dropout1(self.self_attn(x, key_padding_mask=key_padding_mask)))
-        return self.norm2(x + self.dropout2(self.ff(x)))
+            x = x + drop_path(self.dropout1(self.self_attn(h, key_padding_mask=key_padding_mask)), p, training)
+            return x + drop_path(self.dropout2(self.ff(self.norm2(x))), p, training)
+        x = self.norm1(x + drop_path(self.dropout1(self.self_attn(x, key_padding_mask=key_padding_mask)), p, training))
+        return self.norm2(x + drop_path(self.dropout2(self.ff(x)), p, training))
 
 
 class DecoderLayer(nn.Module):

@@ -10,6 +10,7 @@ has no figure. Every run trains a logistic-regression baseline on the same split
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -21,8 +22,9 @@ from torch.utils.data import TensorDataset
 import torchbook
 from torchbook.data.images import IMAGE_DATASETS, ImageData, image_split
 from torchbook.data.splits import split_record
+from torchbook.errors import unknown
 from torchbook.hub import save_model
-from torchbook.models.mlp import MLP, MLPConfig
+from torchbook.models.mlp import INITS, MLP, MLPConfig
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
@@ -46,12 +48,27 @@ class Config(TrainConfig):
     restore_best: bool = False  # the book reports the model after its 20 epochs, not the best epoch's weights
     limit: int = 0  # use only this many training images (0 = all), for smoke runs
     baseline: bool = True  # also fit the logistic-regression baseline (about 30 s on Fashion-MNIST; off for tuning)
+    # Chapter 11: initialization, batch norm, the self-normalizing net (activation=selu init=lecun
+    # alpha_dropout=true standardize=true), and a depth experiment comparing them on deeper nets.
+    init: str = "default"  # default, glorot, he, lecun
+    batch_norm: bool = False
+    alpha_dropout: bool = False
+    standardize: bool = False  # standardize each pixel with the training set's statistics (SELU needs it)
+    depth_experiment: list[int] = field(default_factory=list)  # e.g. [2,10,20]: hidden layers of 100 units
+    depth_epochs: int = 3  # epochs of each depth-experiment model
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {"data": "digits", "epochs": 3, "limit": 600, "optimizer": "adam", "lr": 3e-3},
         "quick": {"data": "digits", "epochs": 60, "optimizer": "adam", "lr": 1e-3, "patience": 15, "restore_best": True},
+        "depth": {"data": "digits", "epochs": 60, "optimizer": "adam", "lr": 1e-3, "patience": 15,
+                  "depth_experiment": [2, 10, 20], "depth_epochs": 30},
         "book": {},
     }
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init not in INITS:
+            raise unknown("init", self.init, INITS)
 
 
 @dataclass
@@ -120,15 +137,50 @@ def confusion_plot(path: Any, y_true: np.ndarray, y_pred: np.ndarray, classes: l
     save_figure(fig, path)
 
 
+def build_mlp(config: Config, prep: Prepared, hidden: list[int], activation: str, init: str, batch_norm: bool,
+              standardize: bool) -> MLP:
+    n_pixels = int(np.prod(prep.data.images.shape[1:]))
+    model = MLP(MLPConfig(n_pixels, len(prep.data.classes), hidden, activation, config.dropout, standardize, init,
+                          batch_norm, config.alpha_dropout))
+    if standardize:
+        model.standardize.fit(prep.train.tensors[0].flatten(1))  # type: ignore[operator]
+    return model
+
+
+DEPTH_VARIANTS = {  # chapter 11: what keeps a deep net trainable
+    "ReLU, PyTorch's default init": ("relu", "default", False, False),
+    "ReLU, He init": ("relu", "he", False, False),
+    "ReLU, He init, batch norm": ("relu", "he", True, False),
+    "SELU, LeCun init, standardized inputs": ("selu", "lecun", False, True),
+}
+
+
+def depth_experiment(config: Config, prep: Prepared) -> list[list[Any]]:
+    """Validation accuracy of nets of each depth (hidden layers of 100 units) for each variant, same epochs."""
+    rows = []
+    short = dataclasses.replace(config, epochs=config.depth_epochs, patience=0, checkpoint_every=0, progress=False)
+    for depth in config.depth_experiment:
+        row: list[Any] = [depth]
+        for activation, init, batch_norm, standardize in DEPTH_VARIANTS.values():
+            torch.manual_seed(config.seed)
+            model = build_mlp(config, prep, [100] * depth, activation, init, batch_norm, standardize)
+            trainer = Trainer(model, short, None, prep.train, prep.val, criterion=torch.nn.CrossEntropyLoss(),
+                              metrics=accuracy_metric(len(prep.data.classes)))
+            trainer.fit()
+            row.append(trainer.evaluate(prep.val)["accuracy"])
+        rows.append(row)
+    return rows
+
+
 def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     run = RunDir.start(run_dir, NAME, config)
     prep = prepare(config)
     data = prep.data
     report = Report(f"Image classifier MLP on {data.name}", NAME, "10", data.source)
     run.write_json("split.json", split_record(prep.splits, data.source, config.seed, dataset=data.name))
-    n_pixels = int(np.prod(data.images.shape[1:]))
     torch.manual_seed(config.seed)
-    model = MLP(MLPConfig(n_pixels, len(data.classes), list(config.hidden), config.activation, config.dropout, standardize=False))
+    model = build_mlp(config, prep, list(config.hidden), config.activation, config.init, config.batch_norm,
+                      config.standardize)
     trainer = Trainer(model, config, run, prep.train, prep.val, criterion=torch.nn.CrossEntropyLoss(),
                       metrics=accuracy_metric(len(data.classes)))
     trainer.fit()
@@ -156,6 +208,11 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
         report.text("Verdict", f"The MLP {verdict} the logistic-regression baseline on the test set "
                                f"({test['accuracy']:.4f} vs {baseline:.4f}).")
     report.table("Data split", ["split", "images"], [[k, len(v)] for k, v in prep.splits.items()])
+    if config.depth_experiment:
+        rows = depth_experiment(config, prep)
+        run.write_json("depth_experiment.json", {"variants": list(DEPTH_VARIANTS), "rows": rows})
+        report.table(f"Depth experiment (chapter 11): validation accuracy after {config.depth_epochs} epochs",
+                     ["hidden layers", *DEPTH_VARIANTS], rows)
     report.image("Learning curves", run.plots / "learning_curves.png", run.path)
     report.image("Confusion matrix (test)", run.plots / "confusion_matrix.png", run.path)
     report.write(run.path)
