@@ -304,3 +304,15 @@ def evaluate(run_dir: RunDir | str) -> dict[str, float]:
 
 RECIPE = Recipe(NAME, "18", "DDPM on Fashion-MNIST (cosine schedule, U-Net), DDIM sampling, classifier-free guidance "
                 "(offline: digits)", Config, run, evaluate)
+
+
+def sample_images(run_dir: RunDir | str, n: int = 16, steps: int | None = None, eta: float | None = None,
+                  guidance: float | None = None, class_label: int | None = None, seed: int = 0,
+                  ddpm: bool = False, progress: bool = False) -> torch.Tensor:
+    """`torchbook sample`: `n` images (n, H, W) in [0, 1] from a finished run's model (see `generate`)."""
+    import torchbook
+
+    run = RunDir.open(run_dir)
+    config = run.load_config(Config)
+    model = torchbook.load(run.path).model
+    return generate(model, config, n, steps, eta, guidance, class_label, seed, ddpm=ddpm, progress=progress)

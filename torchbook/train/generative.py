@@ -61,3 +61,52 @@ def denoising_step(alphas_cumprod: Tensor, loss: str = "huber", p_uncond: float 
         return Step(noise_loss(pred, noise, loss), count=len(x0))
 
     return step
+
+
+def kl_sparsity(codings: Tensor, target: float) -> Tensor:
+    """The sparse autoencoder's penalty (chapter 18): KL divergence between a target activation probability p and
+    each coding unit's mean activation q over the batch, summed over the units:
+    p log(p / q) + (1 - p) log((1 - p) / (1 - q))."""
+    q = codings.mean(0).clamp(1e-7, 1 - 1e-7)
+    p = torch.full_like(q, target)
+    return (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum()
+
+
+def vae_kl(mean: Tensor, log_var: Tensor) -> Tensor:
+    """KL divergence of the codings' Gaussian from the standard normal, summed over the codings, averaged over the
+    batch: -1/2 sum(1 + log_var - exp(log_var) - mean^2)."""
+    return (-0.5 * (1 + log_var - log_var.exp() - mean.square()).sum(-1)).mean()
+
+
+def corrupt(images: Tensor, noise: str, level: float) -> Tensor:
+    """Denoising autoencoders' input noise: `gaussian` adds N(0, level^2), `dropout` zeroes pixels with probability
+    `level` (scaling the others by 1 / (1 - level), as dropout does), `none` leaves the images."""
+    if noise == "gaussian":
+        return images + level * torch.randn_like(images)
+    if noise == "dropout":
+        return F.dropout(images, level, training=True)
+    return images
+
+
+def autoencoder_step(noise: str = "none", noise_level: float = 0.0, sparsity_target: float = 0.0,
+                     sparsity_weight: float = 0.0, kl_weight: float = 0.0) -> StepFn:
+    """A `Trainer` step for `(images, labels)` batches (labels unused): the reconstruction MSE of an autoencoder,
+    with input noise while training (denoising), a KL sparsity penalty on the codings (sparse), or, for a VAE
+    (a model whose forward returns (reconstruction, mean, log_var)), `kl_weight` times the KL term (the book's
+    VAE loss: MSE + KL / 784, so kl_weight = 1 / pixels)."""
+
+    def step(model: nn.Module, batch: Any) -> Step:
+        images, _ = batch
+        inputs = corrupt(images, noise, noise_level) if model.training else images
+        if kl_weight:
+            reconstruction, mean, log_var = model(inputs)
+            loss = F.mse_loss(reconstruction, images) + kl_weight * vae_kl(mean, log_var)
+        elif sparsity_weight:
+            autoencoder: Any = model  # an Autoencoder: encode() and decode()
+            codings = autoencoder.encode(inputs)
+            loss = F.mse_loss(autoencoder.decode(codings), images) + sparsity_weight * kl_sparsity(codings, sparsity_target)
+        else:
+            loss = F.mse_loss(model(inputs), images)
+        return Step(loss, count=len(images))
+
+    return step
