@@ -70,8 +70,22 @@ def cosine_schedule(num_steps: int = 4000, s: float = 0.008, max_beta: float = 0
 
     betas = torch.tensor([min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta) for i in range(num_steps)],
                          dtype=torch.float32)
+    return schedule_from_betas(betas)
+
+
+def schedule_from_betas(betas: Tensor) -> VarianceSchedule:
     alphas = 1.0 - betas
     return VarianceSchedule(betas, alphas, torch.cumprod(alphas, dim=0))
+
+
+def linear_schedule(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02,
+                    scaled: bool = False) -> VarianceSchedule:
+    """DDPM's original linear betas (diffusers' `linear`), or linear in sqrt(beta) (`scaled_linear`)."""
+    if scaled:
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float32) ** 2
+    else:
+        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float32)
+    return schedule_from_betas(betas)
 
 
 def check_mode(mode: str) -> str:
@@ -92,12 +106,26 @@ def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return randn(x.shape, generator, x.device, x.dtype)
 
 
-class DDPM:
-    """Ancestral sampling (DDPM) over every one of the T steps: T model calls (4,000 for the book's schedule)."""
+VARIANCES = ("fixed_large", "fixed_small")
 
-    def __init__(self, schedule: VarianceSchedule, mode: str = "book"):
+
+class DDPM:
+    """Ancestral sampling (DDPM) over every one of the T steps: T model calls (4,000 for the book's schedule).
+
+    diffusers mode only: `variance` fixed_large (beta_t, the book's) or fixed_small (the posterior variance
+    (1 - alpha_bar_t-1) / (1 - alpha_bar_t) beta_t, DDPMScheduler's default), and `clip_sample` (clamp the predicted
+    clean image to [-clip, clip], as DDPMScheduler's clip_sample does; None: off)."""
+
+    def __init__(self, schedule: VarianceSchedule, mode: str = "book", variance: str = "fixed_large",
+                 clip_sample: float | None = None):
         self.schedule = schedule
         self.mode = check_mode(mode)
+        if variance not in VARIANCES:
+            raise unknown("DDPM variance", variance, VARIANCES)
+        if mode == "book" and (variance != "fixed_large" or clip_sample is not None):
+            raise UserInputError("the book's DDPM uses variance beta_t and no clipping; use mode=diffusers")
+        self.variance = variance
+        self.clip_sample = clip_sample
 
     def pairs(self) -> list[tuple[int, int]]:
         """(t, t_prev) for every step, noisiest first; t_prev = -1 is the clean image."""
@@ -117,11 +145,17 @@ class DDPM:
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
         current_beta_t = 1 - current_alpha_t
         x0 = (x - beta_prod_t ** (0.5) * eps) / alpha_prod_t ** (0.5)
+        if self.clip_sample is not None:
+            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
         x0_coeff = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
         x_coeff = current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t
         prev = x0_coeff * x0 + x_coeff * x
         if t > 0:
-            prev = prev + (current_beta_t**0.5) * noise_like(eps, generator)
+            if self.variance == "fixed_large":
+                variance = current_beta_t
+            else:
+                variance = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t, min=1e-20)
+            prev = prev + (variance**0.5) * noise_like(eps, generator)
         return prev
 
 
@@ -131,8 +165,14 @@ class DDIM:
     default in book mode) or diffusers' `leading` (its default), `trailing` or `linspace`."""
 
     def __init__(self, schedule: VarianceSchedule, steps: int = 50, eta: float = 0.85, mode: str = "book",
-                 spacing: str | None = None):
+                 spacing: str | None = None, clip_sample: float | None = None, final_alpha_one: bool = True,
+                 steps_offset: int = 0):
         self.schedule = schedule
+        # diffusers mode only: clip_sample (clamp the predicted clean image), set_alpha_to_one (False: the jump after
+        # the last step ends at alpha_bar_0 instead of 1) and steps_offset (added to leading timesteps).
+        self.clip_sample = clip_sample
+        self.final_alpha = torch.tensor(1.0) if final_alpha_one else schedule.alphas_cumprod[0]
+        self.steps_offset = steps_offset
         self.mode = check_mode(mode)
         self.steps = steps
         self.eta = eta
@@ -152,7 +192,7 @@ class DDIM:
             return list(zip(grid[:-1], grid[1:]))
         # diffusers' DDIMScheduler.set_timesteps; its step() always jumps back by T // n.
         if self.spacing == "leading":
-            times = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64)
+            times = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + self.steps_offset
         elif self.spacing == "trailing":
             times = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
         else:
@@ -177,7 +217,11 @@ class DDIM:
             var = self.variance(t, t_prev)
             prev = alpha_prod_t_prev**0.5 * x0 + (1 - alpha_prod_t_prev - var) ** 0.5 * eps
             return prev + var**0.5 * noise_like(x, generator) if self.eta > 0 else prev
-        # diffusers' DDIMScheduler.step, epsilon prediction, no clipping.
+        # diffusers' DDIMScheduler.step, epsilon prediction.
+        if t_prev < 0:
+            alpha_prod_t_prev = self.final_alpha
+        if self.clip_sample is not None:
+            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
         beta_prod_t_prev = 1 - alpha_prod_t_prev
         variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
         std_dev_t = self.eta * variance ** (0.5)

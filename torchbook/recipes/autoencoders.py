@@ -36,6 +36,7 @@ from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
 from torchbook.train import TrainConfig, Trainer
+from torchbook.train.frechet import feature_extractor, frechet_distance
 from torchbook.train.generative import autoencoder_step, corrupt
 
 NAME = "autoencoders"
@@ -55,6 +56,7 @@ class Config(TrainConfig):
     sparse_units: int = BOOK_SPARSE_UNITS
     sparsity_target: float = BOOK_SPARSITY_TARGET
     sparsity_weight: float = BOOK_SPARSITY_WEIGHT
+    fd_samples: int = 2000  # VAE: generated images for the Fréchet distance against as many test images (0: skip)
     embedding: str = "tsne"  # tsne or pca, for the 2-D plot of the test codings
     labels: int = 500  # labelled images of the pretraining experiment (0: skip it)
     classifier_epochs: int = 30
@@ -89,6 +91,7 @@ class Prepared:
     train: TensorDataset
     val: TensorDataset
     test: TensorDataset
+    classifier_train: np.ndarray  # the whole training split (before `limit`): the Fréchet classifier's data
 
 
 def prepare(config: Config) -> Prepared:
@@ -101,13 +104,14 @@ def prepare(config: Config) -> Prepared:
     else:
         splits = split_indices(len(data.images), val=0.15, test=0.20, seed=config.seed, stratify=data.labels)
         test = TensorDataset(torch.from_numpy(data.images[splits["test"]]), torch.from_numpy(data.labels[splits["test"]]))
+    classifier_train = splits["train"]
     if config.limit:
         splits["train"] = splits["train"][: config.limit]
 
     def tensors(idx: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.from_numpy(np.ascontiguousarray(data.images[idx])), torch.from_numpy(data.labels[idx]))
 
-    return Prepared(data, splits, tensors(splits["train"]), tensors(splits["val"]), test)
+    return Prepared(data, splits, tensors(splits["train"]), tensors(splits["val"]), test, classifier_train)
 
 
 def model_config(config: Config, image_shape: tuple[int, ...]) -> AutoencoderConfig:
@@ -259,6 +263,16 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
         image_grid(run.plots / "interpolation.png", interpolate(model, test_images[:5], test_images[5:10]), ncols=8,
                    title="VAE: linear interpolation between the codings of two test images")
         report.image("Latent interpolation", run.plots / "interpolation.png", run.path)
+        if config.fd_samples:
+            n_fd = min(config.fd_samples, len(test_images))
+            train_idx = prep.classifier_train
+            extractor = feature_extractor(data.images[train_idx], data.labels[train_idx], len(data.classes),
+                                          config.seed, data.name)
+            results["frechet_distance"] = frechet_distance(extractor, test_images[:n_fd],
+                                                           generate(model, n_fd, seed=config.seed + 1))
+            results["frechet_samples"] = n_fd
+            report.compare(f"Fréchet distance, {n_fd} generated vs {n_fd} test images", results["frechet_distance"],
+                           None, "classifier features, not Inception's; lower is better")
     if config.labels:
         pre = pretraining_experiment(model, config, prep)
         results.update(pre)

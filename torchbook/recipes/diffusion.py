@@ -35,6 +35,7 @@ from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
 from torchbook.train import TrainConfig, Trainer
+from torchbook.train.frechet import feature_extractor, frechet_distance
 from torchbook.train.generative import LOSSES, denoising_step, noise_loss, to_model_scale
 
 NAME = "diffusion"
@@ -60,6 +61,8 @@ class Config(TrainConfig):
     guidance: float = 2.0  # classifier-free guidance scale of the report's class-conditional grid
     samples_per_class: int = 8
     ddpm_samples: int = 0  # images sampled with the full T-step DDPM (T model calls each batch: slow on CPU)
+    fd_samples: int = 2000  # DDIM samples for the Fréchet distance against as many test images (0: skip)
+    fd_guidance: float = 1.0  # guidance of those samples (1: the conditional model, one pass a step)
     limit: int = 0  # use only this many training images (0 = all)
     val_limit: int = 0  # validate on only this many images (0 = all)
     epochs: int = 20
@@ -70,9 +73,9 @@ class Config(TrainConfig):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {"data": "digits", "epochs": 1, "limit": 256, "val_limit": 64, "block_out_channels": [16, 32],
-                  "layers_per_block": 1, "ddim_steps": 5, "samples_per_class": 1, "batch_size": 32},
+                  "layers_per_block": 1, "ddim_steps": 5, "samples_per_class": 1, "batch_size": 32, "fd_samples": 64},
         "quick": {"epochs": 1, "limit": 9600, "val_limit": 1000, "block_out_channels": [16, 32, 64],
-                  "layers_per_block": 1, "lr": 2e-3, "samples_per_class": 4},
+                  "layers_per_block": 1, "lr": 2e-3, "samples_per_class": 4, "fd_samples": 200},
         "book": {"ddpm_samples": 16},
     }
 
@@ -98,6 +101,7 @@ class Prepared:
     train: TensorDataset
     val: TensorDataset
     test_images: np.ndarray
+    classifier_train: np.ndarray  # the whole training split (before `limit`): the Fréchet classifier's data
 
 
 def prepare(config: Config) -> Prepared:
@@ -111,6 +115,7 @@ def prepare(config: Config) -> Prepared:
     else:
         splits = split_indices(len(data.images), val=0.15, test=0.20, seed=config.seed, stratify=data.labels)
         test_images = data.images[splits["test"]]
+    classifier_train = splits["train"]
     if config.limit:
         splits["train"] = splits["train"][: config.limit]
     if config.val_limit:
@@ -119,7 +124,7 @@ def prepare(config: Config) -> Prepared:
     def tensors(idx: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.from_numpy(np.ascontiguousarray(data.images[idx])), torch.from_numpy(data.labels[idx]))
 
-    return Prepared(data, splits, tensors(splits["train"]), tensors(splits["val"]), test_images)
+    return Prepared(data, splits, tensors(splits["train"]), tensors(splits["val"]), test_images, classifier_train)
 
 
 def unet_config(config: Config, image_shape: tuple[int, int], n_classes: int) -> UNetConfig:
@@ -263,6 +268,15 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     if config.ddpm_samples:
         ddpm = generate(model, config, config.ddpm_samples, ddpm=True, seed=config.seed)
         image_grid(run.plots / "samples_ddpm.png", ddpm, ncols=8, title=f"DDPM, all {schedule.num_steps} steps")
+    if config.fd_samples:
+        n_fd = min(config.fd_samples, len(prep.test_images))
+        fd_images = generate(model, config, n_fd, guidance=config.fd_guidance, seed=config.seed + 1)
+        extractor = feature_extractor(data.images[prep.classifier_train], data.labels[prep.classifier_train],
+                                      n_classes, config.seed, data.name)
+        results["frechet_distance"] = frechet_distance(extractor, prep.test_images[:n_fd], fd_images)
+        results["frechet_samples"] = n_fd
+        report.compare(f"Fréchet distance, {n_fd} DDIM samples vs {n_fd} test images", results["frechet_distance"],
+                       None, f"classifier features, not Inception's; guidance {config.fd_guidance}; lower is better")
     forward_process_plot(run.plots / "forward_process.png", data.images[prep.splits["val"][0]], schedule, config.seed)
     schedule_plot(run.plots / "schedule.png", schedule)
     run.write_json("results.json", results)

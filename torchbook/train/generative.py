@@ -110,3 +110,43 @@ def autoencoder_step(noise: str = "none", noise_level: float = 0.0, sparsity_tar
         return Step(loss, count=len(images))
 
     return step
+
+
+class GANStep:
+    """Alternating GAN updates (chapter 18) as a `Trainer` step, for a `torchbook.models.gan.GAN`.
+
+    Each real batch comes twice in a row (the recipe's `batches` for the trainer lists it twice): the first time it trains
+    the discriminator (real images -> 1, or 1 - `label_smoothing`, the book's one-sided smoothing trick; fresh fakes,
+    detached from the generator -> 0), the second time the generator (fresh fakes that the discriminator should call
+    real, its weights held fixed so only the generator learns). The model's `phase` buffer says whose turn it is and
+    flips each call. The trainer's one optimizer then updates only the parameters that received gradients (the
+    trainer sets gradients to None after each step, and torch's optimizers skip parameters without one), so the two
+    players alternate exactly as in the book's loop, with one learning rate. `losses` keeps each player's losses of
+    the current epoch for the report's diagnostics."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = label_smoothing
+        self.losses: dict[str, list[float]] = {"discriminator": [], "generator": []}
+
+    def __call__(self, model: nn.Module, batch: Any) -> Step:
+        from torch.func import functional_call
+
+        gan: Any = model
+        images, _ = batch
+        real = images.float() * 2 - 1  # the generator's tanh range
+        codings = torch.randn(len(real), gan.config.codings, device=real.device)
+        ones = torch.ones(len(real), device=real.device)
+        if int(gan.phase) == 0:
+            fake = gan.generator(codings).detach()
+            loss = (F.binary_cross_entropy_with_logits(gan.discriminator(real)[:, 0], ones - self.label_smoothing)
+                    + F.binary_cross_entropy_with_logits(gan.discriminator(fake)[:, 0], torch.zeros_like(ones)))
+            player = "discriminator"
+        else:
+            frozen = {name: p.detach() for name, p in gan.discriminator.named_parameters()}
+            logits = functional_call(gan.discriminator, frozen, (gan.generator(codings),))
+            loss = F.binary_cross_entropy_with_logits(logits[:, 0], ones)
+            player = "generator"
+        gan.phase.fill_(1 - int(gan.phase))
+        self.losses[player].append(float(loss.detach()))
+        return Step(loss, count=len(real))
+
