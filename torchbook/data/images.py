@@ -109,3 +109,21 @@ def load_digits() -> ImageData:
 
 
 IMAGE_DATASETS = {"fashion-mnist": load_fashion_mnist, "digits": load_digits}
+
+
+def standard_split(data: ImageData, seed: int) -> dict[str, np.ndarray]:
+    """The book's split of a dataset with an official test set (Fashion-MNIST: the last 5,000 training images
+    validate; "test" indexes `data.test_images`), else a stratified 65/15/20 split ("test" indexes `data.images`)."""
+    if data.test_images is not None:
+        n = len(data.images)
+        return {"train": np.arange(n - 5000), "val": np.arange(n - 5000, n), "test": np.arange(len(data.test_images))}
+    from torchbook.data.splits import split_indices
+
+    return split_indices(len(data.images), val=0.15, test=0.20, seed=seed, stratify=data.labels)
+
+
+def test_arrays(data: ImageData, splits: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The test images and labels of `standard_split`."""
+    if data.test_images is not None and data.test_labels is not None:
+        return data.test_images, data.test_labels
+    return data.images[splits["test"]], data.labels[splits["test"]]

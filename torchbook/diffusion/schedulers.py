@@ -170,6 +170,9 @@ class DDIM:
         self.schedule = schedule
         # diffusers mode only: clip_sample (clamp the predicted clean image), set_alpha_to_one (False: the jump after
         # the last step ends at alpha_bar_0 instead of 1) and steps_offset (added to leading timesteps).
+        if mode == "book" and (clip_sample is not None or not final_alpha_one or steps_offset):
+            raise UserInputError("clip_sample, set_alpha_to_one=False and steps_offset are diffusers options; the "
+                                 "book's DDIM has none: use mode=diffusers")
         self.clip_sample = clip_sample
         self.final_alpha = torch.tensor(1.0) if final_alpha_one else schedule.alphas_cumprod[0]
         self.steps_offset = steps_offset
@@ -199,18 +202,21 @@ class DDIM:
             times = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
         return [(int(t), int(t) - T // n) for t in times]
 
+    def alpha_bar_prev(self, t_prev: int) -> Tensor:
+        """alpha_bar at the step jumped to: after the last step, 1 (or alpha_bar_0 without set_alpha_to_one)."""
+        return self.schedule.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha
+
     def variance(self, t: int, t_prev: int) -> Tensor:
         s = self.schedule
-        alpha_prod_t, alpha_prod_t_prev = s.alphas_cumprod[t], s.alpha_bar(t_prev)
+        alpha_prod_t, alpha_prod_t_prev = s.alphas_cumprod[t], self.alpha_bar_prev(t_prev)
         if self.mode == "book":
             return self.eta * (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * s.betas[t]
         std = self.eta * ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)) ** 0.5
         return std**2
 
     def step(self, eps: Tensor, t: int, t_prev: int, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        s = self.schedule
-        alpha_prod_t = s.alphas_cumprod[t]
-        alpha_prod_t_prev = s.alpha_bar(t_prev)
+        alpha_prod_t = self.schedule.alphas_cumprod[t]
+        alpha_prod_t_prev = self.alpha_bar_prev(t_prev)
         beta_prod_t = 1 - alpha_prod_t
         x0 = (x - beta_prod_t ** (0.5) * eps) / alpha_prod_t ** (0.5)
         if self.mode == "book":
@@ -218,8 +224,6 @@ class DDIM:
             prev = alpha_prod_t_prev**0.5 * x0 + (1 - alpha_prod_t_prev - var) ** 0.5 * eps
             return prev + var**0.5 * noise_like(x, generator) if self.eta > 0 else prev
         # diffusers' DDIMScheduler.step, epsilon prediction.
-        if t_prev < 0:
-            alpha_prod_t_prev = self.final_alpha
         if self.clip_sample is not None:
             x0 = x0.clamp(-self.clip_sample, self.clip_sample)
         beta_prod_t_prev = 1 - alpha_prod_t_prev

@@ -46,6 +46,14 @@ def dense_stack(sizes: list[int], activation: str) -> list[nn.Module]:
     return layers
 
 
+def dense_decoder(config: AutoencoderConfig) -> nn.Sequential:
+    """codings -> [Linear + activation] * reversed(hidden) -> Linear -> sigmoid -> (B, H, W)."""
+    h, w = config.image_size
+    sizes = [config.codings, *reversed(config.hidden)]
+    return nn.Sequential(*dense_stack(sizes, config.activation), nn.Linear(sizes[-1], h * w), nn.Sigmoid(),
+                         nn.Unflatten(1, (h, w)))
+
+
 class Autoencoder(nn.Module):
     """A dense or convolutional autoencoder: `encode`, `decode`, and `forward` = decode(encode(x))."""
 
@@ -75,9 +83,7 @@ class Autoencoder(nn.Module):
             sizes = [pixels, *config.hidden]
             self.encoder = nn.Sequential(nn.Flatten(), *dense_stack(sizes, act), nn.Linear(sizes[-1], config.codings),
                                          *codings_act)
-            self.decoder = nn.Sequential(*dense_stack([config.codings, *reversed(config.hidden)], act),
-                                         nn.Linear(sizes[1] if config.hidden else config.codings, pixels),
-                                         nn.Sigmoid(), nn.Unflatten(1, (h, w)))
+            self.decoder = dense_decoder(config)
 
     def encode(self, x: Tensor) -> Tensor:
         return self.encoder(x)
@@ -102,9 +108,7 @@ class VAE(nn.Module):
         self.encoder = nn.Sequential(nn.Flatten(), *dense_stack(sizes, config.activation))
         self.mean = nn.Linear(sizes[-1], config.codings)
         self.log_var = nn.Linear(sizes[-1], config.codings)
-        self.decoder = nn.Sequential(*dense_stack([config.codings, *reversed(config.hidden)], config.activation),
-                                     nn.Linear(sizes[1] if config.hidden else config.codings, h * w), nn.Sigmoid(),
-                                     nn.Unflatten(1, (h, w)))
+        self.decoder = dense_decoder(config)
 
     def encode(self, x: Tensor) -> Tensor:
         """The codings' mean: the deterministic code of an image (for embeddings and classifiers)."""

@@ -4,7 +4,8 @@
 one logit: real or fake), plus a `phase` buffer the training step flips between "train the discriminator" and
 "train the generator" (it is saved with the weights, so an interrupted run resumes on the right phase).
 
-- `dense`: generator codings-128-256-pixels (the book's sizes for its GAN), discriminator pixels-256-128-1.
+- `dense`: generator codings-128-256-pixels (the book's sizes for its GAN; 32 codings), discriminator
+  pixels-256-128-1 (sizes ours).
 - `dcgan`: the DCGAN guidelines (Radford et al.): a dense layer to 128 x H/4 x W/4, two stride-2 transposed
   convolutions with batch normalization and ReLU in the generator; stride-2 convolutions, batch normalization and
   leaky ReLU, no pooling, in the discriminator.

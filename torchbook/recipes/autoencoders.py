@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from torchbook.data.images import IMAGE_DATASETS, ImageData
-from torchbook.data.splits import split_indices, split_record
+from torchbook.data.images import IMAGE_DATASETS, ImageData, standard_split, test_arrays
+from torchbook.data.splits import split_record
 from torchbook.errors import UserInputError, unknown
 from torchbook.models import save_model
 from torchbook.models.autoencoder import VAE, Autoencoder, AutoencoderConfig, EncoderClassifier
@@ -97,13 +97,8 @@ class Prepared:
 def prepare(config: Config) -> Prepared:
     """Fashion-MNIST: the last 5,000 training images validate, the official test set tests; digits: 65/15/20."""
     data = IMAGE_DATASETS[config.data]()
-    if data.test_images is not None and data.test_labels is not None:
-        n = len(data.images)
-        splits = {"train": np.arange(n - 5000), "val": np.arange(n - 5000, n), "test": np.arange(len(data.test_images))}
-        test = TensorDataset(torch.from_numpy(data.test_images), torch.from_numpy(data.test_labels))
-    else:
-        splits = split_indices(len(data.images), val=0.15, test=0.20, seed=config.seed, stratify=data.labels)
-        test = TensorDataset(torch.from_numpy(data.images[splits["test"]]), torch.from_numpy(data.labels[splits["test"]]))
+    splits = standard_split(data, config.seed)
+    test = TensorDataset(*(torch.from_numpy(np.ascontiguousarray(a)) for a in test_arrays(data, splits)))
     classifier_train = splits["train"]
     if config.limit:
         splits["train"] = splits["train"][: config.limit]

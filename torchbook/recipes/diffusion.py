@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from torchbook.data.images import IMAGE_DATASETS, ImageData
-from torchbook.data.splits import split_indices, split_record
+from torchbook.data.images import IMAGE_DATASETS, ImageData, standard_split, test_arrays
+from torchbook.data.splits import split_record
 from torchbook.diffusion.sampling import null_class, sample, to_images
 from torchbook.diffusion.schedulers import DDIM, DDPM, MODES, VarianceSchedule, cosine_schedule
 from torchbook.errors import UserInputError, unknown
@@ -108,13 +108,8 @@ def prepare(config: Config) -> Prepared:
     """The book's split for Fashion-MNIST (the last 5,000 training images validate, the official test set); a
     stratified 65/15/20 one for digits."""
     data = IMAGE_DATASETS[config.data]()
-    if data.test_images is not None:
-        n = len(data.images)
-        splits = {"train": np.arange(n - 5000), "val": np.arange(n - 5000, n), "test": np.arange(len(data.test_images))}
-        test_images = data.test_images
-    else:
-        splits = split_indices(len(data.images), val=0.15, test=0.20, seed=config.seed, stratify=data.labels)
-        test_images = data.images[splits["test"]]
+    splits = standard_split(data, config.seed)
+    test_images = test_arrays(data, splits)[0]
     classifier_train = splits["train"]
     if config.limit:
         splits["train"] = splits["train"][: config.limit]
