@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from torchbook.io import atomic_write_bytes  # noqa: E402
@@ -72,4 +73,27 @@ def learning_curves(path: str | Path, epochs: Sequence[Mapping[str, Any]], title
         if len(epochs) == 1:
             ax.text(0.5, 0.05, "one epoch: a single point", transform=ax.transAxes, ha="center", fontsize=8)
     fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def image_grid(path: str | Path, images: Any, ncols: int = 8, title: str = "",
+               row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None) -> Path:
+    """Grey-scale images (n, H, W) with intensities in [0, 1] (a tensor or an array), `ncols` a row, as one PNG."""
+    array = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images, dtype=np.float32)
+    nrows = max(1, -(-len(array) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(0.9 * ncols + (1.0 if row_labels else 0), 0.9 * nrows + 0.4),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < len(array):
+            ax.imshow(array[i], cmap="binary", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    for r, label in enumerate(row_labels or []):
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    for c, label in enumerate(col_labels or []):
+        axes[0, c].set_title(label, fontsize=8)
+    if title:
+        fig.suptitle(title)
     return save_figure(fig, path)

@@ -138,3 +138,16 @@ def image_split(data: ImageData, seed: int, limit: int = 0) -> tuple[dict[str, n
     if limit:
         splits["train"] = splits["train"][:limit]
     return splits, test_x, test_y
+
+
+def standard_split(data: ImageData, seed: int) -> dict[str, np.ndarray]:
+    """`image_split`'s indices alone (all the training images): the book's split of Fashion-MNIST ("test" indexes
+    `data.test_images`), else a stratified 65/15/20 split ("test" indexes `data.images`)."""
+    return image_split(data, seed)[0]
+
+
+def test_arrays(data: ImageData, splits: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The test images and labels of `standard_split`."""
+    if data.test_images is not None and data.test_labels is not None:
+        return data.test_images, data.test_labels
+    return data.images[splits["test"]], data.labels[splits["test"]]
