@@ -21,18 +21,15 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-TEXT = (
-    "Machine learning is the science of programming computers so they can learn from data. A spam filter is a "
-    "program that can learn to flag spam given examples of spam emails and examples of regular emails. The "
-    "examples that the system uses to learn are called the training set. Each training example is called a "
-    "training instance or sample. The part of a machine learning system that learns and makes predictions is "
-    "called a model. Neural networks and random forests are examples of models. "
-)
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import TEXT  # noqa: E402  (benchmarks/generate.py: the same paragraph of real text)
 
 
 def workload(tokenizer: Any, n: int, prompts: tuple[int, int], answers: tuple[int, int],
