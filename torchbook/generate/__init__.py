@@ -10,6 +10,7 @@ from torchbook.generate.engine import (
            greedy_choice,
 )
 from torchbook.generate.sampling import Sampler, SamplingConfig
+from torchbook.generate.serving import Busy, Engine, Request
 
-__all__ = ["Decoder", "DecodingState", "Generated", "Sampler", "SamplingConfig", "beam_search", "decode", "generate_tokens",
-           "greedy_choice"]
+__all__ = ["Busy", "Decoder", "DecodingState", "Engine", "Generated", "Request", "Sampler", "SamplingConfig",
+           "beam_search", "decode", "generate_tokens", "greedy_choice"]

@@ -1,4 +1,6 @@
-"""The one decoding engine (book chapters 14-15, 17): every model that generates tokens decodes through here.
+"""The fixed-batch decoding loop (book chapters 14-15, 17): the RNNs, the encoder-decoder translators and beam
+search decode through here. Text generation with a decoder-only GPT (`generate_text`, `torchbook generate`, the
+server) runs on `serving.Engine` instead: requests join and leave a batch of slots at every step.
 
 The protocol a model implements (encoder-decoder RNN and Transformer, decoder-only GPT/Llama):
 

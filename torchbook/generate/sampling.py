@@ -8,7 +8,8 @@ generator so that the same seed gives the same text. Temperature 0 is greedy dec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -24,6 +25,9 @@ class SamplingConfig:
     min_p: float = 0.0  # drop tokens less probable than min_p x the most probable token's probability (0: none)
     repetition_penalty: float = 1.0  # > 1 makes tokens already in the sequence less likely (CTRL, Keskar et al.)
     seed: int | None = None  # the same seed gives the same tokens (None: a fresh random seed)
+    presence_penalty: float = 0.0  # subtracted once from every token already generated (OpenAI's), in [-2, 2]
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a generated token (OpenAI's), in [-2, 2]
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def validate(self) -> None:
         checks = [
@@ -32,10 +36,14 @@ class SamplingConfig:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
         ]
-        for ok, message in checks:
+        names = ["temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty"]
+        for (ok, message), name in zip(checks, names):
             if not ok:
-                raise UserInputError(message)
+                raise UserInputError(message, param=name)
 
     @property
     def greedy(self) -> bool:
@@ -129,3 +137,57 @@ class Sampler:
         if self.generator.device != probs.device:  # the logits' device decides: a generator must be on it
             self.generator = self._generator(probs.device)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+LogitsProcessor = Callable[[Tensor, Tensor, int], Tensor]
+"""processor(logits (1, V), tokens so far (1, T) (prompt then generated), prompt length) -> logits (1, V).
+One request's sampling is an ordered list of these (`request_processors`); a request may add its own (a
+constraint on the output) after them."""
+
+
+def logit_bias_processor(bias: dict[int, float], vocab: int) -> LogitsProcessor:
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def apply(logits: Tensor, tokens: Tensor, prompt_len: int) -> Tensor:
+        return logits.index_add(1, ids.to(logits.device), values.to(logits.device)[None])
+
+    return apply
+
+
+def penalty_processor(presence: float, frequency: float) -> LogitsProcessor:
+    """OpenAI's presence and frequency penalties over the generated tokens (not the prompt):
+    logit - presence * [count > 0] - frequency * count."""
+
+    def apply(logits: Tensor, tokens: Tensor, prompt_len: int) -> Tensor:
+        generated = tokens[0, prompt_len:]
+        if generated.numel() == 0:
+            return logits
+        counts = torch.bincount(generated, minlength=logits.size(-1))[None].to(logits.dtype)
+        return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
+
+    return apply
+
+
+def request_processors(config: SamplingConfig, vocab: int) -> list[LogitsProcessor]:
+    """The ordered pipeline of one request: logit bias, repetition penalty (prompt and generated tokens, as
+    Hugging Face's), presence and frequency penalties (generated tokens, as OpenAI's), then, when sampling,
+    temperature, top-k, top-p, min-p (Hugging Face's order; `process_logits` is the same for a whole batch)."""
+    steps: list[LogitsProcessor] = []
+    if config.logit_bias:
+        steps.append(logit_bias_processor(config.logit_bias, vocab))
+    if config.repetition_penalty != 1.0:
+        steps.append(lambda logits, tokens, n: apply_repetition_penalty(logits, tokens, config.repetition_penalty))
+    if config.presence_penalty or config.frequency_penalty:
+        steps.append(penalty_processor(config.presence_penalty, config.frequency_penalty))
+    if config.greedy:
+        return steps
+    if config.temperature != 1.0:
+        steps.append(lambda logits, tokens, n: logits / config.temperature)
+    if config.top_k:
+        steps.append(lambda logits, tokens, n: top_k_filter(logits, config.top_k))
+    if config.top_p < 1.0:
+        steps.append(lambda logits, tokens, n: top_p_filter(logits, config.top_p))
+    if config.min_p > 0:
+        steps.append(lambda logits, tokens, n: min_p_filter(logits, config.min_p))
+    return steps

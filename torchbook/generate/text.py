@@ -1,9 +1,10 @@
-"""Text in, text out (chapter 17): prompts through a tokenizer, the one decoding engine, sampling and streaming.
+"""Text in, text out (chapter 17): prompts through a tokenizer, the decoding engine, sampling and streaming.
 
-`generate_text` left-pads a batch of prompts, decodes them together with `engine.decode` (greedy or a `Sampler`),
-ends each row at an end-of-sequence or stop token or a stop string, and streams each row's text through a
-`TextStream` (`on_text(row, text)` is called as whole characters become known). Models implement the engine's
-protocol; `start_decoding(batch, attention_mask=...)` receives the padding mask of a left-padded batch.
+`generate_text` encodes the prompts and runs them on the serving engine (`serving.Engine`, one slot per prompt,
+no padding: each row has its own positions), which ends each row at an end token or a stop string and streams its
+text through a `TextStream` (`on_text(row, text)` is called as whole characters become known). Models the engine
+cannot serve (the RNNs) are left-padded into one batch and decoded with `engine.decode` (greedy or a `Sampler`);
+their `start_decoding(batch, attention_mask=...)` receives the padding mask.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torchbook.errors import UserInputError
 from torchbook.generate.engine import decode
 from torchbook.generate.sampling import Sampler, SamplingConfig
+from torchbook.generate.serving import Engine, Request
 from torchbook.generate.streaming import TextStream
 
 CONTEXT_TOKENS = 5  # prompt tokens a stream decodes before the new ones, to get the first word's spacing right
@@ -83,6 +85,8 @@ def generate_text(
     if limit is not None:
         max_new_tokens = min(max_new_tokens, limit - longest)
 
+    if getattr(model, "supports_slots", False):
+        return _on_engine(model, tokenizer, encoded, max_new_tokens, sampling, stop, end_ids, on_text)
     device = next(model.parameters()).device
     batch = len(encoded)
     tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
@@ -124,4 +128,30 @@ def generate_text(
             on_text(row, rest)
         ids = [t for t in ids if t not in ends]
         completions.append(Completion(stream.text, ids, "stop" if ended[row] else "length", len(encoded[row])))
+    return completions
+
+
+def _on_engine(model: Any, tokenizer: Any, encoded: list[list[int]], max_new_tokens: int,
+               sampling: SamplingConfig | None, stop: Sequence[str], end_ids: Sequence[int],
+               on_text: Callable[[int, str], Any] | None) -> list[Completion]:
+    """The prompts side by side on a `serving.Engine` stepped in this thread (one slot each)."""
+    longest = max(len(ids) for ids in encoded)
+    engine = Engine(model, tokenizer, slots=len(encoded), max_len=longest + max_new_tokens,
+                    max_queue=len(encoded), prefill_chunk=max(longest, 1), end_ids=end_ids)
+    sampling = sampling or SamplingConfig(temperature=0.0)
+    handles = [engine.submit(Request(ids, max_new_tokens, sampling, stop)) for ids in encoded]
+    while True:
+        more = engine.step()
+        if on_text is not None:
+            for row, handle in enumerate(handles):
+                while not handle.events.empty():
+                    delta = handle.events.get()
+                    if delta is not None and delta.text:
+                        on_text(row, delta.text)
+        if not more:
+            break
+    completions = []
+    for ids, handle in zip(encoded, handles):
+        choice = handle.result().choices[0]
+        completions.append(Completion(choice.text, choice.tokens, choice.finish_reason, len(ids)))
     return completions

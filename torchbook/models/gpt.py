@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchbook.nn.attention import MultiHeadAttention
-from torchbook.nn.kv_cache import KVCache
+from torchbook.nn.kv_cache import KVCache, SlotCache, SlotView
 from torchbook.nn.norms import RMSNorm
 from torchbook.nn.positions import RotaryEmbedding
 from torchbook.nn.quantized import concat_linear
@@ -154,7 +154,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None, padding: Tensor | None,
-                cache: KVCache | None) -> Tensor:
+                cache: KVCache | SlotView | None) -> Tensor:
         attended = self.attn(self.norm_1(x), causal=True, key_padding_mask=padding, rotary=rotary,
                              window=self.window, cache=cache, layer=self.layer)
         x = x + (self.dropout(attended) if self.training else attended)  # dropout is the identity in eval mode:
@@ -204,7 +204,8 @@ class GPT(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None,
-                cache: KVCache | None = None, padding: Tensor | None = None, last_only: bool = False) -> Tensor:
+                cache: KVCache | SlotView | None = None, padding: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab). `attention_mask` (B, T): 1 for real tokens, 0 for (left) padding.
         `last_only`: logits of the last position only, (B, 1, vocab) (decoding: skips the output layer's work on
         every prompt token, a fifth of a long prompt's prefill for SmolLM2)."""
@@ -272,3 +273,25 @@ class GPT(nn.Module):
         logits = self(tokens, positions=positions, cache=state.cache, padding=state.padding, last_only=True)
         state.next_position = state.next_position + real.sum(-1)
         return logits[:, -1]
+
+    # -- serving: many requests side by side in a preallocated cache (torchbook.generate.serving) ------------
+    @property
+    def supports_slots(self) -> bool:
+        """Whether `slot_step` serves this model (a sliding window's mask assumes rows of one length)."""
+        return self.config.sliding_window is None
+
+    def new_slot_cache(self, slots: int, max_len: int) -> SlotCache:
+        """A `SlotCache` of `slots` rows of `max_len` positions for this model's layers."""
+        head_dim = self.config.head_dim or self.config.d_model // self.config.n_head
+        weight = self.embed.weight
+        return SlotCache(self.config.n_layer, slots, min(max_len, self.config.max_len), self.config.kv_heads,
+                         head_dim, weight.dtype, weight.device)
+
+    def slot_step(self, tokens: Tensor, view: SlotView) -> Tensor:
+        """tokens (B, T) for the rows of `view` (T > 1: a prompt chunk, of one row or rows of one length) ->
+        the (B, vocab) logits of each row's last new position. Each row reads only its own cached positions."""
+        with torch.inference_mode():
+            positions = view.starts[:, None] + torch.arange(tokens.size(1), device=tokens.device)[None]
+            logits = self(tokens, positions=positions, cache=view, padding=view.padding, last_only=True)[:, -1]
+        view.commit()
+        return logits.clone()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchbook.nn.kv_cache import KVCache
+from torchbook.nn.kv_cache import KVCache, SlotView
 from torchbook.nn.positions import apply_rotary
 from torchbook.nn.quantized import concat_linear
 
@@ -141,7 +141,7 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
         window: int | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotView | None = None,
         layer: int = 0,
         static_kv: bool = False,
     ) -> Tensor:
@@ -163,7 +163,7 @@ class MultiHeadAttention(nn.Module):
             q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
         else:
             q = self.split_heads(self.q_proj(x), self.n_heads)
-        if cache is not None and static_kv and layer in cache.keys:
+        if isinstance(cache, KVCache) and static_kv and layer in cache.keys:
             k, v = cache.keys[layer], cache.values[layer]
         else:
             if self.qkv_proj is None:
@@ -174,7 +174,7 @@ class MultiHeadAttention(nn.Module):
                 cos, sin = rotary
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             if cache is not None:
-                if static_kv:
+                if static_kv and isinstance(cache, KVCache):
                     cache.set(layer, k, v)
                 else:
                     k, v = cache.update(layer, k, v)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 
@@ -55,3 +56,79 @@ class KVCache:
             else:
                 self.keys[layer] = self.keys[layer].index_select(0, index)
                 self.values[layer] = self.values[layer].index_select(0, index)
+
+
+class SlotCache:
+    """A preallocated KV cache for serving (book chapter 17): `slots` rows of `max_len` positions per layer, each
+    row with its own filled length, so that requests of different lengths decode side by side and a finished
+    request's row is reused by the next one without reallocating anything.
+
+    Each layer holds keys and values of shape (slots, Hkv, max_len, D): the shapes never change (a compiled step
+    sees one shape). A step works on `view(rows, new)`: the rows' new keys/values are written at their own
+    lengths, attention reads positions up to the longest filled length among the rows and masks each row's
+    unfilled tail (`view.padding`). Memory: 2 x layers x Hkv x D x bytes per value, per token per slot (SmolLM2-135M
+    in float32: 2 x 30 x 3 x 64 x 4 = 46 KB per token).
+    """
+
+    def __init__(self, n_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.lengths = [0] * slots  # filled positions per row
+        self.slots, self.max_len = slots, max_len
+
+    @staticmethod
+    def bytes_per_token(n_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32) -> int:
+        return 2 * n_layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` positions of row `source` into row `target` (a shared prefix)."""
+        for buffers in (self.keys, self.values):
+            for b in buffers:
+                b[target, :, :length] = b[source, :, :length]
+        self.lengths[target] = length
+
+    def view(self, rows: list[int], new: int) -> SlotView:
+        """The cache as one step sees it: `rows` (slot indices, in batch order) each bring `new` tokens."""
+        if any(self.lengths[r] + new > self.max_len for r in rows):
+            raise ValueError(f"a row would pass the cache's max_len {self.max_len}")
+        return SlotView(self, rows, new)
+
+
+class SlotView:
+    """One step's window on a `SlotCache` (the object attention's `cache.update(layer, k, v)` talks to).
+    `starts` (B,): each row's first new position (its positions for RoPE or learned embeddings);
+    `padding` (B, key_len): True where a key is not (yet) part of the row."""
+
+    def __init__(self, cache: SlotCache, rows: list[int], new: int):
+        self.cache, self.rows, self.new = cache, rows, new
+        device = cache.keys[0].device
+        self.starts = torch.tensor([cache.lengths[r] for r in rows], dtype=torch.long, device=device)
+        self.key_len = int(self.starts.max()) + new
+        first = rows[0]
+        # Consecutive rows are a slice of the buffer (read in place); others are gathered.
+        self.contiguous = rows == list(range(first, first + len(rows)))
+        self.index = torch.tensor(rows, dtype=torch.long, device=device)
+        ends = self.starts + new
+        self.padding = torch.arange(self.key_len, device=device)[None] >= ends[:, None]
+        self.write_at = self.starts[:, None] + torch.arange(new, device=device)[None]  # (B, new)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, Hkv, new, D) at each row's length; return the rows' keys and values up to `key_len`."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        rows = self.index[:, None].expand_as(self.write_at)
+        for buffer, new in ((keys, k), (values, v)):
+            # buffer[row, :, position] for every (row, new position): advanced indices first, then heads, dims.
+            buffer.permute(0, 2, 1, 3).index_put_((rows, self.write_at), new.transpose(1, 2))
+        if self.contiguous:
+            first = self.rows[0]
+            sl = slice(first, first + len(self.rows))
+            return keys[sl, :, : self.key_len], values[sl, :, : self.key_len]
+        return (keys[:, :, : self.key_len].index_select(0, self.index),
+                values[:, :, : self.key_len].index_select(0, self.index))
+
+    def commit(self) -> None:
+        """After the step: the rows' lengths include the new tokens."""
+        for r in self.rows:
+            self.cache.lengths[r] += self.new

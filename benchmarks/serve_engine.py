@@ -1,0 +1,159 @@
+"""The serving engine under load: SmolLM2-135M-Instruct (float32 and int4) on the CPU, continuous batching against
+one request at a time, time to first token under Poisson arrivals, and prefix reuse.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/serve_engine.py
+
+Workload (seeded): `--requests` requests; prompt lengths uniform in `--prompt-range` (default [32, 160]) tokens
+(real text: this file's paragraph, repeated and cut), answer lengths uniform in `--answer-range` (default [16, 64]); greedy, no end token (each answer has
+exactly its length). Measures, per dtype:
+- throughput: completion tokens / wall-clock for all requests submitted at once, on an engine with `--slots`
+  slots, against the same requests one after the other (an engine with 1 slot);
+- time to first token (TTFT) p50/p95 with the requests arriving as a Poisson process at half the batched
+  engine's measured capacity (requests/s), for the batched engine and for the one-slot engine under the same
+  arrivals, against a lone request's (each request alone on an idle engine: mean);
+- prefix reuse: a 10-turn conversation (chat template; each turn adds the answer and a new user message), the
+  time to first token of the last turn with the earlier turns cached and cold (prefix_cache=False).
+Ratios are from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import TEXT  # noqa: E402  (benchmarks/generate.py: the same paragraph of real text)
+
+
+def workload(tokenizer: Any, n: int, prompts: tuple[int, int], answers: tuple[int, int],
+             seed: int = 0) -> list[tuple[list[int], int]]:
+    """`n` (prompt, answer length) pairs: lengths uniform in the given [low, high] ranges."""
+    rng = random.Random(seed)
+    ids = tokenizer.encode(TEXT * 4, add_special_tokens=False).ids
+    out = []
+    for _ in range(n):
+        start = rng.randrange(0, 100)
+        out.append((ids[start : start + rng.randint(*prompts)], rng.randint(*answers)))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_closed(model: Any, work: list[tuple[list[int], int]], slots: int) -> float:
+    """All requests at once; tokens/s."""
+    from torchbook.generate.sampling import SamplingConfig
+    from torchbook.generate.serving import Engine, Request
+
+    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work))
+    start = time.perf_counter()
+    for prompt, n in work:
+        engine.submit(Request(prompt, n, SamplingConfig(temperature=0.0), end_ids=[]))
+    engine.run()
+    return sum(n for _, n in work) / (time.perf_counter() - start)
+
+
+def run_poisson(model: Any, work: list[tuple[list[int], int]], slots: int, rate: float, seed: int = 1) -> list[float]:
+    """Requests arriving at `rate` per second (Poisson) on the engine thread; each request's TTFT."""
+    from torchbook.generate.sampling import SamplingConfig
+    from torchbook.generate.serving import Engine, Request
+
+    rng = random.Random(seed)
+    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work)).start()
+    handles = []
+    next_at = time.perf_counter()
+    for prompt, n in work:
+        next_at += rng.expovariate(rate)
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+        handles.append(engine.submit(Request(prompt, n, SamplingConfig(temperature=0.0), end_ids=[])))
+    engine.shutdown(drain=True)
+    return [h.result().first_token_s for h in handles]
+
+
+def lone_ttft(model: Any, work: list[tuple[list[int], int]]) -> float:
+    from torchbook.generate.sampling import SamplingConfig
+    from torchbook.generate.serving import Engine, Request
+
+    engine = Engine(model, slots=1, max_len=256)
+    times = []
+    for prompt, _ in work:
+        handle = engine.submit(Request(prompt, 1, SamplingConfig(temperature=0.0), end_ids=[]))
+        engine.run()
+        times.append(handle.result().first_token_s)
+    return statistics.mean(times)
+
+
+def conversation_ttft(loaded: Any, turns: int = 10, answer: int = 16) -> tuple[float, float, int, int]:
+    """TTFT of the last turn with prefix reuse and cold; the last prompt's length and its cached tokens."""
+    from torchbook.generate.sampling import SamplingConfig
+    from torchbook.generate.serving import Engine, Request
+    from torchbook.hub.prompts import chat_token_ids
+
+    questions = ["What is machine learning?", "Give an example.", "What is a training set?", "And a model?",
+                 "Name two models.", "What is a spam filter?", "How does it learn?", "What is an instance?",
+                 "Why use data?", "Summarize all this."]
+    results = []
+    for cache in (True, False):
+        engine = Engine(loaded.model, loaded.tokenizer, slots=2, max_len=2048, prefix_cache=cache)
+        history: list[dict[str, str]] = []
+        for q in questions[:turns]:
+            history.append({"role": "user", "content": q})
+            prompt = chat_token_ids(loaded.tokenizer, history, loaded.meta)
+            handle = engine.submit(Request(prompt, answer, SamplingConfig(temperature=0.0),
+                                           end_ids=loaded.meta["end_token_ids"]))
+            engine.run()
+            result = handle.result()
+            history.append({"role": "assistant", "content": result.choices[0].text})
+        results.append((result.first_token_s, len(prompt), result.usage.cached_tokens))
+    return results[0][0], results[1][0], results[0][1], results[0][2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "int4"])
+    parser.add_argument("--prompt-range", type=int, nargs=2, default=[32, 160])
+    parser.add_argument("--answer-range", type=int, nargs=2, default=[16, 64])
+    parser.add_argument("--turn-tokens", type=int, default=16, help="answer length of each conversation turn")
+    args = parser.parse_args()
+
+    import torchbook
+    from torchbook.hub.gguf import default_chat_model
+
+    print(f"threads {torch.get_num_threads()}, {args.requests} requests, {args.slots} slots, prompts "
+          f"{args.prompt_range}, answers {args.answer_range} tokens")
+    for dtype in args.dtypes:
+        loaded = torchbook.load(str(default_chat_model()), quantize=None if dtype == "float32" else dtype)
+        work = workload(loaded.tokenizer, args.requests, args.prompt_range, args.answer_range)
+        run_closed(loaded.model, work[:2], 2)  # warm-up
+        serial = run_closed(loaded.model, work, 1)
+        batched = run_closed(loaded.model, work, args.slots)
+        print(f"{dtype}: throughput one-at-a-time {serial:.1f} tok/s, {args.slots} slots {batched:.1f} tok/s, "
+              f"ratio {batched / serial:.2f}x", flush=True)
+        mean_answer = statistics.mean(n for _, n in work)
+        rate = 0.5 * batched / mean_answer  # half the batched engine's capacity, in requests/s
+        lone = lone_ttft(loaded.model, work)
+        ttft_batched = run_poisson(loaded.model, work, args.slots, rate)
+        ttft_serial = run_poisson(loaded.model, work, 1, rate)
+        p50, p95 = percentile(ttft_batched, 0.5), percentile(ttft_batched, 0.95)
+        s50, s95 = percentile(ttft_serial, 0.5), percentile(ttft_serial, 0.95)
+        print(f"{dtype}: Poisson {rate:.2f} req/s; TTFT lone {lone * 1e3:.0f} ms; batched p50 {p50 * 1e3:.0f} ms "
+              f"p95 {p95 * 1e3:.0f} ms; one-at-a-time p50 {s50 * 1e3:.0f} ms p95 {s95 * 1e3:.0f} ms; "
+              f"p95/lone {p95 / lone:.2f}, p95 batched/one-at-a-time {p95 / s95:.2f}", flush=True)
+        warm, cold, length, cached = conversation_ttft(loaded, answer=args.turn_tokens)
+        print(f"{dtype}: 10-turn conversation, last prompt {length} tokens ({cached} cached): TTFT with reuse "
+              f"{warm * 1e3:.0f} ms, cold {cold * 1e3:.0f} ms, ratio {cold / warm:.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
