@@ -65,7 +65,7 @@ CASES = [
     ("forecast {ridership} --days 100000", "--days: days=100000 must be between 1 and 366"),
     ("forecast {ridership} --end yesterday", "--end: the end date 'yesterday' is not a date"),
     ("predict {missing} {header_only}", "does not exist"),
-    ("predict {housing} {missing}", "does not exist"),
+    ("predict {housing} {missing}.csv", "does not exist"),
     ("predict {housing} {header_only}", "has a header but no rows"),
     ("predict {housing} {moon}", "unknown value(s) 'ON THE MOON'"),
     ("predict {char-rnn} {header_only}", "does not predict from CSV files"),
