@@ -179,8 +179,8 @@ def _load(path: str | Path, map_location: str, quantize: str | None) -> Loaded:
         raise CheckpointError(f"{str(path)!r} does not exist; give a run folder (runs/<recipe>/<id>), a model folder, "
                               "a GGUF file or a Hugging Face Hub id (owner/name)")
     if path.is_dir() and (path / "model").is_dir():
-        run = RunDir.open(path)
-        loaded = load_model_folder(run.model_dir, map_location)
+        run = RunDir.open(path)  # its model: a torchbook folder, or a Hugging Face one (chat-sft)
+        loaded = load_hf(run.model_dir) if _is_hf_folder(run.model_dir) else load_model_folder(run.model_dir, map_location)
         loaded.recipe, loaded.path, loaded.run_config = run.recipe, path, run.config_values()
         return loaded
     if path.is_file() and path.suffix == ".gguf":
