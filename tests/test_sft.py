@@ -9,10 +9,10 @@ import urllib.request
 import pytest
 import torch
 
-import torchbook
 from torchbook.data import instructions
 from torchbook.errors import DataUnavailable
 from torchbook.hub.gguf import default_chat_model
+from torchbook.hub.loading import Loaded, load_gguf_tokenizer
 from torchbook.models.gpt import GPT, GPTConfig
 from torchbook.train.sft import IGNORE, SFTData, encode_conversation, labels_for, pack_collate, pad_collate
 from torchbook.train.steps import sft_step
@@ -27,8 +27,9 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def smol() -> torchbook.Loaded:  # type: ignore[name-defined]
-    return torchbook.load(str(default_chat_model()))
+def smol() -> Loaded:
+    """SmolLM2-135M-Instruct's tokenizer and chat template (its weights are not needed here)."""
+    return load_gguf_tokenizer(default_chat_model())
 
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> GPT:

@@ -29,6 +29,7 @@ from torchbook.generate import SamplingConfig
 from torchbook.generate.text import generate_text
 from torchbook.hub import save_hf
 from torchbook.hub.gguf import default_chat_model
+from torchbook.hub.loading import load_gguf_tokenizer
 from torchbook.hub.peft import load_adapter, save_adapter
 from torchbook.hub.prompts import chat_prompt
 from torchbook.io import atomic_write_json, atomic_write_text
@@ -103,15 +104,18 @@ class Config(TrainConfig):
 
 def load_base(config: Config) -> torchbook.Loaded:  # type: ignore[name-defined]
     """The model to fine-tune (float weights, train mode is set by the trainer) with its tokenizer and meta."""
-    if config.model in (DEFAULT_MODEL, TINY):
-        loaded = torchbook.load(str(default_chat_model()))
-        if config.model == TINY:
-            torch.manual_seed(config.seed)
-            loaded.model = GPT(GPTConfig(vocab_size=loaded.model.config.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                                         d_model=64, d_ff=128, max_len=config.max_length, norm="rmsnorm",
-                                         mlp="swiglu", positions="rope", qkv_bias=False, out_bias=False,
-                                         mlp_bias=False))
+    if config.model == TINY:  # SmolLM2's tokenizer and chat template, without reading its weights
+        loaded = load_gguf_tokenizer(default_chat_model())
+        torch.manual_seed(config.seed)
+        loaded.model = GPT(GPTConfig(vocab_size=loaded.tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2,
+                                     d_model=64, d_ff=128, max_len=1024, norm="rmsnorm", mlp="swiglu",
+                                     positions="rope", qkv_bias=False, out_bias=False, mlp_bias=False))
+        for p in loaded.model.parameters():  # GPT-2's initialization: logits near zero, loss near ln(vocab)
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, 0.0, 0.02)
         return loaded
+    if config.model == DEFAULT_MODEL:
+        return torchbook.load(str(default_chat_model()))
     loaded = torchbook.load(config.model)
     if not isinstance(loaded.model, GPT) or loaded.tokenizer is None:
         raise UserInputError(f"model={config.model!r} is not a decoder-only language model with a tokenizer",
