@@ -73,12 +73,14 @@ class LoRALinear(nn.Module):
         if isinstance(self.base, Int4Linear):
             raise ValueError("cannot merge a LoRA update into int4 weights; merge into the float base model")
         if not self.merged:
-            self.base.weight.data += self.delta_weight().to(self.base.weight.dtype)  # type: ignore[operator]
+            weight: Tensor = self.base.weight  # type: ignore[assignment]
+            weight.data += self.delta_weight().to(weight.dtype)
             self.merged = True
 
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight.data -= self.delta_weight().to(self.base.weight.dtype)  # type: ignore[operator]
+            weight: Tensor = self.base.weight  # type: ignore[assignment]
+            weight.data -= self.delta_weight().to(weight.dtype)
             self.merged = False
 
     def base_forward(self, x: Tensor) -> Tensor:
