@@ -24,17 +24,17 @@ import torch
 
 import torchbook
 from torchbook.data.instructions import USER_ORIENTED_SOURCE, book_text, load_conversations, load_user_oriented
-from torchbook.errors import UserInputError
+from torchbook.errors import CheckpointError, UserInputError
 from torchbook.generate import SamplingConfig
 from torchbook.generate.text import generate_text
 from torchbook.hub import save_hf
 from torchbook.hub.gguf import default_chat_model
 from torchbook.hub.loading import load_gguf_tokenizer
-from torchbook.hub.peft import load_adapter, save_adapter
+from torchbook.hub.peft import save_adapter
 from torchbook.hub.prompts import chat_prompt
 from torchbook.io import atomic_write_json, atomic_write_text
 from torchbook.models.gpt import GPT, GPTConfig
-from torchbook.nn.lora import apply_lora, merge_lora
+from torchbook.nn.lora import apply_lora, lora_state_dict, merge_lora
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
@@ -80,8 +80,9 @@ class Config(TrainConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {"model": TINY, "limit": 16, "max_length": 96, "held_out": 8, "answers": 2, "answer_tokens": 8,
                   "batch_size": 4, "lr": 1e-3, "progress": False, "lora": True, "lora_rank": 4},
-        # SmolLM2 with rank-8 LoRA on short sequences: 64 examples of 128 tokens, 16 steps.
-        "quick": {"limit": 64, "max_length": 128, "held_out": 32, "answers": 3, "answer_tokens": 64,
+        # SmolLM2 with rank-8 LoRA on short sequences: 32 examples of 128 tokens, 8 steps (a step took about a
+        # minute on a busy machine, ~10 s on an idle one).
+        "quick": {"limit": 32, "max_length": 128, "held_out": 32, "answers": 3, "answer_tokens": 64,
                   "lora": True, "lr": 1e-3, "batch_size": 4},
         # The book's settings on SmolLM2 (GPT-2's weights cannot be downloaded here): full fine-tuning, 175+
         # examples of up to 512 tokens, batch 4, lr 5e-5, one epoch; about 45 steps; resumable (checkpoints
@@ -157,6 +158,10 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     run = RunDir.start(run_dir, NAME, config)
     loaded = load_base(config)
     model: GPT = loaded.model
+    if config.max_length > model.config.max_len:  # a small model's positions end sooner (gpt-pretrain: 128)
+        log.warning("max_length=%d is longer than the model's %d positions: using %d", config.max_length,
+                    model.config.max_len, model.config.max_len)
+        config.max_length = model.config.max_len
     conversations, source = load_conversations(config.data)
     if config.limit:
         conversations = conversations[: config.limit]
@@ -185,9 +190,15 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     answers_after = answer(model, loaded, questions, config)
     model = model.cpu()
     if config.lora:
-        save_adapter(model, run.path / "adapter", base_model=config.model)
-        if config.qlora:  # the trained adapters onto the float base weights
-            model = load_adapter(load_base(config).model, run.path / "adapter")
+        try:
+            save_adapter(model, run.path / "adapter", base_model=config.model)
+        except CheckpointError as e:  # GPT-2's layout fuses query/key/value: no PEFT names for ours
+            log.warning("no PEFT adapter written: %s", e)
+        if config.qlora:  # the trained adapters onto the float base weights (the int4 ones cannot take them)
+            adapters = lora_state_dict(model)
+            model = load_base(config).model
+            apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+            model.load_state_dict(adapters, strict=False)  # the adapters only: the base weights are already there
         merge_lora(model)
     save_chat_model(model, run.model_dir, loaded)
     results = {"held_out_loss_before": before, "held_out_loss_after": after, "train_loss": trainer.train_loss(),

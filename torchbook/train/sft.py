@@ -60,7 +60,9 @@ def encode_conversation(tokenizer: Any, messages: Conversation, meta: dict[str, 
     text, spans = assistant_spans(messages, meta, fmt)
     prefix: list[int] = []
     if fmt == "book":
-        bos, eos = meta.get("bos_token"), meta.get("eos_token")
+        # a torchbook tokenizer (gpt-pretrain) names no special tokens in meta: its own <s> and </s>
+        bos, eos = meta.get("bos_token") or "<s>", meta.get("eos_token") or "</s>"
+        eos = eos if tokenizer.token_to_id(eos) is not None else None
         prefix = [tokenizer.token_to_id(bos)] if bos and tokenizer.token_to_id(bos) is not None else []
         if eos:
             text += eos
