@@ -78,7 +78,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             hf.enable_input_require_grads()
         if args.mode == "lora":
-            modules = ["q_proj", "k_proj", "v_proj", "o_proj"] if kind != "gpt2" else ["c_attn", "c_proj"]
+            modules = ["q_proj", "k_proj", "v_proj", "o_proj"] if kind != "gpt2" else ["attn.c_attn", "attn.c_proj"]
             hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=modules,
                                                fan_in_fan_out=kind == "gpt2"))
         hf.train()

@@ -84,9 +84,9 @@ class Config(TrainConfig):
         # minute on a busy machine, ~10 s on an idle one).
         "quick": {"limit": 32, "max_length": 128, "held_out": 32, "answers": 3, "answer_tokens": 64,
                   "lora": True, "lr": 1e-3, "batch_size": 4},
-        # The book's settings on SmolLM2 (GPT-2's weights cannot be downloaded here): full fine-tuning, 175+
-        # examples of up to 512 tokens, batch 4, lr 5e-5, one epoch; about 45 steps; resumable (checkpoints
-        # every 5 steps).
+        # The book's settings on SmolLM2 (GPT-2's weights cannot be downloaded here): full fine-tuning, 175
+        # examples of up to 512 tokens, batch 4, lr 5e-5, one epoch: 44 steps, roughly 10-30 minutes on 2 idle
+        # cores; resumable (checkpoints every 5 steps).
         "book": {"checkpoint_every": 5},
     }
 
