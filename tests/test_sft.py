@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from torchbook.data import instructions
-from torchbook.errors import DataUnavailable
+from torchbook.errors import DataUnavailable, UserInputError
 from torchbook.hub.gguf import default_chat_model
 from torchbook.hub.loading import Loaded, load_gguf_tokenizer
 from torchbook.models.gpt import GPT, GPTConfig
@@ -136,3 +136,18 @@ def test_packed_logits_equal_each_example_alone(smol) -> None:  # type: ignore[n
     padded = pad_collate(0)(examples)
     torch.testing.assert_close(sft_step(model, (inputs, labels, documents)).loss, sft_step(model, padded).loss,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_chat_jsonl_and_data_names(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    good = tmp_path / "chats.jsonl"
+    good.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}\n')
+    conversations, source = instructions.load_conversations(str(good))
+    assert conversations == [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    with pytest.raises(UserInputError, match="line 1 does not end with an assistant message"):
+        instructions.load_chat_jsonl(bad)
+    with pytest.raises(UserInputError, match="accepted: self-instruct, hh, alpaca"):
+        instructions.load_conversations("imdb")
+    hh, _ = instructions.load_conversations("hh")  # SFT: the chosen side of the train part
+    assert len(hh) == len(instructions.load_hh("train")) and all(c[-1]["role"] == "assistant" for c in hh)
