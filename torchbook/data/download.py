@@ -97,6 +97,7 @@ def fetch(remote: RemoteFile, timeout: float = 30.0) -> Path:
     cache = paths.cache()
     cache.mkdir(parents=True, exist_ok=True)
     dest = cache / remote.name
+    dest.parent.mkdir(parents=True, exist_ok=True)  # a name may hold a folder, as the mirror does (self-instruct/...)
     if dest.exists():
         if not remote.sha256 or sha256_of(dest) == remote.sha256:  # "": no published checksum to check against
             return dest

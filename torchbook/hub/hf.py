@@ -132,9 +132,7 @@ def state_dict_to_hf(model: GPT, kind: str) -> dict[str, Tensor]:
             out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = sd[q + "mlp.up.weight"].t(), sd[q + "mlp.up.bias"]
             out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = sd[q + "mlp.down.weight"].t(), sd[q + "mlp.down.bias"]
         return {k: v.contiguous() for k, v in out.items()}
-    back = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
-            "attn.out_proj": "self_attn.o_proj", "norm_1": "input_layernorm", "norm_2": "post_attention_layernorm",
-            "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj", "mlp.router": "mlp.gate"}
+    back = MODULES_TO_HF
     for name, tensor in sd.items():
         if name == "embed.weight":
             out["model.embed_tokens.weight"] = tensor
@@ -158,6 +156,34 @@ def state_dict_to_hf(model: GPT, kind: str) -> dict[str, Tensor]:
             module, _, param = rest.rpartition(".")
             out[f"model.layers.{layer}.{back[module]}.{param}"] = tensor
     return {k: v.contiguous() for k, v in out.items()}
+
+
+# Our module names inside a block -> Hugging Face's, for the Llama family (GPT-2 fuses query/key/value in one layer).
+MODULES_TO_HF = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
+                 "attn.out_proj": "self_attn.o_proj", "norm_1": "input_layernorm", "norm_2": "post_attention_layernorm",
+                 "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj", "mlp.router": "mlp.gate"}
+
+
+def hf_module_name(name: str, kind: str) -> str:
+    """A module's Hugging Face name ("blocks.3.attn.q_proj" -> "model.layers.3.self_attn.q_proj"), Llama family."""
+    if kind == "gpt2":
+        raise ValueError("GPT-2 checkpoints fuse the query, key and value projections (c_attn): name the layers of "
+                         "a Llama-family model")
+    if name == "lm_head":
+        return name
+    _, layer, rest = name.split(".", 2)
+    return f"model.layers.{layer}.{MODULES_TO_HF[rest]}"
+
+
+def module_name_from_hf(name: str) -> str:
+    """The inverse of `hf_module_name`."""
+    if name == "lm_head":
+        return name
+    layer, rest = name.split(".", 3)[2:]
+    ours = {v: k for k, v in MODULES_TO_HF.items()}
+    if not name.startswith("model.layers.") or rest not in ours:
+        raise KeyError(f"no torchbook layer is named {name!r} in Hugging Face's layout")
+    return f"blocks.{layer}.{ours[rest]}"
 
 
 def hf_config_dict(config: GPTConfig) -> dict[str, Any]:

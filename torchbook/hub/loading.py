@@ -25,7 +25,7 @@ from torchbook.devices import choose_device, device_of
 from torchbook.errors import CheckpointError, DataUnavailable
 from torchbook.hub import hf, vision
 from torchbook.hub.folders import CONFIG, load_estimator, load_model, load_tokenizer
-from torchbook.hub.gguf import load_gguf
+from torchbook.hub.gguf import field_value, gguf_tokenizer, load_gguf
 from torchbook.hub.prompts import end_token_ids
 from torchbook.nn.quantized import QUANTIZATIONS, quantize_for_decoding
 from torchbook.runs import RunDir
@@ -148,6 +148,20 @@ def load_gguf_file(path: Path, quantize: str | None) -> Loaded:
     return Loaded(model=model, tokenizer=tokenizer, path=path, meta=meta)
 
 
+def load_gguf_tokenizer(path: str | Path) -> Loaded:
+    """A GGUF file's tokenizer and `meta` without reading its weights (`model` is None): for a new model that
+    shares a checkpoint's vocabulary and chat template."""
+    import gguf  # an optional dependency: only GGUF files need it
+
+    reader = gguf.GGUFReader(str(path))
+    tokenizer = gguf_tokenizer(path)
+    meta = normalized_meta("gguf", field_value(reader, "general.architecture"), tokenizer,
+                           chat_template=field_value(reader, "tokenizer.chat_template"),
+                           bos=field_value(reader, "tokenizer.ggml.bos_token_id"),
+                           eos=field_value(reader, "tokenizer.ggml.eos_token_id"))
+    return Loaded(model=None, tokenizer=tokenizer, path=Path(path), meta=meta)
+
+
 def _is_hf_folder(path: Path) -> bool:
     """A Hugging Face folder: its config.json names a `model_type` (ours names a `torchbook_class`)."""
     try:
@@ -190,8 +204,8 @@ def _load(path: str | Path, map_location: str, quantize: str | None) -> Loaded:
         raise CheckpointError(f"{str(path)!r} does not exist; give a run folder (runs/<recipe>/<id>), a model folder, "
                               "a GGUF file or a Hugging Face Hub id (owner/name)")
     if path.is_dir() and (path / "model").is_dir():
-        run = RunDir.open(path)
-        loaded = load_model_folder(run.model_dir, map_location)
+        run = RunDir.open(path)  # its model: a torchbook folder, or a Hugging Face one (chat-sft)
+        loaded = load_hf(run.model_dir) if _is_hf_folder(run.model_dir) else load_model_folder(run.model_dir, map_location)
         loaded.recipe, loaded.path, loaded.run_config = run.recipe, path, run.config_values()
         return loaded
     if path.is_file() and path.suffix == ".gguf":

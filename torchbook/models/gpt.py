@@ -154,9 +154,9 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None, padding: Tensor | None,
-                cache: KVCache | SlotView | None) -> Tensor:
+                cache: KVCache | SlotView | None, same_document: Tensor | None = None) -> Tensor:
         attended = self.attn(self.norm_1(x), causal=True, key_padding_mask=padding, rotary=rotary,
-                             window=self.window, cache=cache, layer=self.layer)
+                             window=self.window, cache=cache, layer=self.layer, attn_mask=same_document)
         x = x + (self.dropout(attended) if self.training else attended)  # dropout is the identity in eval mode:
         transformed = self.mlp(self.norm_2(x))  # not calling it saves time on every decoded token
         return x + (self.dropout(transformed) if self.training else transformed)
@@ -204,11 +204,21 @@ class GPT(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None,
-                cache: KVCache | SlotView | None = None, padding: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
+                cache: KVCache | SlotView | None = None, padding: Tensor | None = None, last_only: bool = False,
+                documents: Tensor | None = None) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab). `attention_mask` (B, T): 1 for real tokens, 0 for (left) padding.
         `last_only`: logits of the last position only, (B, 1, vocab) (decoding: skips the output layer's work on
-        every prompt token, a fifth of a long prompt's prefill for SmolLM2)."""
+        every prompt token, a fifth of a long prompt's prefill for SmolLM2). `documents` (B, T): rows packed with
+        several examples (chapter 17's sequence packing), each token's example number: a token attends within its
+        example only and positions restart at each example, so each gets the logits it would get alone."""
+        same_document = None
+        if documents is not None:
+            same_document = (documents[:, :, None] == documents[:, None, :])[:, None]  # (B, 1, T, T)
+            if positions is None:
+                index = torch.arange(tokens.size(1), device=tokens.device)[None].expand_as(documents)
+                starts = torch.ones_like(documents, dtype=torch.bool)
+                starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+                positions = index - torch.where(starts, index, 0).cummax(-1).values
         if padding is None and attention_mask is not None:
             padding = attention_mask == 0
         if positions is None:
@@ -224,7 +234,7 @@ class GPT(nn.Module):
         if padding is not None and not padding.any():
             padding = None
         for block in self.blocks:
-            x = block(x, rotary, padding, cache)
+            x = block(x, rotary, padding, cache, same_document)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

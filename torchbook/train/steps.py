@@ -1,6 +1,6 @@
 """Training steps: what one batch costs, for the objectives recipes share. A step is
 `step(model, batch) -> Step(loss, outputs, targets, count)`, handed to the `Trainer`; recipes pick one here rather
-than importing each other's. Later objectives (SFT's assistant-only loss, DPO) join them here."""
+than importing each other's. Later objectives (DPO) join them here."""
 
 from __future__ import annotations
 
@@ -36,3 +36,16 @@ def translation_step(pad_id: int, label_smoothing: float = 0.0) -> Callable[[nn.
         return Step(loss, count=int(real.sum()))
 
     return step
+
+
+def sft_step(model: nn.Module, batch: tuple[Tensor, ...]) -> Step:
+    """Supervised fine-tuning (chapter 15): next-token cross-entropy over the assistant's tokens only.
+
+    `batch` is (inputs, labels) or, packed, (inputs, labels, documents) (see `torchbook.train.sft`); labels are
+    the next tokens, -100 where the loss does not count (the system's and user's tokens, padding). The loss is
+    the mean over the counted tokens of the batch."""
+    inputs, labels, *rest = batch
+    logits = model(inputs, documents=rest[0]) if rest else model(inputs)
+    counted = labels != -100
+    loss = F.cross_entropy(logits[counted].float(), labels[counted])
+    return Step(loss, count=int(counted.sum()))
