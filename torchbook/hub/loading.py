@@ -23,6 +23,7 @@ from torch import nn
 
 from torchbook.errors import CheckpointError, DataUnavailable
 from torchbook.hub import hf
+from torchbook.hub.bert import load_bert_folder
 from torchbook.hub.folders import CONFIG, load_estimator, load_model, load_tokenizer
 from torchbook.hub.gguf import load_gguf
 from torchbook.hub.prompts import end_token_ids
@@ -39,6 +40,7 @@ META_KEYS = ("format", "model_type", "chat_template", "bos_token", "eos_token", 
 # Hugging Face architectures by config.json's `model_type`: a function from the folder to our model (eval mode).
 # A new family (BERT, ViT, ...) is one more entry here, its conversion in a module of this package.
 ARCHITECTURES: dict[str, Callable[[Path], nn.Module]] = {kind: hf.load_hf_folder for kind in hf.SUPPORTED}
+ARCHITECTURES["bert"] = load_bert_folder  # encoders: BERT, MiniLM, sentence-transformers (torchbook.hub.bert)
 
 
 def register_architecture(model_type: str, loader: Callable[[Path], nn.Module]) -> None:
