@@ -58,6 +58,8 @@ def test_batched_length_sorted_encoding_equals_one_at_a_time(embedder: Embedder,
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_dynamic_int8_stays_close_to_float32(embedder: Embedder, paragraphs: list[str]) -> None:
     quantized = Embedder.load(quantize="int8")
     assert quantized.name == "all-MiniLM-L6-v2+int8"
