@@ -186,3 +186,18 @@ def test_postgres_uri_opens_a_pg_store(postgres: str) -> None:
     assert isinstance(open_store(postgres), PgStore)
     with pytest.raises(UserInputError, match="cannot connect"):
         open_store("postgresql://nobody@/nothing?host=/nonexistent")
+
+
+def test_index_and_search_commands(documents: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torchbook.cli import main
+
+    assert main(["index", str(documents)]) == 0
+    out = capsys.readouterr()
+    assert "3 added, 0 updated, 0 unchanged, 1 unreadable" in out.out and "binary.txt: binary" in out.err
+    assert main(["search", "Mozilla", "Public", "License", "--k", "2", "--filter", "kind=html", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all('"citation": "' + str(documents / "sub" / "mpl.html") + ":" in line for line in lines)
+    assert main(["index", "--delete", str(documents / "sub")]) == 0
+    assert "1 files removed" in capsys.readouterr().out
+    assert main(["search", "license", "--filter", "size=1"]) == 2
+    assert "--filter: cannot filter on 'size'" in capsys.readouterr().err

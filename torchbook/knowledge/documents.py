@@ -13,6 +13,7 @@ the start of its word, so a sentence cut at a boundary is whole in one of the tw
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -70,11 +71,11 @@ class _TextOfHTML(HTMLParser):
 
 def _decode(data: bytes, path: Path) -> str:
     if b"\x00" in data[:8192]:
-        raise UnreadableFile(f"{path} is binary")
+        raise UnreadableFile("binary (NUL bytes)")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UnreadableFile(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UnreadableFile(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def extract_text(path: Path, data: bytes | None = None) -> str:
@@ -94,8 +95,6 @@ def extract_text(path: Path, data: bytes | None = None) -> str:
 
 
 def _pdf_text(path: Path, data: bytes) -> str:
-    import io
-
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
 
@@ -103,7 +102,7 @@ def _pdf_text(path: Path, data: bytes) -> str:
         reader = PdfReader(io.BytesIO(data))
         return "\f".join(page.extract_text() or "" for page in reader.pages)
     except (PdfReadError, ValueError, KeyError, OSError) as e:
-        raise UnreadableFile(f"{path} is not a readable PDF ({e})") from None
+        raise UnreadableFile(f"not a readable PDF ({e})") from None
 
 
 def chunk_text(text: str, tokenizer: Any, max_tokens: int = 256, overlap: int = 32) -> list[Chunk]:

@@ -105,7 +105,7 @@ class LanceStore(Store):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.location = str(self.folder)
         self.db = lancedb.connect(str(self.folder))
-        self._table = None
+        self._table: Any = None
 
     def table(self, dim: int | None = None):  # type: ignore[no-untyped-def]
         if self._table is None:
@@ -220,7 +220,8 @@ class PgStore(Store):
         self._dim = dim
 
     def _has_table(self) -> bool:
-        return self.conn.execute("SELECT to_regclass('torchbook_chunks') IS NOT NULL").fetchone()[0]
+        row = self.conn.execute("SELECT to_regclass('torchbook_chunks') IS NOT NULL").fetchone()
+        return bool(row and row[0])
 
     def read_meta(self) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT value FROM torchbook_meta WHERE key = 'meta'").fetchone()
@@ -249,7 +250,8 @@ class PgStore(Store):
         return dict(self.conn.execute("SELECT DISTINCT source, hash FROM torchbook_chunks").fetchall())
 
     def count(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM torchbook_chunks").fetchone()[0] if self._has_table() else 0
+        row = self.conn.execute("SELECT count(*) FROM torchbook_chunks").fetchone() if self._has_table() else None
+        return int(row[0]) if row else 0
 
     def vector_search(self, vector: np.ndarray, k: int, where: str | None = None) -> list[tuple[str, float]]:
         if not self._has_table():
