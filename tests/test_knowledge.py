@@ -52,9 +52,9 @@ def excerpt(name: str, chars: int) -> str:
 def documents(tmp_path: Path) -> Path:
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)
-    (folder / "gpl.txt").write_text(excerpt("GPL-3", 2500))
-    (folder / "apache.md").write_text(excerpt("Apache-2.0", 2500))
-    html = excerpt("MPL-2.0", 1500).replace("\n\n", "</p><p>")
+    (folder / "gpl.txt").write_text(excerpt("GPL-3", 1500))
+    (folder / "apache.md").write_text(excerpt("Apache-2.0", 1500))
+    html = excerpt("MPL-2.0", 1200).replace("\n\n", "</p><p>")
     (folder / "sub" / "mpl.html").write_text(f"<html><head><style>p {{color: red}}</style></head><body><p>{html}"
                                              "</p><script>var secret = 1;</script></body></html>")
     (folder / "sub" / "binary.txt").write_bytes(bytes(range(256)) * 4)

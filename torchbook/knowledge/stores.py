@@ -70,6 +70,10 @@ class Store(ABC):
         """All chunks of `source` become `rows` (with `vectors`), in one commit."""
 
     @abstractmethod
+    def add(self, rows: Sequence[dict[str, Any]], vectors: np.ndarray) -> None:
+        """Append chunks in bulk (benchmarks, imports); `replace_source` is the ingest path."""
+
+    @abstractmethod
     def delete_sources(self, sources: Sequence[str]) -> int:
         """Remove these sources' chunks; the number of chunks removed."""
 
@@ -130,14 +134,21 @@ class LanceStore(Store):
     def write_meta(self, meta: dict[str, Any]) -> None:
         atomic_write_json(self.folder / "meta.json", meta)
 
-    def replace_source(self, source: str, rows: Sequence[dict[str, Any]], vectors: np.ndarray) -> None:
+    def _arrow(self, rows: Sequence[dict[str, Any]], vectors: np.ndarray):  # type: ignore[no-untyped-def]
         import pyarrow as pa
 
-        table = self.table(vectors.shape[1])
         schema = self.schema(vectors.shape[1])
-        data = {c: [row[c] for row in rows] for c in COLUMNS}
-        data["vector"] = list(vectors.astype(np.float32))
-        batch = pa.Table.from_pydict(data, schema=schema)
+        data: dict[str, Any] = {c: [row[c] for row in rows] for c in COLUMNS}
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+        data["vector"] = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+        return pa.Table.from_pydict(data, schema=schema)
+
+    def add(self, rows: Sequence[dict[str, Any]], vectors: np.ndarray) -> None:
+        self.table(vectors.shape[1]).add(self._arrow(rows, vectors))
+
+    def replace_source(self, source: str, rows: Sequence[dict[str, Any]], vectors: np.ndarray) -> None:
+        table = self.table(vectors.shape[1])
+        batch = self._arrow(rows, vectors)
         quoted = source.replace("'", "''")
         (table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
          .when_not_matched_by_source_delete(f"source = '{quoted}'").execute(batch))
@@ -231,13 +242,21 @@ class PgStore(Store):
         self.conn.execute("INSERT INTO torchbook_meta VALUES ('meta', %s) ON CONFLICT (key) DO UPDATE SET "
                           "value = EXCLUDED.value", (json.dumps(meta),))
 
+    def _copy(self, cursor: Any, rows: Sequence[dict[str, Any]], vectors: np.ndarray) -> None:
+        with cursor.copy(f"COPY torchbook_chunks ({', '.join(COLUMNS)}, vector) FROM STDIN") as copy:
+            for row, vector in zip(rows, vectors.astype(np.float32)):
+                copy.write_row([row[c] for c in COLUMNS] + ["[" + ",".join(map(repr, vector.tolist())) + "]"])
+
+    def add(self, rows: Sequence[dict[str, Any]], vectors: np.ndarray) -> None:
+        self._ensure_table(vectors.shape[1])
+        with self.conn.transaction(), self.conn.cursor() as cursor:
+            self._copy(cursor, rows, vectors)
+
     def replace_source(self, source: str, rows: Sequence[dict[str, Any]], vectors: np.ndarray) -> None:
         self._ensure_table(vectors.shape[1])
         with self.conn.transaction(), self.conn.cursor() as cursor:
             cursor.execute("DELETE FROM torchbook_chunks WHERE source = %s", (source,))
-            with cursor.copy(f"COPY torchbook_chunks ({', '.join(COLUMNS)}, vector) FROM STDIN") as copy:
-                for row, vector in zip(rows, vectors.astype(np.float32)):
-                    copy.write_row([row[c] for c in COLUMNS] + ["[" + ",".join(map(repr, vector.tolist())) + "]"])
+            self._copy(cursor, rows, vectors)
 
     def delete_sources(self, sources: Sequence[str]) -> int:
         if not sources or not self._has_table():

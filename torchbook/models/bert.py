@@ -81,7 +81,8 @@ class Bert(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:
         """input_ids: (B, S); attention_mask: (B, S), 1 on real tokens and 0 on padding. Returns (B, S, d_model)."""
-        padding = None if attention_mask is None else attention_mask == 0
+        # No padding in the batch (length-sorted batches of full chunks): no mask, so attention may take a fused kernel.
+        padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask == 0
         return self.encoder(self.embeddings(input_ids, token_type_ids), key_padding_mask=padding)
 
     def pool(self, hidden: Tensor) -> Tensor:
