@@ -13,12 +13,18 @@ NAME = "index"
 HELP = "add documents to a knowledge base (or delete them) for `torchbook search` and the chatbot"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="*", help="files and folders to index (or to delete with --delete)")
+def add_base_arguments(parser: argparse.ArgumentParser) -> None:
+    """--db and --embedder, shared with `torchbook search`."""
     parser.add_argument("--db", default=None,
                         help="knowledge base: a name under $TORCHBOOK_HOME/knowledge, a folder, or postgresql://...")
     parser.add_argument("--embedder", default=None,
-                        help="a sentence-transformers/BERT folder (default: all-MiniLM-L6-v2)")
+                        help="the sentence-transformers/BERT folder that embeds (default: all-MiniLM-L6-v2); a base "
+                             "is searched with the embedder it was built with")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", help="files and folders to index (or to delete with --delete)")
+    add_base_arguments(parser)
     parser.add_argument("--delete", action="store_true", help="remove these files/folders from the base")
     parser.add_argument("--prune", action="store_true", help="remove files that no longer exist from the base")
 

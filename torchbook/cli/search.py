@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from torchbook.cli.index import add_base_arguments
+
 NAME = "search"
 HELP = "search a knowledge base (hybrid: vectors + BM25, fused by reciprocal rank)"
 
@@ -17,10 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep hits whose source or kind matches (shell patterns allowed), e.g. kind=md, "
                              "source='*/notes/*'; repeatable")
     parser.add_argument("--mode", default="hybrid", help="hybrid (default), vector or bm25")
-    parser.add_argument("--db", default=None,
-                        help="knowledge base: a name under $TORCHBOOK_HOME/knowledge, a folder, or postgresql://...")
-    parser.add_argument("--embedder", default=None,
-                        help="the sentence-transformers/BERT folder the base was built with (default: all-MiniLM-L6-v2)")
+    add_base_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the hits as JSON lines")
 
 
