@@ -201,3 +201,28 @@ def test_index_and_search_commands(documents: Path, capsys: pytest.CaptureFixtur
     assert "1 files removed" in capsys.readouterr().out
     assert main(["search", "license", "--filter", "size=1"]) == 2
     assert "--filter: cannot filter on 'size'" in capsys.readouterr().err
+
+
+def test_optimize_builds_an_approximate_index_that_still_finds_exact_matches(
+        location: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `VECTOR_INDEX_MIN_ROWS` chunks the store builds its approximate index (lowered here to 600 rows of
+    random unit vectors); a stored vector is still its own nearest chunk, filters still apply."""
+    import numpy as np
+
+    from torchbook.knowledge import stores
+    from torchbook.knowledge.base import open_store
+
+    monkeypatch.setattr(stores, "VECTOR_INDEX_MIN_ROWS", 600)
+    store = open_store(location)
+    vectors = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = [{"id": f"/d/{i % 3}.txt#{i}", "source": f"/d/{i % 3}.txt", "kind": "txt", "hash": "-", "chunk": i,
+             "char_start": 0, "char_end": 0, "line": 1, "page": 0, "text": f"row {i}"} for i in range(600)]
+    store.add(rows[:300], vectors[:300])
+    assert store.optimize() is False  # below the threshold: exact search
+    store.add(rows[300:], vectors[300:])
+    assert store.optimize() is True
+    found = sum(store.vector_search(vectors[i], 1)[0][0] == rows[i]["id"] for i in range(0, 600, 20))
+    assert found >= 27  # of 30
+    hits = store.vector_search(vectors[4], 5, where_clause({"source": "/d/1.txt"}))
+    assert hits and all(i.startswith("/d/1.txt#") for i, _ in hits)

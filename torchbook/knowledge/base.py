@@ -14,6 +14,9 @@ was committed and the next run resumes where it stopped.
 similarity of the embeddings and the `candidates` best by BM25 (bm25s over the stored chunks' text, restricted by
 the same filters) are fused by reciprocal rank, score(d) = sum over the lists of 1 / (60 + rank) (Cormack et al.
 2009); "vector" and "bm25" use one list alone. Every hit carries its source, chunk, line/page and a citation.
+
+Vector search is exact below `stores.VECTOR_INDEX_MIN_ROWS` chunks; `index` builds an approximate index (LanceDB
+IVF_HNSW_SQ, pgvector HNSW) when the base grows past it, and keeps it up to date after.
 """
 
 from __future__ import annotations
@@ -159,6 +162,8 @@ class KnowledgeBase:
                 progress(source)
         for source, why in report.unreadable:
             log.warning("skipped %s: %s", source, why)
+        if report.chunks:
+            self.store.optimize()
         return report
 
     def delete(self, paths: Iterable[str | Path]) -> list[str]:

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("id", "source", "kind", "hash", "chunk", "char_start", "char_end", "line", "page", "text")
 FILTER_FIELDS = ("source", "kind")
+# Below this many chunks exact vector search is fast enough (milliseconds); from here on `optimize` builds an
+# approximate index (LanceDB IVF_HNSW_SQ, pgvector HNSW): at 100k chunks exact search takes about 0.4-0.5 s here.
+VECTOR_INDEX_MIN_ROWS = 20_000
 
 
 def where_clause(filters: Mapping[str, str] | None) -> str | None:
@@ -83,6 +86,11 @@ class Store(ABC):
 
     @abstractmethod
     def count(self) -> int: ...
+
+    @abstractmethod
+    def optimize(self) -> bool:
+        """Build (or bring up to date) the approximate vector index once the base reaches `VECTOR_INDEX_MIN_ROWS`;
+        True when an index serves searches."""
 
     @abstractmethod
     def vector_search(self, vector: np.ndarray, k: int, where: str | None = None) -> list[tuple[str, float]]:
@@ -181,6 +189,22 @@ class LanceStore(Store):
         table = self.table()
         return 0 if table is None else table.count_rows()
 
+    def optimize(self) -> bool:
+        table = self.table()
+        if table is None:
+            return False
+        indexed = any("vector" in (getattr(i, "columns", None) or []) for i in table.list_indices())
+        if indexed:
+            table.optimize()  # new rows into the indexes, small files compacted
+            return True
+        if table.count_rows() < VECTOR_INDEX_MIN_ROWS:
+            return False
+        log.info("building the vector index of %s (%d chunks)", self.location, table.count_rows())
+        table.create_index(metric="cosine", index_type="IVF_HNSW_SQ", vector_column_name="vector")
+        table.create_scalar_index("id")
+        table.create_scalar_index("source")
+        return True
+
     def vector_search(self, vector: np.ndarray, k: int, where: str | None = None) -> list[tuple[str, float]]:
         table = self.table()
         if table is None:
@@ -271,6 +295,14 @@ class PgStore(Store):
     def count(self) -> int:
         row = self.conn.execute("SELECT count(*) FROM torchbook_chunks").fetchone() if self._has_table() else None
         return int(row[0]) if row else 0
+
+    def optimize(self) -> bool:
+        if self.count() < VECTOR_INDEX_MIN_ROWS:
+            return False
+        log.info("building the vector index of %s", self.location)
+        self.conn.execute("CREATE INDEX IF NOT EXISTS torchbook_chunks_hnsw ON torchbook_chunks "
+                          "USING hnsw (vector vector_cosine_ops)")
+        return True
 
     def vector_search(self, vector: np.ndarray, k: int, where: str | None = None) -> list[tuple[str, float]]:
         if not self._has_table():
