@@ -110,8 +110,8 @@ def save_estimator(estimator: Any, folder: str | Path, extra: dict[str, Any] | N
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    # Compressed: a random forest's trees pickle to over 100 MB (every node of every tree), about a fifth of that
-    # compressed; prediction needs all of them.
+    # Compressed: a random forest's trees pickle to over 100 MB (every node of every tree), a quarter of that
+    # compressed (a smoke run's forest: 1.76 MB raw, 0.42 MB compressed); prediction needs all of them.
     atomic_write(folder / ESTIMATOR, lambda f: joblib.dump(estimator, f, compress=("zlib", 3)))
     atomic_write_json(folder / CONFIG, {"torchbook_class": "sklearn", "sha256": {ESTIMATOR: sha256_of(folder / ESTIMATOR)},
                                         **(extra or {})})
