@@ -111,3 +111,18 @@ def test_threads_flag_sets_torchs_threads(tmp_path, capsys):
         assert "--threads 0 must be at least 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_generate_words_may_follow_options(monkeypatch, capsys):
+    """`torchbook generate MODEL --chat "question"`: the words after an option still reach the command."""
+    seen = {}
+
+    def fake_main(args):
+        seen["words"] = args.words
+        return 0
+
+    import torchbook.cli.generate as generate_command
+
+    monkeypatch.setattr(generate_command, "main", fake_main)
+    assert main(["generate", "some/model", "--chat", "What is", "the capital?"]) == 0
+    assert seen["words"] == ["some/model", "What is", "the capital?"]

@@ -253,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `key=value` overrides may come after options (`run RECIPE --preset smoke lr=0.1`); anything else is an error.
     if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
+    elif extra and getattr(args, "words", None) is not None and not any(e.startswith("-") for e in extra):
+        args.words = [*args.words, *extra]  # `generate MODEL --chat "question"`: words after an option
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
