@@ -21,9 +21,6 @@ from torchbook.errors import UserInputError, closest_first, unknown
 
 C = TypeVar("C")
 
-PRESET_NAMES_DOC = ("a recipe's named settings, usually smoke (seconds, the whole pipeline), quick (minutes, the quality "
-                    "gate) and book (the book's); `torchbook run RECIPE --help` lists a recipe's own")
-
 
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved type of every dataclass field of `cls`."""

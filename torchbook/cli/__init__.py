@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from torchbook import __version__
-from torchbook.config import PRESET_NAMES_DOC
 from torchbook.errors import RunExists, RunFinished, TorchbookError, UserInputError
 
 EXIT_USAGE = 2
+PRESET_NAMES_DOC = ("usually smoke (seconds, the whole pipeline), quick (minutes, the quality "
+                    "gate) and book (the book's); `torchbook run RECIPE --help` lists a recipe's own")
 
 
 class Parser(argparse.ArgumentParser):

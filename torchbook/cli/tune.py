@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from torchbook.config import PRESET_NAMES_DOC
+from torchbook.cli import PRESET_NAMES_DOC
 
 NAME = "tune"
 HELP = "search a recipe's hyperparameters with Optuna (TPE sampler, median pruner), resumable"
