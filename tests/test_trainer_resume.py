@@ -153,3 +153,28 @@ def test_custom_step_function_and_accumulation_equivalence():
         return model.weight.detach().clone()
 
     torch.testing.assert_close(train(16, 2), train(32, 1), atol=1e-6, rtol=0)
+
+
+def test_a_kill_between_an_epochs_record_and_its_checkpoint_logs_the_epoch_once(tmp_path: Path):
+    """A step checkpoint that falls on an epoch's last batch holds the epoch unfinished; if the process dies after
+    the epoch's record but before the epoch-end checkpoint, resuming must not log that epoch twice (it did: a
+    flaky failure of the SIGKILL test above)."""
+    from torchbook.checkpoint import list_checkpoints, load_latest, save_checkpoint
+
+    run = RunDir.start(tmp_path / "run", "test", {"x": 1})
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3), torch.randn(32, 1))
+    config = TrainConfig(epochs=3, batch_size=8, checkpoint_every=4, keep_checkpoints=5, progress=False)
+    Trainer(torch.nn.Linear(3, 1), config, run, data, criterion=torch.nn.MSELoss()).fit()
+    assert [r["epoch"] for r in run.metrics("epoch")] == [1, 2, 3]
+    # Turn the newest checkpoint (epoch 3's end, step 12) into the one the step checkpoint at epoch 3's last batch
+    # was: epoch 3 not finished, all 4 of its batches done. Epoch 3's record stays in metrics.jsonl, as after a kill.
+    state, _ = load_latest(run.checkpoints)
+    assert state is not None and state["position"]["global_step"] == 12 and state["position"]["epoch"] == 3
+    state["position"].update(epoch=2, batch_in_epoch=4)
+    for path in list_checkpoints(run.checkpoints):
+        path.unlink()
+        path.with_suffix(".sha256").unlink(missing_ok=True)
+    save_checkpoint(run.checkpoints, 12, state)
+    Trainer(torch.nn.Linear(3, 1), config, run, data, criterion=torch.nn.MSELoss()).fit()
+    assert [r["epoch"] for r in run.metrics("epoch")] == [1, 2, 3]

@@ -301,7 +301,17 @@ class Trainer:
         self.load_state_dict(state)
         step = self.global_step
         if self.is_main:
-            self.run.truncate_metrics(lambda r: r.get("kind") not in ("step", "epoch") or r.get("step", 0) <= step)
+            # Records of what the restored state has not done yet go: later steps, and epochs it has not finished
+            # (a process killed between an epoch's record and that epoch's checkpoint, when a step checkpoint fell
+            # on the epoch's last batch, would otherwise log the epoch twice).
+            done = self.epoch
+
+            def keep(r: dict[str, Any]) -> bool:
+                if r.get("kind") == "epoch":
+                    return int(r.get("epoch", 0)) <= done
+                return r.get("kind") != "step" or r.get("step", 0) <= step
+
+            self.run.truncate_metrics(keep)
         log.info("resumed from step %d (epoch %d, batch %d)", step, self.epoch + 1, self.batch_in_epoch)
         return True
 
