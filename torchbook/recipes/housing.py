@@ -344,6 +344,10 @@ def write_report(report: Report, run: RunDir, config: Config, results: dict[str,
     compare("test RMSE 95% CI, high (bootstrap)", "test_ci_high")
     report.compare("features after preprocessing", results["n_features"], 24 if config.n_clusters == 10 else None)
     report.compare("top feature", results["top_feature"], "log__median_income")
+    model_file = run.model_dir / "model.joblib"
+    if model_file.exists():  # a forest stores every node of every tree, and prediction needs them all
+        report.compare("saved model size (MB)", model_file.stat().st_size / 1e6, None,
+                       f"the whole pipeline with its {config.trees}-tree random forest, zlib-compressed")
     if full:
         inside = BOOK["test_ci_low"] <= results["test_rmse"] <= BOOK["test_ci_high"]
         within = abs(results["test_rmse"] - BOOK["test_rmse"]) / BOOK["test_rmse"]
