@@ -151,3 +151,29 @@ def test_chat_jsonl_and_data_names(tmp_path) -> None:  # type: ignore[no-untyped
         instructions.load_conversations("imdb")
     hh, _ = instructions.load_conversations("hh")  # SFT: the chosen side of the train part
     assert len(hh) == len(instructions.load_hh("train")) and all(c[-1]["role"] == "assistant" for c in hh)
+
+
+def test_chunked_loss_equals_the_loss_over_full_logits() -> None:
+    """The SFT step applies the output layer a chunk of counted positions at a time (memory); its loss and
+    gradients equal those of the full logits."""
+    from torchbook.models.gpt import GPT, GPTConfig
+    from torchbook.train.steps import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, d_ff=32, max_len=32))
+    inputs = torch.randint(0, 50, (2, 12))
+    labels = torch.randint(0, 50, (2, 12))
+    labels[:, :4] = IGNORE
+    counted = labels != IGNORE
+    reference = torch.nn.functional.cross_entropy(model(inputs)[counted], labels[counted])
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    hidden = model(inputs, hidden_only=True)
+    loss = chunked_cross_entropy(model.lm_head, hidden[counted], labels[counted], chunk=5)
+    loss.backward()
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
+    model.zero_grad()
+    torch.testing.assert_close(sft_step(model, (inputs, labels)).loss, reference, atol=1e-6, rtol=1e-6)

@@ -187,6 +187,7 @@ class GPTState:
 class GPT(nn.Module):
     config_class = GPTConfig
     output_layers = ("lm_head",)  # whose errors go straight into the logits: quantization keeps them at 8 bits
+    returns_hidden = True  # forward(..., hidden_only=True): the final hidden states, for losses on chosen positions
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -205,7 +206,7 @@ class GPT(nn.Module):
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None,
                 cache: KVCache | SlotView | None = None, padding: Tensor | None = None, last_only: bool = False,
-                documents: Tensor | None = None) -> Tensor:
+                documents: Tensor | None = None, hidden_only: bool = False) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab). `attention_mask` (B, T): 1 for real tokens, 0 for (left) padding.
         `last_only`: logits of the last position only, (B, 1, vocab) (decoding: skips the output layer's work on
         every prompt token, a fifth of a long prompt's prefill for SmolLM2). `documents` (B, T): rows packed with
@@ -237,6 +238,8 @@ class GPT(nn.Module):
             x = block(x, rotary, padding, cache, same_document)
         if last_only:
             x = x[:, -1:]
+        if hidden_only:  # the final hidden states (B, T, d_model), before the output layer (`lm_head`)
+            return self.norm(x)
         return self.lm_head(self.norm(x))
 
     def fuse_projections(self) -> GPT:

@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from torchbook.train.trainer import Step
 
@@ -38,14 +40,34 @@ def translation_step(pad_id: int, label_smoothing: float = 0.0) -> Callable[[nn.
     return step
 
 
+def chunked_cross_entropy(head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
+    """Mean cross-entropy of `head(hidden)` (N, vocab) against `targets` (N,), computed `chunk` rows at a time and
+    recomputed in backward: the logits of only one chunk exist at once. Over a vocabulary of 49,152 and 2,048
+    tokens the full logits, their log-softmax and its gradient are 0.4 GB each, more than a LoRA run's weights and
+    adapters together (docs/benchmarks.md)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), chunk):
+        part, goal = hidden[start : start + chunk], targets[start : start + chunk]
+        total = total + checkpoint(lambda h, y: F.cross_entropy(head(h).float(), y, reduction="sum"), part, goal,
+                                   use_reentrant=False)
+    return total / max(hidden.size(0), 1)
+
+
 def sft_step(model: nn.Module, batch: tuple[Tensor, ...]) -> Step:
     """Supervised fine-tuning (chapter 15): next-token cross-entropy over the assistant's tokens only.
 
     `batch` is (inputs, labels) or, packed, (inputs, labels, documents) (see `torchbook.train.sft`); labels are
     the next tokens, -100 where the loss does not count (the system's and user's tokens, padding). The loss is
-    the mean over the counted tokens of the batch."""
+    the mean over the counted tokens of the batch. A model that can return its hidden states (GPT) has the output
+    layer applied to the counted positions only, a chunk at a time (`chunked_cross_entropy`)."""
     inputs, labels, *rest = batch
-    logits = model(inputs, documents=rest[0]) if rest else model(inputs)
+    kwargs = {"documents": rest[0]} if rest else {}
     counted = labels != -100
-    loss = F.cross_entropy(logits[counted].float(), labels[counted])
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Module) and getattr(model, "returns_hidden", False):
+        hidden = model(inputs, hidden_only=True, **kwargs)
+        loss = chunked_cross_entropy(head, hidden[counted], labels[counted])
+    else:
+        logits = model(inputs, **kwargs)
+        loss = F.cross_entropy(logits[counted].float(), labels[counted])
     return Step(loss, count=int(counted.sum()))
