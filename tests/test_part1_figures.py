@@ -39,7 +39,10 @@ def test_normal_equation_and_gradient_descents_give_the_books_thetas():
     np.testing.assert_allclose(batch.ravel(), normal, atol=1e-8)
     assert len(path) == 1001
     sgd, _ = lm.stochastic_gradient_descent(x, y, epochs=50, t0=5, t1=50)
-    np.testing.assert_allclose(sgd.ravel(), lm.BOOK["sgd_theta"], atol=1e-8)  # the book prints 8 decimals
+    np.testing.assert_allclose(sgd.ravel(), lm.BOOK["sgd_theta"], atol=5e-4)  # the book, as quoted: "about (3.698, 3.307)"
+    # Issue #15 (from the book's text) says ours equals the book's printed SGD theta to 8 decimals, 3.69826475 and
+    # 3.30748311; our quoted source gives only the rounded pair above, so the 8 decimals rest on the issue.
+    np.testing.assert_allclose(sgd.ravel(), [3.69826475, 3.30748311], atol=1e-8)
     minibatch, _ = lm.minibatch_gradient_descent(x, y)
     assert np.abs(minibatch.ravel() - normal).max() < 0.15  # no book figure: it lands near the optimum
 
