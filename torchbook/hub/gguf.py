@@ -90,6 +90,24 @@ def field_value(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
+def file_info(reader: Any) -> dict[str, Any]:
+    """What a GGUF file says of itself besides its weights: architecture, chat template, special ids, name."""
+    return {"architecture": field_value(reader, "general.architecture"),
+            "chat_template": field_value(reader, "tokenizer.chat_template"),
+            "bos_token_id": field_value(reader, "tokenizer.ggml.bos_token_id"),
+            "eos_token_id": field_value(reader, "tokenizer.ggml.eos_token_id"), "name": field_value(reader, "general.name")}
+
+
+def read_file_info(path: str | Path) -> dict[str, Any]:
+    """`file_info` of the GGUF file at `path`, without reading its tensors."""
+    import gguf  # an optional dependency: only GGUF files need it
+
+    try:
+        return file_info(gguf.GGUFReader(str(path)))
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable GGUF file ({e})") from None
+
+
 def read_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[GPTConfig, dict[str, Tensor], dict[str, Any]]:
     """The config, our state dict (float32) and metadata (architecture, chat template) of a GGUF file. With
     `keep_blocks`, the metadata's "blocks" maps each linear layer stored as Q8_0, Q4_0 or Q4_1 to its
@@ -161,9 +179,7 @@ def read_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[GPTConfig, d
             raise CheckpointError(f"unexpected tensor {tensor.name!r} in {str(path)!r}")
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
-    info = {"architecture": arch, "chat_template": field_value(reader, "tokenizer.chat_template"),
-            "bos_token_id": field_value(reader, "tokenizer.ggml.bos_token_id"),
-            "eos_token_id": field_value(reader, "tokenizer.ggml.eos_token_id"), "name": field_value(reader, "general.name")}
+    info = file_info(reader)
     if keep_blocks:
         info["blocks"] = kept
     return config, state, info

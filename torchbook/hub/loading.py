@@ -26,7 +26,7 @@ from torchbook.errors import CheckpointError, DataUnavailable
 from torchbook.hub import hf, vision
 from torchbook.hub.bert import load_bert_folder
 from torchbook.hub.folders import CONFIG, load_estimator, load_model, load_tokenizer
-from torchbook.hub.gguf import field_value, gguf_tokenizer, load_gguf
+from torchbook.hub.gguf import gguf_tokenizer, load_gguf, read_file_info
 from torchbook.hub.prompts import end_token_ids
 from torchbook.nn.quantized import QUANTIZATIONS, quantize_for_decoding
 from torchbook.runs import RunDir
@@ -142,26 +142,23 @@ def load_hf(folder: Path) -> Loaded:
     return Loaded(model=ARCHITECTURES[kind](folder), tokenizer=tokenizer, path=folder, meta=meta)
 
 
-def load_gguf_file(path: Path, quantize: str | None) -> Loaded:
-    model, tokenizer, info = load_gguf(path, quantize=quantize)
-    meta = normalized_meta("gguf", info["architecture"], tokenizer, chat_template=info.get("chat_template"),
+def gguf_meta(info: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """`Loaded.meta` from a GGUF file's `file_info`."""
+    return normalized_meta("gguf", info["architecture"], tokenizer, chat_template=info.get("chat_template"),
                            bos=info.get("bos_token_id"), eos=info.get("eos_token_id"),
                            quantized=info.get("quantized"), extra={"name": info.get("name")})
-    return Loaded(model=model, tokenizer=tokenizer, path=path, meta=meta)
+
+
+def load_gguf_file(path: Path, quantize: str | None) -> Loaded:
+    model, tokenizer, info = load_gguf(path, quantize=quantize)
+    return Loaded(model=model, tokenizer=tokenizer, path=path, meta=gguf_meta(info, tokenizer))
 
 
 def load_gguf_tokenizer(path: str | Path) -> Loaded:
     """A GGUF file's tokenizer and `meta` without reading its weights (`model` is None): for a new model that
     shares a checkpoint's vocabulary and chat template."""
-    import gguf  # an optional dependency: only GGUF files need it
-
-    reader = gguf.GGUFReader(str(path))
     tokenizer = gguf_tokenizer(path)
-    meta = normalized_meta("gguf", field_value(reader, "general.architecture"), tokenizer,
-                           chat_template=field_value(reader, "tokenizer.chat_template"),
-                           bos=field_value(reader, "tokenizer.ggml.bos_token_id"),
-                           eos=field_value(reader, "tokenizer.ggml.eos_token_id"))
-    return Loaded(model=None, tokenizer=tokenizer, path=Path(path), meta=meta)
+    return Loaded(model=None, tokenizer=tokenizer, path=Path(path), meta=gguf_meta(read_file_info(path), tokenizer))
 
 
 def _is_hf_folder(path: Path) -> bool:

@@ -160,7 +160,6 @@ def accuracy(params: list[np.ndarray], images: np.ndarray, labels: np.ndarray) -
 
 
 def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
-
     run = RunDir.start(run_dir, NAME, config)
     data, splits = digits_split(config)
     report = Report("Automatic differentiation from scratch", NAME, "A (appendix)", data.source)

@@ -224,8 +224,7 @@ def weight_only(model: Any, bits: int) -> Any:
 
 
 def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
-
-    import torch
+    import torch  # heavy: `torchbook list` reads recipes without importing them, but a plain import stays light
     import torchmetrics
     from torch.utils.data import TensorDataset
 
