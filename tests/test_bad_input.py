@@ -74,6 +74,8 @@ CASES = [
     ("generate --temperature -1 --chat hi", "temperature must be >= 0"),
     ("generate {missing} hello", "does not exist"),
     ("generate --chat {empty}", "the prompt is empty"),
+    ("index {missing}", "no such file or folder; give files or folders to index"),
+    ("search {empty}", "the query is empty"),
     ("tune nope --trials 2 lr=loguniform(1e-4,1e-1)", "unknown recipe 'nope'"),
     ("tune image-classifier --trials 0 lr=loguniform(1e-4,1e-1)", "--trials: the number of trials must be at least 1"),
 ]

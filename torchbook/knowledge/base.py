@@ -126,7 +126,11 @@ class KnowledgeBase:
     # -- ingestion --------------------------------------------------------------------------------------------
     def index(self, paths: Iterable[str | Path], progress: Callable[[str], None] | None = None) -> IndexReport:
         """Index files and folders (see the module docstring); what happened to each file."""
+        paths = list(paths)
         files, missing = document_files(paths)
+        if paths and len(missing) == len(paths):  # nothing given exists: a mistyped path, not a batch to report on
+            raise UserInputError(f"{', '.join(repr(m[0]) for m in missing)}: no such file or folder; give files or "
+                                 "folders to index (.txt, .md, .html, .pdf)")
         report = IndexReport(unreadable=list(missing))
         stored = self.store.sources()
         self._remember_embedder()
@@ -212,6 +216,8 @@ class KnowledgeBase:
             raise UserInputError(f"unknown search mode {mode!r}; accepted: {', '.join(MODES)}", param="mode")
         if k < 1:
             raise UserInputError(f"k must be at least 1, got {k}", param="k")
+        if not query.strip():
+            raise UserInputError("the query is empty; give some words to search for", param="query")
         where = where_clause(filters)
         n = max(candidates, k)
         lists: dict[str, Sequence[str]] = {}
