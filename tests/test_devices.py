@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from torchbook.data.timeseries import make_windows
 from torchbook.data.tokenizers import char_tokenizer, special_ids, train_bpe
@@ -24,12 +27,14 @@ from torchbook.models.forecasting import ForecastConfig, Forecaster, rollout
 from torchbook.models.gpt import GPT, GPTConfig
 from torchbook.models.seq2seq_rnn import Seq2SeqConfig, Seq2SeqRNN
 from torchbook.models.transformer import TransformerConfig, TransformerTranslator
+from torchbook.recipes import get_recipe, recipe_infos
 from torchbook.recipes.char_rnn import rnn_nats
 from torchbook.recipes.gpt_pretrain import gpt_nats
 from torchbook.recipes.ridership import predictions
 from torchbook.rl.networks import ActorCritic, ActorCriticConfig
 from torchbook.train.language_model import sample
 from torchbook.train.translation import translate
+from torchbook.train.vision import accuracy
 
 TEXT = "to be or not to be, that is the question: whether 'tis nobler in the mind to suffer " * 4
 
@@ -101,6 +106,24 @@ def test_reinforcement_learning_policy_acts_on_numpy_observations() -> None:
     with strays_on_meta():
         actions = model.act(np.zeros((3, 4), dtype=np.float32))
     assert actions.shape == (3,)
+
+
+def test_image_accuracy_moves_each_chunk_to_the_model() -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    images, labels = torch.rand(10, 4, 4), torch.randint(0, 3, (10,))
+    with torch.no_grad():
+        expected = float((model(images).argmax(1) == labels).float().mean())
+        with strays_on_meta():
+            assert accuracy(model, TensorDataset(images, labels), batch_size=4) == expected
+
+
+def test_every_recipe_evaluates_on_a_chosen_device() -> None:
+    """`torchbook eval --device` hands its device to the recipe's `evaluate(run_dir, device=...)`."""
+    for name in recipe_infos():
+        recipe = get_recipe(name)
+        if recipe.evaluate is not None:
+            parameter = inspect.signature(recipe.evaluate).parameters.get("device")
+            assert parameter is not None and parameter.default == "auto", recipe.name
 
 
 def test_device_names_are_checked() -> None:

@@ -136,11 +136,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from torchbook.recipes import get_recipe
     from torchbook.runs import RunDir
 
+    from torchbook.devices import check_device
+
+    check_device(args.device)
     run = RunDir.open(args.run_dir)
     recipe = get_recipe(run.recipe)
     if recipe.evaluate is None:
         raise UserInputError(f"recipe {recipe.name!r} has no separate evaluation; see its report.md")
-    metrics = recipe.evaluate(run)
+    metrics = recipe.evaluate(run, device=args.device)
     print(json.dumps(metrics, indent=2, default=str))
     return 0
 
@@ -219,6 +222,8 @@ def build_parser() -> Parser:
                        description="Reload RUN_DIR's saved model (checksums verified) and evaluate it again on the "
                                    "run's own test data; prints the metrics as JSON.")
     p.add_argument("run_dir", help="a run folder")
+    p.add_argument("--device", default="auto", help="where the model runs: auto (a GPU when there is one), cpu, "
+                                                     "cuda, cuda:N or mps (default: auto)")
     p.set_defaults(func=cmd_eval)
 
     for module in plugin_commands():

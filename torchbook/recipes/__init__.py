@@ -5,7 +5,7 @@ A recipe module defines, at module level::
     @dataclass
     class Config: ...                       # defaults = the book's settings; PRESETS = {"smoke": {...}, ...}
     def run(config, run_dir=None) -> RunDir # trains, evaluates, writes the run folder, returns it
-    def evaluate(run_dir) -> dict           # re-evaluates a finished run folder (optional)
+    def evaluate(run_dir, device="auto") -> dict  # re-evaluates a finished run folder on a device (optional)
     RECIPE = Recipe(name="translator-rnn", chapter="14", summary="...", config=Config, run=run, evaluate=evaluate)
 
 Modules are discovered: adding `torchbook/recipes/my_recipe.py` with a `RECIPE` is all it takes to appear in

@@ -26,6 +26,7 @@ import torchbook
 from torchbook import autodiff
 from torchbook.data.images import load_digits
 from torchbook.data.splits import split_indices, split_record
+from torchbook.devices import device_of
 from torchbook.errors import UserInputError
 from torchbook.hub import save_model
 from torchbook.models.mlp import MLP, MLPConfig
@@ -234,15 +235,15 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, float]:
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, float]:
     """Reload the saved model (torch's MLP with our weights) and measure it on the run's test split."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
     data, splits = digits_split(config)
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=device)
     with torch.no_grad():
-        logits = loaded.model(torch.from_numpy(data.images[splits["test"]]))
-    return {"test_accuracy": float((logits.argmax(1).numpy() == data.labels[splits["test"]]).mean()),
+        logits = loaded.model(torch.from_numpy(data.images[splits["test"]]).to(device_of(loaded.model)))
+    return {"test_accuracy": float((logits.argmax(1).cpu().numpy() == data.labels[splits["test"]]).mean()),
             "test_images": len(splits["test"])}
 
 

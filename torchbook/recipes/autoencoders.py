@@ -30,6 +30,7 @@ from torch.utils.data import TensorDataset
 import torchbook
 from torchbook.data.images import IMAGE_DATASETS, ImageData, standard_split, test_arrays
 from torchbook.data.splits import split_record
+from torchbook.devices import device_of
 from torchbook.errors import UserInputError, unknown
 from torchbook.hub import save_model
 from torchbook.models.autoencoder import VAE, Autoencoder, AutoencoderConfig, EncoderClassifier
@@ -302,12 +303,12 @@ def interpolate(model: VAE, start: torch.Tensor, end: torch.Tensor, steps: int =
     return torch.cat(rows)
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, float]:
-    """Reload the saved autoencoder and measure its test reconstruction MSE again."""
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, float]:
+    """Reload the saved autoencoder on `device` and measure its test reconstruction MSE again."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
-    model = torchbook.load(run.path).model
-    images = prepare(config).test.tensors[0]
+    model = torchbook.load(run.path, map_location=device).model
+    images = prepare(config).test.tensors[0].to(device_of(model))
     return {"test_reconstruction_mse": float(torch.mean((reconstruct(model, images) - images) ** 2))}
 
 

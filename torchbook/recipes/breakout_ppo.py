@@ -84,9 +84,9 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
                      eval_max_steps=config.eval_max_steps)
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
     config = RunDir.open(run_dir).load_config(Config)
-    return evaluate_saved(run_dir, config.env_id, config.eval_episodes, config.eval_max_steps)
+    return evaluate_saved(run_dir, config.env_id, config.eval_episodes, config.eval_max_steps, device)
 
 
 RECIPE = Recipe(NAME, "19", "PPO from pixels on Atari Breakout (the book's preprocessing, Nature CNN), resumable",

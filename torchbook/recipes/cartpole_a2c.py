@@ -52,8 +52,8 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run_agent(config, run_dir, NAME, "A2C", lambda log: train_ppo(algorithm_config(config, PPOConfig), log=log))
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    return evaluate_agent(run_dir, Config)
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
+    return evaluate_agent(run_dir, Config, device)
 
 
 RECIPE = Recipe(NAME, "19", "Advantage actor-critic (A2C) on CartPole-v1", Config, run, evaluate)

@@ -41,8 +41,8 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
                      lambda log: train_dqn(algorithm_config(config, DQNConfig), log=log))
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    return evaluate_agent(run_dir, Config)
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
+    return evaluate_agent(run_dir, Config, device)
 
 
 RECIPE = Recipe(NAME, "19", "DQN on CartPole-v1 (double, dueling, prioritized replay as options)", Config, run, evaluate)

@@ -44,8 +44,8 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run_agent(config, run_dir, NAME, "REINFORCE", lambda log: train_reinforce(algorithm_config(config, ReinforceConfig), log=log))
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    return evaluate_agent(run_dir, Config)
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
+    return evaluate_agent(run_dir, Config, device)
 
 
 RECIPE = Recipe(NAME, "19", "REINFORCE policy gradients on CartPole-v1, beside the book's lean policy", Config, run, evaluate)

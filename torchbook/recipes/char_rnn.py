@@ -140,11 +140,11 @@ def evaluate_model(model: CharRNN, tokenizer: Any, config: TextLMConfig, text: T
             "held_out_chars": len(text.held_out), "held_out_accuracy": correct / len(ids)}
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
     """Reload a finished run and measure bits per character on its held-out text again."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=device)
     return evaluate_model(loaded.model, loaded.tokenizer, config, load_text(config))
 
 

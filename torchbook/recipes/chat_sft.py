@@ -14,6 +14,7 @@ PEFT's format.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 
 import torchbook
 from torchbook.data.instructions import USER_ORIENTED_SOURCE, book_text, load_conversations, load_user_oriented
+from torchbook.devices import device_of
 from torchbook.errors import CheckpointError, UserInputError
 from torchbook.generate import SamplingConfig
 from torchbook.generate.text import generate_text
@@ -235,11 +237,12 @@ def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str
     report.write(run.path, time.time() - started)
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
     """Reload a finished run's model and measure the held-out loss again."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=device)
+    config = dataclasses.replace(config, device=str(device_of(loaded.model)))
     val = SFTData(load_user_oriented()[: config.held_out], loaded.tokenizer, loaded.meta, config.format,
                   config.max_length)
     trainer = Trainer(loaded.model, config, None, val, None, step=sft_step, collate_fn=pad_collate(0))

@@ -301,11 +301,12 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, float]:
-    """Reload the saved model and measure its validation denoising loss again (same seeded t and noise)."""
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, float]:
+    """Reload the saved model on `device` and measure its validation denoising loss again (same seeded t and
+    noise)."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
-    model = torchbook.load(run.path).model
+    model = torchbook.load(run.path, map_location=device).model
     prep = prepare(config)
     return denoising_loss(model, prep.val, schedule_of(config), config.loss, pixel_stats(prep.train), seed=config.seed)
 

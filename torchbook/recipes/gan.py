@@ -191,11 +191,11 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, float]:
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, float]:
     """Reload the generator and measure its Fréchet distance again (same seeds, same images)."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
-    model = torchbook.load(run.path).model
+    model = torchbook.load(run.path, map_location=device).model
     data, _, whole_train, test_images = prepare(config)
     features = PenultimateFeatures(feature_classifier(data.images[whole_train], data.labels[whole_train],
                                                       len(data.classes), config.seed, data.name))

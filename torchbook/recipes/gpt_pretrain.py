@@ -173,11 +173,11 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    """Reload a finished run and measure bits per character on its held-out text again."""
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
+    """Reload a finished run on `device` and measure bits per character on its held-out text again."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=device)
     return evaluate_model(loaded.model, loaded.tokenizer, config, load_text(config))
 
 

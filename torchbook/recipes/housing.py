@@ -418,8 +418,9 @@ def importance_plot(path: Path, importances: list[tuple[str, float]]) -> None:
     save_figure(fig, path)
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, float]:
-    """Reload the saved pipeline and measure its test RMSE again on the run's split."""
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, float]:
+    """Reload the saved pipeline and measure its test RMSE again on the run's split (scikit-learn runs on the CPU
+    whatever `device` says)."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
     split = stratified_split(load_housing(), config.test_size, config.seed)

@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 import torchbook
 from torchbook.data.images import IMAGE_DATASETS, ImageData, image_split
 from torchbook.data.splits import split_record
+from torchbook.devices import device_of
 from torchbook.errors import unknown
 from torchbook.hub import save_model
 from torchbook.models.mlp import INITS, MLP, MLPConfig
@@ -219,15 +220,15 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, float]:
-    """Reload the saved model and measure it again on the run's test split."""
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, float]:
+    """Reload the saved model on `device` and measure it again on the run's test split."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=device)
     prep = prepare(config)
     with torch.no_grad():
-        logits = loaded.model(torch.from_numpy(prep.test_x))
-    accuracy = float((logits.argmax(1).numpy() == prep.test_y).mean())
+        logits = loaded.model(torch.from_numpy(prep.test_x).to(device_of(loaded.model)))
+    accuracy = float((logits.argmax(1).cpu().numpy() == prep.test_y).mean())
     return {"test_accuracy": accuracy, "test_images": len(prep.test_y)}
 
 

@@ -143,8 +143,9 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, float]:
-    """Reload the saved regression MLP and measure its test RMSE and R2 again on the run's split."""
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, float]:
+    """Reload the saved regression MLP and measure its test RMSE and R2 again on the run's split (scikit-learn
+    runs on the CPU whatever `device` says)."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
     x_test, y_test = housing_splits(config.seed, config.limit)["test"]

@@ -123,7 +123,8 @@ def accuracy(model: Any, images: Any, labels: np.ndarray) -> float:
     import torch
 
     with torch.inference_mode():
-        predictions = torch.cat([model(chunk).argmax(1) for chunk in images.split(1024)])
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))  # quantized copies: the CPU
+        predictions = torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in images.split(1024)])
     return float((predictions.numpy() == labels).mean())
 
 
@@ -363,7 +364,7 @@ def number_format_rows() -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, float]:
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, float]:
     """Reload the saved float32 model and measure it on the run's test set."""
     import torch
 
@@ -371,7 +372,7 @@ def evaluate(run_dir: RunDir | str) -> dict[str, float]:
     config = run.load_config(Config)
     _, _, test_x, test_y = load_split(config)
     images = torch.from_numpy(np.ascontiguousarray(test_x))
-    return {"test_accuracy": accuracy(torchbook.load(run.path).model, images, test_y), "test_images": len(test_y)}
+    return {"test_accuracy": accuracy(torchbook.load(run.path, map_location=device).model, images, test_y), "test_images": len(test_y)}
 
 
 RECIPE = Recipe(NAME, "B", "Quantization of the ch. 10 MLP: PTQ dynamic/static, QAT, 8/4-bit, weight-only (torchao + ours)",

@@ -21,6 +21,7 @@ import torchbook
 from torchbook.data.housing import housing_features
 from torchbook.data.sources import HOUSING_SOURCE, load_housing
 from torchbook.data.splits import split_indices, split_record
+from torchbook.devices import device_of
 from torchbook.hub import save_model
 from torchbook.models.mlp import MLP, MLPConfig
 from torchbook.recipes import Recipe
@@ -129,13 +130,13 @@ def scatter_plot(path: Any, truth: np.ndarray, predicted: np.ndarray) -> None:
     save_figure(fig, path)
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, float]:
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, float]:
     """Reload the saved model and compute its test RMSE again."""
     run = RunDir.open(run_dir)
     prep = prepare(run.load_config(Config))
-    model = torchbook.load(run.path).model
+    model = torchbook.load(run.path, map_location=device).model
     with torch.no_grad():
-        predictions = model(torch.from_numpy(prep.x["test"])).numpy()
+        predictions = model(torch.from_numpy(prep.x["test"]).to(device_of(model))).cpu().numpy()
     return {"test_rmse": float(np.sqrt(np.mean((predictions - prep.y["test"]) ** 2)))}
 
 

@@ -371,10 +371,10 @@ def plot_forecast(path: Any, frame: pd.DataFrame, table: pd.DataFrame) -> None:
     save_figure(fig, path)
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    """Reload the saved (best) model and measure its validation MAE again."""
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
+    """Reload the saved (best) model on `device` and measure its validation MAE again."""
     run = RunDir.open(run_dir)
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=device)
     rung = LADDER[loaded.meta["extra"]["rung"]]
     return {"model": loaded.meta["extra"]["rung"], "val_mae": mae_next_day(loaded.model, split_windows(load_ridership(), rung, "val"))}
 

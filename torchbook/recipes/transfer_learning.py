@@ -152,12 +152,12 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
     """Model A reloaded, on the test images of its 8 classes."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
     a = image_splits("fashion-mnist", config.seed, config.limit, classes=A_CLASSES)
-    return {"model_a_test_accuracy": accuracy(torchbook.load(run.path).model, a.test), "test_images": len(a.test)}
+    return {"model_a_test_accuracy": accuracy(torchbook.load(run.path, map_location=device).model, a.test), "test_images": len(a.test)}
 
 
 RECIPE = Recipe(NAME, "11", "chapter 11's transfer-learning experiment on Fashion-MNIST, mean ± std over seeds",

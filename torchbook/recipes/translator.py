@@ -84,9 +84,9 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
     """Reload a finished run and measure BLEU/chrF again on its test split (see `train.translation.evaluate_run`)."""
-    return evaluate_run(run_dir)
+    return evaluate_run(run_dir, device)
 
 
 RECIPE = Recipe(NAME, "15", "English-to-Spanish Transformer translator (offline: gettext catalogs), BLEU/chrF",

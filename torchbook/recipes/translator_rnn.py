@@ -74,9 +74,10 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
-    """Reload a finished run and measure BLEU/chrF again on its test split (see `train.translation.evaluate_run`)."""
-    return evaluate_run(run_dir)
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
+    """Reload a finished run on `device` and measure BLEU/chrF again on its test split (see
+    `train.translation.evaluate_run`)."""
+    return evaluate_run(run_dir, device)
 
 
 RECIPE = Recipe(NAME, "14", "English-to-Spanish encoder-decoder GRU/LSTM with attention, greedy and beam search",

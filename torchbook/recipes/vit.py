@@ -159,9 +159,9 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     return run
 
 
-def evaluate(run_dir: RunDir | str) -> dict[str, Any]:
+def evaluate(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
     """Reload the saved model and measure it again on the run's test split."""
-    return evaluate_image_run(run_dir, Config)
+    return evaluate_image_run(run_dir, Config, device)
 
 
 RECIPE = Recipe(NAME, "16", "vision transformer from scratch on Fashion-MNIST, beside the CNN in the same time; "

@@ -87,9 +87,10 @@ def finish(run: RunDir, report: Report, model: nn.Module, env_id: str, eval_epis
     return results
 
 
-def evaluate_saved(run_dir: RunDir | str, env_id: str, episodes: int, max_episode_steps: int = 0) -> dict[str, Any]:
-    """Reload a saved policy and evaluate it again on the same seeded episodes."""
-    model = torchbook.load(RunDir.open(run_dir).path).model
+def evaluate_saved(run_dir: RunDir | str, env_id: str, episodes: int, max_episode_steps: int = 0,
+                   device: str = "auto") -> dict[str, Any]:
+    """Reload a saved policy on `device` and evaluate it again on the same seeded episodes."""
+    model = torchbook.load(RunDir.open(run_dir).path, map_location=device).model
     returns = evaluate(model.act, env_id, episodes, max_episode_steps=max_episode_steps or None)
     return {"eval_mean_return": float(np.mean(returns)), "eval_episodes": len(returns)}
 
@@ -114,7 +115,7 @@ def run_agent(config: Any, run_dir: RunDir | str | None, recipe: str, algorithm:
     return run
 
 
-def evaluate_agent(run_dir: RunDir | str, config_class: type) -> dict[str, Any]:
+def evaluate_agent(run_dir: RunDir | str, config_class: type, device: str = "auto") -> dict[str, Any]:
     """A recipe's `evaluate`: the saved policy on the run's own evaluation episodes."""
-    config = config_class(**RunDir.open(run_dir).config_values())
-    return evaluate_saved(run_dir, config.env_id, config.eval_episodes, config.max_episode_steps)
+    config: Any = RunDir.open(run_dir).load_config(config_class)
+    return evaluate_saved(run_dir, config.env_id, config.eval_episodes, config.max_episode_steps, device)

@@ -282,12 +282,12 @@ def finish_run(
     return results
 
 
-def evaluate_run(run_dir: RunDir | str) -> dict[str, Any]:
+def evaluate_run(run_dir: RunDir | str, device: str = "auto") -> dict[str, Any]:
     """Reload a finished translator run (either recipe) and measure BLEU/chrF again on its test split (rebuilt
     from the run's data settings; for gettext, the catalogs now installed: compare with manifest.json)."""
     run = RunDir.open(run_dir)
     values = run.config_values()
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=device)
     data = load_pairs(values["data"], values["seed"])
     pairs = test_pairs(data, values["eval_sentences"])
     results = evaluate_translations(loaded.model, loaded.tokenizer, pairs, values["beam_width"],

@@ -26,6 +26,7 @@ import torchbook
 from torchbook.data.image_transforms import cutmix, mixup, random_crop, random_flip
 from torchbook.data.images import IMAGE_DATASETS, ImageData
 from torchbook.data.splits import split_indices
+from torchbook.devices import device_of
 from torchbook.errors import UserInputError, unknown
 from torchbook.runs import RunDir
 from torchbook.train.trainer import Step, StepFn, Trainer
@@ -184,7 +185,8 @@ def train_same_time(model: nn.Module, config: Any, splits: ImageSplits, seconds:
 def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 512) -> float:
     """Top-1 accuracy of `model` (eval mode) on an (images, labels) dataset."""
     x, y = dataset.tensors
-    predictions = torch.cat([model(chunk).argmax(1) for chunk in x.split(batch_size)])
+    device = device_of(model)
+    predictions = torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in x.split(batch_size)])
     return float((predictions == y).float().mean())
 
 
@@ -223,11 +225,11 @@ def ablation(config: Any, build: Callable[[Any], nn.Module], splits: ImageSplits
     return rows
 
 
-def evaluate_image_run(run_dir: Any, config_class: type) -> dict[str, Any]:
+def evaluate_image_run(run_dir: Any, config_class: type, device: str = "auto") -> dict[str, Any]:
     """Reload a finished image run's model (`torchbook.load`) and measure it again on the run's test split (the
     config's `data`, `seed` and limits)."""
     run = RunDir.open(run_dir)
     config: Any = run.load_config(config_class)
-    model = torchbook.load(run.path).model
+    model = torchbook.load(run.path, map_location=device).model
     splits = image_splits(config.data, config.seed, config.limit, config.val_limit, config.test_limit)
     return {"test_accuracy": accuracy(model, splits.test), "test_images": len(splits.test)}
