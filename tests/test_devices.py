@@ -7,10 +7,9 @@ fails beside a model on a GPU. The model and its inputs are made before, on the 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import inspect
 
 import numpy as np
 import pytest

@@ -133,10 +133,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from torchbook.devices import check_device
     from torchbook.recipes import get_recipe
     from torchbook.runs import RunDir
-
-    from torchbook.devices import check_device
 
     check_device(args.device)
     run = RunDir.open(args.run_dir)

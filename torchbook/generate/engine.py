@@ -1,6 +1,7 @@
 """The fixed-batch decoding loop (book chapters 14-15, 17): the RNNs, the encoder-decoder translators and beam
-search decode through here. Text generation with a decoder-only GPT (`generate_text`, `torchbook generate`, the
-server) runs on `serving.Engine` instead: requests join and leave a batch of slots at every step.
+search decode through here. Generation with a decoder-only GPT (`generate_text`, `torchbook generate`, the
+server, the recipes' samples) runs on `serving.Engine` instead: requests join and leave a batch of slots at every
+step; `generate_tokens` keeps the fixed-batch path as the reference the cache parity tests compare against.
 
 The protocol a model implements (encoder-decoder RNN and Transformer, decoder-only GPT/Llama):
 

@@ -18,6 +18,7 @@ from torchbook.data.sources import SHAKESPEARE, SHAKESPEARE_SOURCE, load_shakesp
 from torchbook.data.tokenizers import char_ids
 from torchbook.errors import UserInputError
 from torchbook.generate import Sampler, SamplingConfig, decode
+from torchbook.generate.serving import Engine, Request
 from torchbook.report import Report
 from torchbook.runs import RunDir
 from torchbook.train.config import TrainConfig
@@ -171,15 +172,27 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
 def sample(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float,
            seed: int | None = None, top_k: int = 0, top_p: float = 1.0) -> str:
     """The prompt and its continuation, sampled through the one decoding engine (chapter 14: temperature near 0
-    picks the likeliest character, 1 samples the model's distribution, higher flattens it)."""
+    picks the likeliest character, 1 samples the model's distribution, higher flattens it). A decoder-only
+    transformer runs on the serving engine (`generate.serving.Engine`) as every other GPT generation does; a
+    recurrent model, which keeps a hidden state instead of cached positions, on `decode`."""
     model.eval()
-    first = torch.tensor([prompt_ids(tokenizer, prompt)], device=next(model.parameters()).device)
+    ids = prompt_ids(tokenizer, prompt)
     max_len = getattr(model.config, "max_len", None)  # a transformer's positions end at max_len
     if max_len is not None:
-        max_new_tokens = min(max_new_tokens, max_len - first.size(1))
-    sampler = Sampler(SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed), device=first.device)
-    out = decode(model, model.start_decoding(1), first, max_new_tokens, choose=sampler)
-    return prompt + str(tokenizer.decode(out.tokens[0].tolist()))
+        max_new_tokens = min(max_new_tokens, max_len - len(ids))
+    config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if max_new_tokens < 1:  # the prompt fills the model's context
+        return prompt
+    if getattr(model, "supports_slots", False):
+        engine = Engine(model, slots=1, max_len=len(ids) + max_new_tokens, prefix_cache=False)
+        handle = engine.submit(Request(ids, max_tokens=max_new_tokens, sampling=config, end_ids=()))
+        engine.run()
+        tokens = handle.result().choices[0].tokens
+    else:
+        first = torch.tensor([ids], device=next(model.parameters()).device)
+        out = decode(model, model.start_decoding(1), first, max_new_tokens, choose=Sampler(config, device=first.device))
+        tokens = out.tokens[0].tolist()
+    return prompt + str(tokenizer.decode(tokens))
 
 
 def samples(model: Any, tokenizer: Any, config: TextLMConfig, max_new_tokens: int) -> list[tuple[float, str]]:
