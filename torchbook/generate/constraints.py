@@ -35,10 +35,14 @@ import torch
 from torch import Tensor
 
 from torchbook.errors import UserInputError
+from torchbook.generate.tool_calls import STYLES, Tool, tools_from_openai
 
 log = logging.getLogger(__name__)
 
-KINDS = ("json_schema", "json", "regex", "choices", "grammar")
+KINDS = ("json_schema", "json", "regex", "choices", "grammar", "tool_calls")
+# At most one space between JSON tokens: llguidance's default allows any run of whitespace, in which small models
+# loop ("{\r\r\r..." until max_tokens). A schema's own "x-guidance" options override it.
+JSON_OPTIONS = {"whitespace_pattern": "[ ]?"}
 # Characters any JSON output needs; a vocabulary that cannot write one of them cannot follow a JSON constraint.
 JSON_CHARACTERS = '{}[]":,0123456789.-truefalsn'
 
@@ -73,9 +77,25 @@ class Constraint:
     def grammar(cls, text: str) -> Constraint:
         return cls("grammar", text)
 
+    @classmethod
+    def tool_calls(cls, tools: Sequence[dict[str, Any] | Tool], style: str = "hermes",
+                   name: str | None = None) -> Constraint:
+        """One or more calls of the declared tools (OpenAI's `tool_choice: "required"`), or exactly one call of
+        the tool `name` (a named function), in the model family's format (`tool_calls.STYLES`), each call's
+        arguments valid under its tool's parameters schema. Parse the output with `tool_calls.parse_tool_calls`."""
+        parsed = tools_from_openai(tools)
+        if not parsed:
+            raise UserInputError("a tool call is required but no tools are declared", param="tools")
+        if style not in STYLES:
+            raise UserInputError(f"unknown tool-call style {style!r}; accepted: {', '.join(STYLES)}", param="style")
+        if name is not None and name not in {t.name for t in parsed}:
+            raise UserInputError(f"tool_choice names {name!r}, which is not among the declared tools",
+                                 param="tool_choice")
+        return cls("tool_calls", (tuple(json.dumps(t.to_openai(), sort_keys=True) for t in parsed), style, name))
+
     def describe(self) -> str:
         return {"json_schema": "the JSON schema", "json": "JSON", "regex": "the regular expression",
-                "choices": "the choices", "grammar": "the grammar"}.get(self.kind, self.kind)
+                "choices": "the choices", "grammar": "the grammar", "tool_calls": "the tools' schemas"}.get(self.kind, self.kind)
 
 
 def json_schema_of(value: dict[str, Any] | str) -> dict[str, Any]:
@@ -112,9 +132,10 @@ def grammar_text(constraint: Constraint) -> str:
     if kind == "json_schema":
         schema = json_schema_of(value)
         check_json_schema(schema)
-        return str(LLMatcher.grammar_from_json_schema(schema))
+        return str(LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS))
     if kind == "json":
-        return str(LLMatcher.grammar_from_json_schema({"type": "object"} if value == "object" else {}))
+        return str(LLMatcher.grammar_from_json_schema({"type": "object"} if value == "object" else {},
+                                                      defaults=JSON_OPTIONS))
     if kind == "regex":
         if not isinstance(value, str) or not value:
             raise UserInputError("the regular expression is empty", param="regex")
@@ -124,11 +145,39 @@ def grammar_text(constraint: Constraint) -> str:
         if not options or any(not o for o in options):
             raise UserInputError("give at least one choice, none of them empty", param="choices")
         return str(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in options) + "\n"))
+    if kind == "tool_calls":
+        return str(LLMatcher.grammar_from_lark(tool_call_grammar(*value)))
     if kind == "grammar":
         if not isinstance(value, str) or not value.strip():
             raise UserInputError("the grammar is empty", param="grammar")
         return str(LLMatcher.grammar_from_lark(gbnf_to_lark(value) if "::=" in value else value))
     raise UserInputError(f"unknown constraint kind {kind!r}; accepted: {', '.join(KINDS)}", param="constraint")
+
+
+def tool_call_grammar(tools: Sequence[str], style: str, name: str | None) -> str:
+    """The Lark grammar of tool calls (`Constraint.tool_calls`; `tools` as JSON texts): each call's arguments an
+    embedded JSON schema (`%json`), the format the family's template teaches: Hermes/Qwen `<tool_call>` blocks
+    (one per line), Llama 3 `{"name", "parameters"}` objects joined by "; ", Mistral `[TOOL_CALLS]` and a JSON
+    list (written as text: a Mistral vocabulary's special token is not used)."""
+    parsed = [Tool.from_openai(json.loads(t)) for t in tools]
+    chosen = [t for t in parsed if name is None or t.name == name]
+    key = "parameters" if style == "llama3" else "arguments"
+    rules = []
+    for i, tool in enumerate(chosen):
+        check_json_schema(tool.parameters)
+        schema = {**tool.parameters, "x-guidance": {**JSON_OPTIONS, **tool.parameters.get("x-guidance", {})}}
+        head = json.dumps(f'{{"name": {json.dumps(tool.name)}, "{key}": ')
+        rules.append(f"call{i}: {head} args{i} \"}}\"\nargs{i}: %json {json.dumps(schema)}")
+    body = "body: " + " | ".join(f"call{i}" for i in range(len(chosen)))
+    many = name is None
+    if style == "hermes":
+        start = 'start: block ("\\n" block)*' if many else "start: block"
+        top = f'{start}\nblock: "<tool_call>\\n" body "\\n</tool_call>"'
+    elif style == "llama3":
+        top = 'start: body ("; " body)*' if many else "start: body"
+    else:
+        top = 'start: "[TOOL_CALLS][" body (", " body)* "]"' if many else 'start: "[TOOL_CALLS][" body "]"'
+    return "\n".join([top, body, *rules]) + "\n"
 
 
 def gbnf_to_lark(text: str) -> str:
@@ -141,7 +190,7 @@ def gbnf_to_lark(text: str) -> str:
         raise UserInputError(f"the GBNF grammar does not parse: {e}", param="grammar") from None
 
 
-_PARAMS = {"json_schema": "json_schema", "json": "response_format", "regex": "regex", "choices": "choices",
+_PARAMS = {"tool_calls": "tools", "json_schema": "json_schema", "json": "response_format", "regex": "regex", "choices": "choices",
            "grammar": "grammar"}
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[(.*?)\]")
 
@@ -172,7 +221,7 @@ _LOCK = threading.Lock()
 def ll_tokenizer(tokenizer: Any, end_ids: Sequence[int], vocab_size: int | None = None) -> Any:
     """llguidance's view of a Hugging Face `tokenizers.Tokenizer` (built once per tokenizer, about a second for a
     49k vocabulary; cached). `end_ids` are the tokens allowed once the output is complete."""
-    from llguidance import LLTokenizer  # an optional dependency (the structured extra)
+    from llguidance import LLTokenizer, TokenizerWrapper  # an optional dependency (the structured extra)
 
     if not hasattr(tokenizer, "to_str"):
         raise UserInputError(f"constrained decoding needs a Hugging Face tokenizers vocabulary, not a "
@@ -187,11 +236,30 @@ def ll_tokenizer(tokenizer: Any, end_ids: Sequence[int], vocab_size: int | None 
     eos = list(ends) if ends else [size]
     try:
         built = LLTokenizer(tokenizer.to_str(), n_vocab=size if ends else size + 1, eos_token=eos)
-    except Exception as e:  # llguidance reads only some tokenizer.json layouts
-        raise UserInputError(f"constrained decoding cannot read this model's vocabulary: {e}", param="model") from None
+    except Exception as e:  # llguidance reads byte-level and byte-fallback tokenizer.json files, not every layout
+        log.info("llguidance cannot read the tokenizer (%s): its tokens as decoded text instead", e)
+        n = size if ends else size + 1
+        built = LLTokenizer(TokenizerWrapper(_DecodedVocabulary(tokenizer, n, eos[0])), n_vocab=n, eos_token=eos)
     with _LOCK:
         _TOKENIZERS[key] = (tokenizer, built)  # the tokenizer is kept so that its id stays its own
     return built
+
+
+class _DecodedVocabulary:
+    """A vocabulary llguidance cannot read from tokenizer.json (a character-level one: char-rnn's) given to it as
+    each token's decoded text, the interface `llguidance.TokenizerWrapper` wraps."""
+
+    def __init__(self, tokenizer: Any, size: int, eos: int):
+        self.tokenizer = tokenizer
+        self.eos_token_id, self.bos_token_id = eos, None
+        self.tokens = [tokenizer.decode([i]).encode() if i < tokenizer.get_vocab_size() else b""
+                       for i in range(size)]
+        self.special_token_ids: list[int] = []
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode(errors="replace")
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def check_vocabulary(tokenizer: Any, constraint: Constraint) -> None:
