@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 KINDS = ("json_schema", "json", "regex", "choices", "grammar", "tool_calls")
 # At most one space between JSON tokens: llguidance's default allows any run of whitespace, in which small models
 # loop ("{\r\r\r..." until max_tokens). A schema's own "x-guidance" options override it.
-JSON_OPTIONS = {"whitespace_pattern": "[ ]?"}
+JSON_OPTIONS: Any = {"whitespace_pattern": "[ ]?"}  # llguidance.JsonCompileOptions
 # Characters any JSON output needs; a vocabulary that cannot write one of them cannot follow a JSON constraint.
 JSON_CHARACTERS = '{}[]":,0123456789.-truefalsn'
 
