@@ -208,6 +208,28 @@ def test_a_character_vocabulary_that_cannot_write_json_is_a_clear_error():
         constraint_processor(Constraint.choices(["42"]), shakespeare, [])
 
 
+def test_cli_flags_fail_before_the_model_loads(tmp_path, capsys):
+    from torchbook.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    grammar = tmp_path / "g.lark"
+    grammar.write_text("start: ( oops")
+    cases = [(["--json-schema", str(bad)], "--json-schema: the JSON schema uses the unsupported keyword uniqueItems"),
+             (["--json-schema", str(tmp_path / "none.json")], "--json-schema: .*none.json is not a file"),
+             (["--regex", "(?<=a)b"], "--regex: the regular expression cannot be used.*look-around"),
+             (["--grammar", str(grammar)], "--grammar: the grammar cannot be used"),
+             (["--choices", "a,,b"], "empty choice"),
+             (["--json", "--regex", "a"], None)]
+    for flags, words in cases:
+        if words is None:  # two constraints at once: argparse refuses
+            with pytest.raises(SystemExit):
+                main(["generate", *flags, "--chat", "hi"])
+            continue
+        assert main(["generate", *flags, "--chat", "hi"]) == 2
+        assert re.search(words, capsys.readouterr().err), words
+
+
 # -- on the serving engine ----------------------------------------------------------------------------------------
 def tiny_gpt(vocab: int) -> GPT:
     torch.manual_seed(0)

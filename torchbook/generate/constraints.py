@@ -208,7 +208,8 @@ def explain(error: str, constraint: Constraint) -> str:
     if "regex parse error" in error:
         detail = [line.strip() for line in error.splitlines() if line.strip().startswith("error:")]
         reason = detail[0][len("error:"):].strip() if detail else first
-        return f"{constraint.describe()} holds a regular expression llguidance cannot use: {reason}"
+        where = "the regular expression" if constraint.kind == "regex" else f"a pattern in {constraint.describe()}"
+        return f"{where} cannot be used for constrained decoding: {reason}"
     return f"{constraint.describe()} cannot be used for constrained decoding: {' '.join(error.split())}"
 
 
@@ -338,6 +339,19 @@ class ConstraintProcessor:
         """Nothing can follow the generated tokens but an end token: the choice is over."""
         self._follow(generated)
         return self.error is None and bool(self.matcher.is_stopped())
+
+
+def check_constraint(constraint: Constraint) -> str:
+    """The constraint's grammar, checked without a vocabulary (before a model loads): an invalid or unsupported
+    schema, a bad regular expression or grammar is a `UserInputError` naming the problem."""
+    from llguidance import LLMatcher  # an optional dependency (the structured extra)
+
+    text = grammar_text(constraint)
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(text, None)
+    if is_error:
+        raise UserInputError(explain(messages[0] if messages else "", constraint),
+                             param=_PARAMS.get(constraint.kind, "constraint"))
+    return text
 
 
 def constraint_processor(constraint: Constraint, tokenizer: Any, end_ids: Sequence[int] = (),
