@@ -77,9 +77,10 @@ def validator(schema: dict) -> jsonschema.protocols.Validator:
 
 # -- random walks through a constraint (no model: random logits, the processor, the engine's choice rule) --------
 def walk(processor: ConstraintProcessor, tokenizer: Tokenizer, ends: list[int], generator: torch.Generator,
-         max_tokens: int = 64) -> tuple[str, str]:
+         max_tokens: int = 64, start: str = "") -> tuple[str, str]:
     """Random logits, pushed towards closing characters so that outputs end, through the processor; the text and
-    the finish reason the engine would give ("stop": an end token or a closed constraint; "length")."""
+    the finish reason the engine would give ("stop": an end token or a closed constraint; "length"). `start`: text
+    the output begins with (its tokens taken as if sampled)."""
     processor = processor.fork()
     vocab = tokenizer.get_vocab_size()
     prefer = torch.zeros(vocab)
@@ -87,7 +88,7 @@ def walk(processor: ConstraintProcessor, tokenizer: Tokenizer, ends: list[int], 
         if any(c in token for c in '"]}') or i in ends:
             prefer[i] = 3.0
     prompt = [ends[0]]
-    generated: list[int] = []
+    generated: list[int] = tokenizer.encode(start).ids if start else []
     while len(generated) < max_tokens:
         logits = torch.randn(1, vocab, generator=generator) * 2 + prefer
         scores = processor(logits, torch.tensor([prompt + generated]), len(prompt))
@@ -333,6 +334,31 @@ def test_required_tool_calls_parse_and_validate_under_their_tools_schemas(style)
         constraint_processor(Constraint.tool_calls([{"function": {"name": "f", "parameters": {
             "type": "array", "uniqueItems": True}}}], style), tokenizer, ends)
     assert error.value.param == "tools"
+
+
+@pytest.mark.parametrize("style", ["hermes", "llama3", "mistral"])
+def test_auto_tool_choice_is_free_text_or_calls_under_their_schemas(style):
+    tokenizer, ends = VOCABULARIES["gpt2"]
+    generator = torch.Generator().manual_seed(2)
+    processor = constraint_processor(Constraint.tool_calls([WEATHER, TIME], style, required=False), tokenizer, ends)
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+    prefix = {"hermes": "Let me check. <tool_call>\n", "llama3": '{"name": "get_',
+              "mistral": "Sure.[TOOL_CALLS]["}[style]
+    marker = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": '{"name"'}[style]
+    assert processor.fork().complete([])  # an empty reply is text
+    free, called = 0, 0
+    for start in ("", prefix):  # free walks, and walks that open a call: it must then be a valid one
+        for _ in range(6):
+            text, reason = walk(processor, tokenizer, ends, generator, max_tokens=100, start=start)
+            if reason != "stop":
+                continue
+            content, calls = parse_tool_calls(text, style, tools=[WEATHER, TIME])
+            for call in calls:
+                validator(schemas[call.name]).validate(call.arguments)
+            assert calls or marker not in text, text  # a marker always begins a valid call
+            free += not start
+            called += bool(start) and bool(calls)
+    assert free >= 3 and called >= 3, (free, called)
 
 
 # -- SmolLM2 --------------------------------------------------------------------------------------------------
