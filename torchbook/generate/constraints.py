@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -236,7 +237,8 @@ def explain(error: str, constraint: Constraint) -> str:
 
 # -- vocabularies ------------------------------------------------------------------------------------------------
 _TOKENIZERS: dict[tuple[int, int, tuple[int, ...]], tuple[Any, Any]] = {}
-_MATCHERS: dict[tuple[int, str], Any] = {}
+_MATCHERS: OrderedDict[tuple[int, str], Any] = OrderedDict()  # the most recently used compiled grammars
+CACHED_GRAMMARS = 64
 _LOCK = threading.Lock()
 
 
@@ -389,6 +391,8 @@ def constraint_processor(constraint: Constraint, tokenizer: Any, end_ids: Sequen
     key = (id(ll), text)
     with _LOCK:
         matcher = _MATCHERS.get(key)
+        if matcher is not None:
+            _MATCHERS.move_to_end(key)
     if matcher is None:
         is_error, messages = LLMatcher.validate_grammar_with_warnings(text, ll)
         if is_error:
@@ -399,6 +403,8 @@ def constraint_processor(constraint: Constraint, tokenizer: Any, end_ids: Sequen
             raise UserInputError(explain(matcher.get_error(), constraint), param=_PARAMS.get(constraint.kind))
         with _LOCK:
             _MATCHERS[key] = matcher
+            while len(_MATCHERS) > CACHED_GRAMMARS:
+                _MATCHERS.popitem(last=False)
     processor = ConstraintProcessor(matcher, end_ids, constraint, vocab_size or ll.vocab_size)
     if not bool(processor.allowed().any()):
         raise UserInputError(f"this model's vocabulary cannot write the start of any output {constraint.describe()} "
