@@ -258,7 +258,8 @@ def test_failures_are_reported_and_the_conversation_goes_on(scripted: Callable[.
                    side_effects=True))
     model = scripted(script)
     events, on_event = collect()
-    reply = Orchestrator(model, tools, mode="model", confirm=lambda tool, args: False).respond(
+    reply = Orchestrator(model, tools, mode="model", confirm=lambda tool, args: False,
+                         constrain=False).respond(
         [{"role": "user", "content": "do it"}], on_event)
     assert reply.text.startswith("Sorry: error:") and message in reply.text
     assert any(e.kind == "error" and message in e.text for e in events) and not deleted

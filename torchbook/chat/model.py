@@ -14,6 +14,7 @@ as those characters, never as a new system message (tests/test_chat_orchestrator
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -92,6 +93,7 @@ class ChatModel:
         self.markers = sorted({t.content for t in added.values() if len(t.content) > 1} | set(TOOL_MARKERS),
                               key=len, reverse=True)
         self._lock = threading.Lock()
+        self._constraints: dict[str, LogitsProcessor] = {}
 
     @classmethod
     def load(cls, path: str | Path | None = None, quantize: str | None = None, device: str = "cpu",
@@ -155,6 +157,23 @@ class ChatModel:
         choice = result.choices[0]
         return Generation(choice.text, choice.finish_reason, result.usage.prompt_tokens,
                           result.usage.completion_tokens, result.usage.cached_tokens)
+
+    def tool_processors(self, tools: Sequence[dict[str, Any]]) -> list[LogitsProcessor]:
+        """Logits processors that let the model write free text, or calls of `tools` in its family's format
+        with arguments valid under each tool's schema (`generate.constraints`, OpenAI's `tool_choice: "auto"`)."""
+        from torchbook.generate.constraints import Constraint, constraint_processor
+
+        if not tools:
+            return []
+        key = json.dumps(list(tools), sort_keys=True)
+        with self._lock:
+            processor = self._constraints.get(key)
+            if processor is None:
+                processor = constraint_processor(Constraint.tool_calls(list(tools), self.style, required=False),
+                                                 self.tokenizer, self.meta.get("end_token_ids") or (),
+                                                 self.engine.vocab)
+                self._constraints = {key: processor}  # the tool set rarely changes: keep the last one
+        return [processor]
 
     def close(self) -> None:
         self.engine.shutdown(drain=False)
