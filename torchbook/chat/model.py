@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from torchbook.errors import CheckpointError, UserInputError
+from torchbook.generate.constraints import Constraint, constraint_processor
 from torchbook.generate.sampling import LogitsProcessor, SamplingConfig
 from torchbook.generate.serving import Engine, Request
 from torchbook.generate.tool_calls import render_tools, template_has_tools, tool_style
@@ -161,8 +162,6 @@ class ChatModel:
     def tool_processors(self, tools: Sequence[dict[str, Any]]) -> list[LogitsProcessor]:
         """Logits processors that let the model write free text, or calls of `tools` in its family's format
         with arguments valid under each tool's schema (`generate.constraints`, OpenAI's `tool_choice: "auto"`)."""
-        from torchbook.generate.constraints import Constraint, constraint_processor
-
         if not tools:
             return []
         key = json.dumps(list(tools), sort_keys=True)
