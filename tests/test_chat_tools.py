@@ -117,7 +117,9 @@ def test_finds_the_expression_in_a_question() -> None:
     assert find_expression("What is 525.6 * 315 / 3942?") == "525.6 * 315 / 3942"
     assert find_expression("compute (2 + 3) ^ 2 please") == "(2 + 3) ^ 2"
     assert find_expression("I was born in 1990 and have 2 cats") is None
-    assert find_expression("the 3-4 split") is not None  # a hyphenated range reads as arithmetic: 3 - 4
+    for not_arithmetic in ("the 3-4 split", "on 2024-01-15", "call 555-1234", "born 12/05/2023", "version 1.2.3"):
+        assert find_expression(not_arithmetic) is None, not_arithmetic
+    assert find_expression("what is 10/4?") == "10/4" and find_expression("and 7 - 3?") == "7 - 3"
     assert find_expression("what's sqrt(2)?") == "sqrt(2)"
 
 

@@ -354,13 +354,19 @@ _OPERAND = rf"(?:[-+(\s]*(?:{_NUM}|pi|sqrt\s*\(|[(])[)\s!]*)"
 EXPRESSION_IN_TEXT = re.compile(rf"{_OPERAND}(?:\s*(?:\*\*|//|[-+*/%^×÷−])\s*{_OPERAND})+|sqrt\s*\(\s*{_NUM}\s*\)")
 
 
+# Numbers joined only by unspaced hyphens (ranges, dates, phone numbers: 3-4, 2024-01-15, 555-1234) or three or
+# more joined by unspaced slashes or dots (12/05/2023, 1.2.3) are not arithmetic.
+NOT_ARITHMETIC = re.compile(r"^\d+(?:-\d+)+$|^\d+(?:[/.]\d+){2,}$")
+
+
 def find_expression(text: str) -> str | None:
-    """The longest arithmetic expression in `text` that the calculator can compute, or None."""
+    """The longest arithmetic expression in `text` that the calculator can compute, or None (the rule the
+    orchestrator uses to send a message to the calculator; see `NOT_ARITHMETIC` for what is left alone)."""
     best: str | None = None
     for match in EXPRESSION_IN_TEXT.finditer(text):
         candidate = match.group(0).strip()
-        # Balance parentheses the regular expression could not see
-        candidate = candidate.strip()
+        if NOT_ARITHMETIC.match(candidate):
+            continue
         while candidate.count("(") > candidate.count(")") and candidate.startswith("("):
             candidate = candidate[1:].strip()
         while candidate.count(")") > candidate.count("(") and candidate.endswith(")"):
