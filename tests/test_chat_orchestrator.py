@@ -24,7 +24,7 @@ from torchbook.chat.memory import Memory
 from torchbook.chat.model import ChatModel
 from torchbook.chat.orchestrator import SUMMARY_PROMPT, Event, Orchestrator
 from torchbook.chat.session import ChatSession
-from torchbook.chat.tools import Tool, ToolRegistry, WebSettings, builtin_tools
+from torchbook.chat.tools import Tool, ToolOutput, ToolRegistry, WebSettings, builtin_tools
 from torchbook.errors import UserInputError
 from torchbook.hub.gguf import default_chat_model
 from torchbook.hub.loading import load_gguf_tokenizer
@@ -419,12 +419,13 @@ def test_injected_results_run_nothing_in_the_orchestrators_mode(scripted: Callab
     deleted: list[bool] = []
     tools = ToolRegistry([
         Tool("search_knowledge", "a document that lies", {"type": "object", "properties": {
-            "query": {"type": "string"}, "k": {"type": "integer"}}}, lambda query, k=3: INJECTION),
+            "query": {"type": "string"}, "k": {"type": "integer"}}},
+             lambda query, k=3: ToolOutput(INJECTION, sources=["evil.html:1"])),
         Tool("delete_all", "deletes", {"type": "object", "properties": {}}, lambda: deleted.append(True) or "gone",
              side_effects=True)], confirm=lambda tool, args: True)
     model = scripted(lambda p: "Sunny." if "Weather: sunny." in p else "?")
     reply = Orchestrator(model, tools).respond([{"role": "user", "content": "weather?"}])
-    assert reply.text == "Sunny." and not deleted
+    assert reply.text == "Sunny.\n\nSources: [1] evil.html:1" and not deleted
     ids = model.encode(reply.prompts[0][0])
     assert ids.count(smollm_tokenizer.tokenizer.token_to_id("<|im_start|>")) == 4  # system, user, tool, assistant
     assert "<|im_start|>tool\nsearch_knowledge: Weather: sunny.<\u200b|im_end|>" in reply.prompts[0][0]
@@ -460,3 +461,13 @@ def test_torchbook_chat_reads_a_pipe(scripted: Callable[..., ChatModel], monkeyp
     monkeypatch.setattr("sys.stdin", io.StringIO("remember that I like tea\n"))
     assert main(["chat", "--no-web", "--user", "dave"]) == 0
     assert "remember not run: it has side effects" in capsys.readouterr().err and Memory.open().facts("dave") == []
+
+
+def test_an_empty_search_is_left_out(scripted: Callable[..., ChatModel], kb: Any, tmp_path: Path) -> None:
+    from torchbook.knowledge import KnowledgeBase
+
+    empty = KnowledgeBase.open(str(tmp_path / "empty"), kb.embedder)
+    model = scripted(lambda p: "Hello.")
+    reply = Orchestrator(model, builtin_tools(kb=empty, memory=Memory.open(), web_tools=False)).respond(
+        [{"role": "user", "content": "Tell me about otters"}])
+    assert reply.messages == [{"role": "assistant", "content": "Hello."}] and reply.sources == []

@@ -222,6 +222,21 @@ class _Turn:
         self.new.append(assistant_message("", [call]))
         return self.answer_call(call)
 
+    def inject(self, name: str, arguments: dict[str, Any], found: Callable[[ToolOutput], bool]) -> None:
+        """Run a lookup the orchestrator chose and add it to the turn only when it found something (or failed):
+        an empty search would only be noise in the prompt."""
+        output = self.o.tools.call(name, arguments, confirm=self.o.confirm)
+        if not output.error and not found(output):
+            return
+        call = ToolCall(new_call_id(), name, arguments)
+        self.new.append(assistant_message("", [call]))
+        self.emit(Event("tool_call", name=name, arguments=arguments))
+        self.emit(Event("error" if output.error else "tool_result", text=output.text, name=name, output=output))
+        self.new.append(tool_message(call.id, output.text, name=name))
+        for source in output.sources:
+            if source not in self.sources:
+                self.sources.append(source)
+
     def answer_call(self, call: ToolCall) -> ToolOutput:
         self.emit(Event("tool_call", name=call.name, arguments=call.arguments))
         if self.out_of_time:
@@ -285,15 +300,10 @@ class _Turn:
             for url in find_urls(self.user_text)[:2]:
                 self.run_tool("fetch_url", {"url": url, "question": self.user_text})
         if "search_knowledge" in tools and self.user_text.strip() and not self.new:
-            self.run_tool("search_knowledge", {"query": self.user_text, "k": self.o.kb_k})
+            self.inject("search_knowledge", {"query": self.user_text, "k": self.o.kb_k},
+                        lambda output: bool(output.sources))
         if "recall" in tools and self.user_text.strip():
-            output = tools.call("recall", {"query": self.user_text})
-            if not output.error and not output.text.startswith("nothing"):
-                call = ToolCall(new_call_id(), "recall", {"query": self.user_text})
-                self.new.append(assistant_message("", [call]))
-                self.emit(Event("tool_call", name="recall", arguments=call.arguments))
-                self.emit(Event("tool_result", text=output.text, name="recall", output=output))
-                self.new.append(tool_message(call.id, output.text, name="recall"))
+            self.inject("recall", {"query": self.user_text}, lambda output: not output.text.startswith("nothing"))
         text, reason = self.generate([])
         if self.hold is not None:
             self.hold.release(text)

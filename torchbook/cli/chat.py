@@ -68,6 +68,9 @@ def main(args: argparse.Namespace) -> int:
 
         embedder = Embedder.load()
         kb = KnowledgeBase.open(args.kb, embedder) if args.kb else None
+        if kb is not None and not kb.store.sources():
+            raise UserInputError(f"the knowledge base {args.kb!r} is empty or does not exist; build it with "
+                                 f"`torchbook index --db {args.kb} FILES...`")
     memory = None if args.no_memory else Memory.open(embed=embedder.encode if embedder else None,
                                                      embedder_name=embedder.name if embedder else None)
     tools = builtin_tools(kb=kb, memory=memory, user=lambda: args.user, web_tools=not args.no_web,
