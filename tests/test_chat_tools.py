@@ -411,3 +411,31 @@ def test_web_search_through_a_configured_provider(server: str, monkeypatch: pyte
 def test_decimal_display_of_big_results() -> None:
     assert calculate("2^64").text == "18446744073709551616"
     assert Decimal(calculate("1/7").text).quantize(Decimal("1e-6")) == Decimal("0.142857")
+
+
+def test_two_connections_and_many_threads_share_the_database(tmp_path: Path) -> None:
+    """A terminal and a server (two connections to one file, WAL) and a server's threads write side by side."""
+    from torchbook.chat.conversations import Conversations
+
+    path = tmp_path / "chat.sqlite"
+    first, second = Conversations(Database(path)), Conversations(Database(path))
+    cid = first.create("alice")
+    errors: list[BaseException] = []
+
+    def write(store: Conversations, n: int) -> None:
+        try:
+            for i in range(20):
+                store.append(cid, [{"role": "user", "content": f"{n}-{i}"}, {"role": "assistant", "content": "ok"}])
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(store, n)) for n, store in enumerate([first, second] * 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    messages = second.messages(cid)
+    assert len(messages) == 160 and second.turns(cid) == 80
+    # each turn's two messages are together: a user message is always followed by its answer
+    assert all(messages[i]["role"] == "user" and messages[i + 1]["role"] == "assistant" for i in range(0, 160, 2))
