@@ -471,3 +471,20 @@ def test_an_empty_search_is_left_out(scripted: Callable[..., ChatModel], kb: Any
     reply = Orchestrator(model, builtin_tools(kb=empty, memory=Memory.open(), web_tools=False)).respond(
         [{"role": "user", "content": "Tell me about otters"}])
     assert reply.messages == [{"role": "assistant", "content": "Hello."}] and reply.sources == []
+
+
+def test_torchbook_chat_bad_input_is_one_line(scripted: Callable[..., ChatModel], monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from torchbook.cli import main
+
+    model = scripted(lambda p: "ok")
+    monkeypatch.setattr(ChatModel, "load", classmethod(lambda cls, *a, **k: model))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    for argv, message in [(["--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+                          (["--resume", "nope"], "unknown conversation 'nope'"),
+                          (["--kb", "missing"], "the knowledge base 'missing' is empty or does not exist")]:
+        assert main(["chat", "--no-web", "--no-memory", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
