@@ -332,8 +332,11 @@ def test_conversations_persist_resume_and_record_prompts(scripted: Callable[...,
     store = Conversations.open()
     assert store.db.path == isolated_home / "chat" / "chat.sqlite" and store.db.journal_mode() == "wal"
     session = ChatSession(Orchestrator(model), store, user="alice")
-    assert session.send("First question").text == "Reply 1."
-    assert session.send("Second question").text == "Reply 2."
+    first_reply = session.send("First question")
+    second_reply = session.send("Second question")
+    assert first_reply.text == "Reply 1." and second_reply.text == "Reply 2."
+    # the second turn's prompt starts with the first turn's: the engine reuses its cached keys and values
+    assert second_reply.cached_tokens >= first_reply.prompt_tokens - 1
     first = session.conversation
     session.command("/new")
     assert session.send("Another topic").text == "Reply 1." and session.conversation != first

@@ -105,6 +105,7 @@ class Reply:
     steps: int = 0  # model calls this turn
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values the engine reused (an earlier turn's prefix)
 
 
 class _Hold:
@@ -208,7 +209,7 @@ class _Turn:
         self.known_summary = known_summary
         self.dropped: int = 0
         self.summary: str | None = None
-        self.completion_tokens = self.prompt_tokens = 0
+        self.completion_tokens = self.prompt_tokens = self.cached_tokens = 0
         self.hold: _Hold | None = None
         self.user_text = str(messages[-1].get("content") or "")
 
@@ -270,6 +271,7 @@ class _Turn:
         self.prompts.append((prompt, int(generation.prompt_tokens)))
         self.prompt_tokens += int(generation.prompt_tokens)
         self.completion_tokens += int(generation.completion_tokens)
+        self.cached_tokens += int(getattr(generation, "cached_tokens", 0))
         self.hold = hold
         return str(generation.text), str(generation.finish_reason)
 
@@ -285,7 +287,7 @@ class _Turn:
             answer["sources"] = list(self.sources)
         self.new.append(answer)
         return Reply(shown, self.new, list(self.sources), self.prompts, finish_reason, self.dropped, self.summary,
-                     len(self.prompts), self.completion_tokens, self.prompt_tokens)
+                     len(self.prompts), self.completion_tokens, self.prompt_tokens, self.cached_tokens)
 
     # -- the orchestrator decides ------------------------------------------------------------------------------
     def orchestrator_decides(self) -> Reply:
