@@ -491,3 +491,11 @@ def test_torchbook_chat_bad_input_is_one_line(scripted: Callable[..., ChatModel]
         assert main(["chat", "--no-web", "--no-memory", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_too_many_tools_for_the_context_says_so(scripted: Callable[..., ChatModel]) -> None:
+    many = ToolRegistry([Tool(f"tool_{i}", "a tool with a long description " * 5, {"type": "object", "properties": {
+        "x": {"type": "string", "description": "an argument " * 5}}}, lambda x: x) for i in range(12)])
+    with pytest.raises(UserInputError, match="the descriptions of the 12 tools take"):
+        Orchestrator(scripted(lambda p: "ok", context=512), many, mode="model", max_tokens=64).respond(
+            [{"role": "user", "content": "hi"}])

@@ -90,5 +90,6 @@ def fit(messages: Sequence[dict[str, Any]], count: Callable[[Messages], int], bu
         kept_first += 1
     if count(with_summary(system, None) + current) <= budget:
         return Fitted(with_summary(system, None) + current, sum(len(g) for g in history), None)
-    raise UserInputError(f"the message is too long for the model's context ({count(system + current)} tokens with "
-                         f"the system prompt; at most {budget}): shorten it", param="message")
+    raise UserInputError(f"the message is too long for the model's context: with the system prompt it takes "
+                         f"{count(system + current)} tokens, and at most {budget} fit (the context less the "
+                         "answer's tokens)", param="message")

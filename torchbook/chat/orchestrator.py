@@ -258,8 +258,15 @@ class _Turn:
         model = self.o.model
         budget = model.context - self.o.max_tokens
         summarize = self.o.summarise if self.o.summarize else None
-        fitted = fit(self.history + self.new, lambda ms: model.count(ms, tools), budget, summarize,
-                     self.known_summary)
+        try:
+            fitted = fit(self.history + self.new, lambda ms: model.count(ms, tools), budget, summarize,
+                         self.known_summary)
+        except UserInputError as error:
+            if not tools:
+                raise
+            alone = model.count(self.history[:1], tools) - model.count(self.history[:1])
+            raise UserInputError(f"{error}; the descriptions of the {len(tools)} tools take {alone} of those tokens: "
+                                 "offer fewer tools or give the model a longer context", param="context") from None
         if fitted.dropped and (fitted.dropped, fitted.summary) != (self.dropped, self.summary):
             self.emit(Event("context", text=f"{fitted.dropped} earlier messages "
                             f"{'summarised' if fitted.summary else 'left out'} to fit the model's context"))
