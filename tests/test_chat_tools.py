@@ -439,3 +439,53 @@ def test_two_connections_and_many_threads_share_the_database(tmp_path: Path) -> 
     assert len(messages) == 160 and second.turns(cid) == 80
     # each turn's two messages are together: a user message is always followed by its answer
     assert all(messages[i]["role"] == "user" and messages[i + 1]["role"] == "assistant" for i in range(0, 160, 2))
+
+
+# A self-signed certificate for the name pinned.test (valid until 2126), made for this test with
+# openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 36500 -subj /CN=pinned.test
+#   -addext subjectAltName=DNS:pinned.test
+TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIBnDCCAUGgAwIBAgIUUsteftIdjDq+4oVKCJILpZsy0QUwCgYIKoZIzj0EAwIw
+FjEUMBIGA1UEAwwLcGlubmVkLnRlc3QwIBcNMjYxMjA0MTkwNzE1WhgPMjEyNjEx
+MTAxOTA3MTVaMBYxFDASBgNVBAMMC3Bpbm5lZC50ZXN0MFkwEwYHKoZIzj0CAQYI
+KoZIzj0DAQcDQgAExaBEZZLQQsoisZFh/ZMycPtvIA4IuYFNbaZT56Vk+jkjZyQw
+JFFrIalY0T9tI+6Uy7iAxU3HWaDIBwTj9qUWq6NrMGkwHQYDVR0OBBYEFBnVUw1l
+ilUMSdM6+ZEJ9JQYjETMMB8GA1UdIwQYMBaAFBnVUw1lilUMSdM6+ZEJ9JQYjETM
+MA8GA1UdEwEB/wQFMAMBAf8wFgYDVR0RBA8wDYILcGlubmVkLnRlc3QwCgYIKoZI
+zj0EAwIDSQAwRgIhAJlL3N0BsXA9W1KdYHizwhZaMjA/TmWOWVLa9tQWm8DCAiEA
+2/05Rr35bgGgHtfBqJHrAk6iy4iygFizCdjWJ//hZ48=
+-----END CERTIFICATE-----
+"""
+TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgtAuN2JSYA5iVfuJJ
+PwNMnq3/hicAfiz1M1j1KzGEIYahRANCAATFoERlktBCyiKxkWH9kzJw+28gDgi5
+gU1tplPnpWT6OSNnJDAkUWshqVjRP20j7pTLuIDFTcdZoMgHBOP2pRar
+-----END PRIVATE KEY-----
+"""
+
+
+def test_https_goes_to_the_checked_address_and_verifies_the_name(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl
+
+    (tmp_path / "cert.pem").write_text(TEST_CERT)
+    (tmp_path / "key.pem").write_text(TEST_KEY)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    httpd.socket = server_side.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    real_getaddrinfo = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: real_getaddrinfo(
+        "127.0.0.1" if host in ("pinned.test", "other.test") else host, *a, **k))
+    trusting = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    try:
+        with pytest.raises(ToolError, match="CERTIFICATE_VERIFY_FAILED"):  # the system does not trust it
+            web.fetch_page(f"https://pinned.test:{port}/otters", allow_private=True)
+        page = web.fetch_page(f"https://pinned.test:{port}/otters", allow_private=True, ssl_context=trusting)
+        assert "Sea otters hold hands" in page.text
+        with pytest.raises(ToolError, match="Hostname mismatch|doesn't match"):  # the name is still checked
+            web.fetch_page(f"https://other.test:{port}/otters", allow_private=True, ssl_context=trusting)
+    finally:
+        httpd.shutdown()

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,8 +99,10 @@ def _resolve(host: str, port: int, allow_private: bool) -> str:
 
 
 def fetch_page(url: str, *, allow_private: bool = False, max_bytes: int = MAX_BYTES, timeout: float = TIMEOUT_S,
-               max_redirects: int = MAX_REDIRECTS, accept: str = "text/html, text/plain, application/json") -> Page:
-    """GET `url` under the guards of the module docstring; a `ToolError` says why it failed or was refused."""
+               max_redirects: int = MAX_REDIRECTS, accept: str = "text/html, text/plain, application/json",
+               ssl_context: ssl.SSLContext | None = None) -> Page:
+    """GET `url` under the guards of the module docstring; a `ToolError` says why it failed or was refused.
+    `ssl_context`: the certificates https trusts (default: the system's)."""
     deadline = time.monotonic() + timeout
     redirects: list[str] = []
     for _ in range(max_redirects + 1):
@@ -118,8 +121,11 @@ def fetch_page(url: str, *, allow_private: bool = False, max_bytes: int = MAX_BY
         left = deadline - time.monotonic()
         if left <= 0:
             raise ToolError(f"fetching {url} took longer than {timeout:g} s")
-        connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = connection_class(parts.hostname, port, timeout=left)
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.hostname, port, timeout=left, context=ssl_context)
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, port, timeout=left)
 
         def pinned(addr: tuple[str, int], timeout: Any = None, source_address: Any = None,
                    _address: str = address, _port: int = port) -> socket.socket:
