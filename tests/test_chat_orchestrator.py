@@ -499,3 +499,34 @@ def test_too_many_tools_for_the_context_says_so(scripted: Callable[..., ChatMode
     with pytest.raises(UserInputError, match="the descriptions of the 12 tools take"):
         Orchestrator(scripted(lambda p: "ok", context=512), many, mode="model", max_tokens=64).respond(
             [{"role": "user", "content": "hi"}])
+
+
+class SearchProvider(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        import json
+
+        query = self.path.split("q=", 1)[1]
+        body = json.dumps({"results": [{"title": f"About {query}", "url": "https://example.org/kestrel",
+                                        "content": "Kestrels hover."}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_orchestrator_searches_the_web_when_asked(scripted: Callable[..., ChatModel]) -> None:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SearchProvider)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/search?q={{query}}"
+        model = scripted(lambda p: "They hover." if "Kestrels hover." in p else "?")
+        reply = Orchestrator(model, builtin_tools(web_settings=WebSettings(search_url=url))).respond(
+            [{"role": "user", "content": "Search the web for kestrel hunting"}])
+        assert reply.text == "They hover.\n\nSources: [1] https://example.org/kestrel"
+        assert reply.messages[0]["tool_calls"][0]["function"]["arguments"] == '{"query": "kestrel hunting"}'
+    finally:
+        httpd.shutdown()

@@ -58,6 +58,8 @@ DEFAULT_SYSTEM = ("You are a helpful assistant. Answer the user's question in a 
 SUMMARY_PROMPT = ("Summarise the conversation above in at most three sentences, keeping names, numbers and "
                   "decisions.")
 SUMMARY_TOKENS = 96
+SEARCH_THE_WEB = re.compile(r"^\s*(?:please\s+)?(?:search\s+the\s+web|web\s+search|search\s+online|look\s+up\s+online)"
+                            r"\s*(?:for|:)?\s+(.+?)\s*$", re.IGNORECASE | re.DOTALL)
 REMEMBER = re.compile(r"^\s*(?:please\s+)?remember\s+(?:that\s+)?(.+?)\s*$", re.IGNORECASE | re.DOTALL)
 CALL_STARTS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
 
@@ -308,6 +310,9 @@ class _Turn:
         if "fetch_url" in tools:
             for url in find_urls(self.user_text)[:2]:
                 self.run_tool("fetch_url", {"url": url, "question": self.user_text})
+        search = SEARCH_THE_WEB.match(self.user_text)
+        if search and "web_search" in tools:
+            self.run_tool("web_search", {"query": search.group(1)})
         if "search_knowledge" in tools and self.user_text.strip() and not self.new:
             self.inject("search_knowledge", {"query": self.user_text, "k": self.o.kb_k},
                         lambda output: bool(output.sources))
