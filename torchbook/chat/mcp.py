@@ -1,0 +1,562 @@
+"""The MCP host (chapter 15): torchbook's chatbot uses any Model Context Protocol server's tools.
+
+Chapter 15 gives the chatbot tools through the Model Context Protocol: a *host* (the chatbot) keeps one *client*
+connection per *server*; each server offers tools (functions the model may call, with a JSON schema), resources
+(documents read by URI) and prompts (message templates). This module is the host, built on the official `mcp` SDK
+(version 2): it connects to servers over stdio (a command started as a child process) or streamable HTTP (a URL),
+lists their tools, resources and prompts, calls tools and reads resources.
+
+Servers are configured by the JSON file other MCP hosts read (Claude Desktop, Cursor, VS Code)::
+
+    {"mcpServers": {"everything": {"command": "npx", "args": ["@modelcontextprotocol/server-everything"],
+                                   "env": {"KEY": "value"}},
+                    "remote": {"url": "http://127.0.0.1:8000/mcp"}}}
+
+A server that cannot start, dies, or stops answering within `call_timeout` is reported (`MCPHost.events`, and
+the log), its tools withdrawn, and the host goes on with the others: a tool call then comes back as an error the
+model can read, never an exception into the conversation. Tool names are offered as the server gives them, and
+as `server__tool` where two servers (or the host's own tools, `reserved`) share a name.
+
+The SDK is asynchronous; the host runs its connections on one event loop in a background thread and offers a
+plain blocking API, so the orchestrator, the terminal and the HTTP server call it alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import tempfile
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import httpx2
+import mcp_types as types
+from mcp import Client, MCPError, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+
+from torchbook.errors import UserInputError, unknown
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# Separator between a server's name and its tool's name when names clash: tool names the models' function-call
+# formats accept are [A-Za-z0-9_-], so no dot or slash.
+NAMESPACE_SEPARATOR = "__"
+TRANSPORT_TYPES = {"stdio": "stdio", "http": "http", "streamable-http": "http", "streamable_http": "http",
+                   "streamableHttp": "http"}
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One entry of an `mcpServers` configuration: a command to start (stdio) or a URL (streamable HTTP)."""
+
+    name: str
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    url: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def transport(self) -> str:
+        return "stdio" if self.command else "http"
+
+    def describe(self) -> str:
+        return " ".join([self.command or "", *self.args]).strip() if self.command else str(self.url)
+
+
+def parse_config(data: Any, source: str = "MCP configuration") -> list[ServerSpec]:
+    """The servers of an `{"mcpServers": {name: {command, args, env} | {url, headers}}}` document.
+
+    Also reads VS Code's `{"servers": ...}` spelling and an optional `"type"` (`stdio`, `http`); entries with
+    `"disabled": true` are skipped. Anything else malformed is a `UserInputError` naming the server at fault.
+    """
+    if not isinstance(data, Mapping):
+        raise UserInputError(f"{source}: expected a JSON object with \"mcpServers\", got {type(data).__name__}")
+    servers = data.get("mcpServers", data.get("servers"))
+    if not isinstance(servers, Mapping):
+        raise UserInputError(f"{source}: expected \"mcpServers\": {{name: {{command, args, env}} or {{url}}}}")
+    specs = []
+    for name, entry in servers.items():
+        where = f"{source}: server {name!r}"
+        if not isinstance(entry, Mapping):
+            raise UserInputError(f"{where}: expected an object with \"command\" or \"url\"")
+        if entry.get("disabled"):
+            continue
+        kind = entry.get("type")
+        if kind is not None and kind not in TRANSPORT_TYPES:
+            accepted = ", ".join(sorted(TRANSPORT_TYPES))
+            raise UserInputError(f"{where}: transport type {kind!r} is not supported (accepted: {accepted}; "
+                                 "the SSE transport is deprecated: use the server's streamable HTTP endpoint)")
+        command, url = entry.get("command"), entry.get("url")
+        if bool(command) == bool(url):
+            raise UserInputError(f"{where}: give exactly one of \"command\" (stdio) or \"url\" (streamable HTTP)")
+        args, env, headers = entry.get("args", []), entry.get("env", {}), entry.get("headers", {})
+        if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
+            raise UserInputError(f"{where}: \"args\" must be a list of strings")
+        for key, value in (("env", env), ("headers", headers)):
+            if not (isinstance(value, Mapping) and all(isinstance(v, str) for v in value.values())):
+                raise UserInputError(f"{where}: \"{key}\" must map names to strings")
+        if url is not None and not (isinstance(url, str) and re.match(r"https?://", url)):
+            raise UserInputError(f"{where}: \"url\" must be an http:// or https:// address, got {url!r}")
+        specs.append(ServerSpec(name=str(name), command=command, args=tuple(args), env=dict(env),
+                                cwd=entry.get("cwd"), url=url, headers=dict(headers)))
+    return specs
+
+
+def load_config(path: str | Path) -> list[ServerSpec]:
+    """`parse_config` of a JSON file (the `torchbook chat --mcp FILE` file)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"MCP configuration {path} does not exist", param="mcp") from None
+    except json.JSONDecodeError as e:
+        raise UserInputError(f"MCP configuration {path} is not valid JSON: {e}", param="mcp") from None
+    return parse_config(data, source=str(path))
+
+
+@dataclass(frozen=True)
+class RemoteTool:
+    """A tool one server offers, under the name the model sees (`name`) and the server's own (`remote_name`)."""
+
+    server: str
+    name: str
+    remote_name: str
+    description: str
+    input_schema: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RemoteResource:
+    server: str
+    uri: str
+    name: str
+    description: str
+    mime_type: str | None
+
+
+@dataclass(frozen=True)
+class RemotePrompt:
+    server: str
+    name: str
+    description: str
+    arguments: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ToolOutcome:
+    """What a tool call gave: its text for the model, whether it is an error, and any structured result."""
+
+    text: str
+    is_error: bool = False
+    structured: Any = None
+
+
+@dataclass(frozen=True)
+class ResourceContent:
+    uri: str
+    mime_type: str | None
+    text: str | None = None
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class HostEvent:
+    """Something the user should hear about: a server failed to start, died or hung, and what became of it."""
+
+    server: str
+    message: str
+
+
+def content_text(blocks: Iterable[Any]) -> str:
+    """The text of MCP content blocks; images, audio and blobs are named with their type and size."""
+    parts = []
+    for block in blocks:
+        if isinstance(block, types.TextContent):
+            parts.append(block.text)
+        elif isinstance(block, types.ImageContent | types.AudioContent):
+            parts.append(f"[{block.type} {block.mime_type}, {len(base64.b64decode(block.data))} bytes]")
+        elif isinstance(block, types.EmbeddedResource):
+            resource = block.resource
+            if isinstance(resource, types.TextResourceContents):
+                parts.append(resource.text)
+            else:
+                parts.append(f"[resource {resource.uri}, {len(base64.b64decode(resource.blob))} bytes]")
+        elif isinstance(block, types.ResourceLink):
+            parts.append(f"[resource link {block.uri}" + (f": {block.description}]" if block.description else "]"))
+        else:
+            parts.append(f"[{getattr(block, 'type', type(block).__name__)} content]")
+    return "\n".join(parts)
+
+
+def _tail(stream: IO[str] | None, lines: int = 3) -> str:
+    """The last lines a stdio server wrote to its stderr (the usual explanation of its death)."""
+    if stream is None:
+        return ""
+    try:
+        stream.flush()
+        stream.seek(0)
+        text = stream.read()[-4000:]
+    except (OSError, ValueError):
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
+
+
+class ServerGone(Exception):
+    """The server's connection is closed (it died, or the host withdrew it)."""
+
+
+class _Connection:
+    """One server's MCP session, kept open by a task on the host's event loop until `stop()`."""
+
+    def __init__(self, spec: ServerSpec, loop: asyncio.AbstractEventLoop, timeout: float):
+        self.spec = spec
+        self.loop = loop
+        self.timeout = timeout
+        self.client: Client | None = None
+        self.errlog: IO[str] | None = None
+        self.alive = False
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Future[None] | None = None
+
+    def _transport(self) -> Any:
+        spec = self.spec
+        if spec.command:
+            # The server's stderr goes to a file of ours: its last lines explain a death in the report.
+            self.errlog = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+            params = StdioServerParameters(command=spec.command, args=list(spec.args), env=dict(spec.env) or None,
+                                           cwd=spec.cwd)
+            return stdio_client(params, errlog=self.errlog)
+        if spec.headers:  # the SDK's own client timeouts: 30 s to connect, 300 s for a response stream
+            http = httpx2.AsyncClient(headers=dict(spec.headers), timeout=httpx2.Timeout(30.0, read=300.0))
+            return streamable_http_client(str(spec.url), http_client=http)
+        return streamable_http_client(str(spec.url))
+
+    async def _keep(self, ready: asyncio.Future[None]) -> None:
+        self._stop = asyncio.Event()
+        try:
+            client = Client(self._transport(), read_timeout_seconds=self.timeout,
+                            client_info=types.Implementation(name="torchbook", version="0.1.0"))
+            async with client:
+                self.client, self.alive = client, True
+                ready.set_result(None)
+                await self._stop.wait()
+        except BaseException as error:  # the SDK may raise anything from a child's death; it ends this server only
+            if not ready.done():
+                ready.set_exception(error)
+            elif not isinstance(error, asyncio.CancelledError):
+                log.debug("MCP server %s closed with %r", self.spec.name, error)
+        finally:
+            self.alive = False
+            self.client = None
+
+    def start(self, timeout: float) -> None:
+        async def begin() -> None:
+            ready: asyncio.Future[None] = self.loop.create_future()
+            self._task = asyncio.ensure_future(self._keep(ready))
+            await asyncio.wait_for(ready, timeout)
+
+        asyncio.run_coroutine_threadsafe(begin(), self.loop).result(timeout + 5)
+
+    async def call(self, make: Callable[[Client], Coroutine[Any, Any, _T]], timeout: float) -> _T:
+        client = self.client
+        if client is None or not self.alive:
+            raise ServerGone(self.spec.name)
+        return await asyncio.wait_for(make(client), timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        async def end() -> None:
+            if self._stop is not None:
+                self._stop.set()
+            if self._task is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._task), timeout)
+                except (TimeoutError, asyncio.CancelledError):
+                    self._task.cancel()
+                except Exception as error:  # a dying server's transport may raise on close; it is closed either way
+                    log.debug("closing MCP server %s: %r", self.spec.name, error)
+
+        if self.loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(end(), self.loop).result(timeout + 5)
+            except Exception as error:  # closing must never take the host down
+                log.debug("closing MCP server %s: %r", self.spec.name, error)
+        if self.errlog is not None:
+            self.errlog.close()
+            self.errlog = None
+
+
+class MCPHost:
+    """Connections to MCP servers, their tools offered under unclashing names, with failures reported.
+
+    `with MCPHost(specs) as host:` connects to every server (a server that cannot start is reported in
+    `host.events` and skipped); `host.tools()` lists the live servers' tools; `host.call_tool(name, arguments)`
+    returns a `ToolOutcome`; `host.resources()`, `host.read_resource(server, uri)`, `host.prompts()`,
+    `host.get_prompt(server, name, arguments)` reach the rest of the protocol.
+    """
+
+    def __init__(self, specs: Sequence[ServerSpec], *, reserved: Iterable[str] = (), connect_timeout: float = 30.0,
+                 call_timeout: float = 60.0, on_event: Callable[[HostEvent], None] | None = None):
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise UserInputError(f"MCP server names must be unique, got {names}")
+        self.specs = list(specs)
+        self.reserved = set(reserved)
+        self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
+        self.on_event = on_event
+        self.events: list[HostEvent] = []
+        self._connections: dict[str, _Connection] = {}
+        self._tools: dict[str, RemoteTool] = {}
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="torchbook-mcp-host", daemon=True)
+        self._started = False
+
+    # ---- life cycle
+    def start(self) -> MCPHost:
+        if self._started:
+            return self
+        self._started = True
+        self._thread.start()
+        listed: dict[str, list[types.Tool]] = {}
+        for spec in self.specs:
+            connection = _Connection(spec, self._loop, self.call_timeout)
+            try:
+                connection.start(self.connect_timeout)
+                listed[spec.name] = self._run(connection, lambda c: _list_all_tools(c), self.connect_timeout)
+            except Exception as error:
+                connection.stop(timeout=5)
+                reason = _describe(error, connection)
+                self._report(spec.name, f"MCP server {spec.name} ({spec.describe()}) could not start: {reason}")
+                continue
+            self._connections[spec.name] = connection
+            log.info("MCP server %s: %d tools", spec.name, len(listed[spec.name]))
+        self._tools = _name_tools(listed, self.reserved)
+        return self
+
+    def close(self) -> None:
+        for connection in list(self._connections.values()):
+            connection.stop()
+        self._connections.clear()
+        self._tools.clear()
+        if self._started and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
+
+    def __enter__(self) -> MCPHost:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- what the servers offer
+    @property
+    def servers(self) -> list[str]:
+        """The servers connected and answering."""
+        return [name for name, connection in self._connections.items() if connection.alive]
+
+    def tools(self) -> list[RemoteTool]:
+        live = set(self.servers)
+        return [tool for tool in self._tools.values() if tool.server in live]
+
+    def tool(self, name: str) -> RemoteTool | None:
+        tool = self._tools.get(name)
+        return tool if tool is not None and tool.server in self.servers else None
+
+    def call_tool(self, name: str, arguments: Mapping[str, Any] | None = None,
+                  timeout: float | None = None) -> ToolOutcome:
+        """Call a tool by the name `tools()` gave it. Every failure comes back as an error outcome, never raised."""
+        tool = self._tools.get(name)
+        if tool is None:
+            return ToolOutcome(f"unknown MCP tool {name!r}", is_error=True)
+        connection = self._connections.get(tool.server)
+        if connection is None or not connection.alive:
+            return ToolOutcome(f"MCP server {tool.server} is no longer available; tool {name} was withdrawn",
+                               is_error=True)
+        try:
+            result = self._run(connection, lambda c: c.call_tool(tool.remote_name, dict(arguments or {})),
+                               timeout or self.call_timeout)
+        except MCPError as error:  # a JSON-RPC error: the call was wrong, unless the connection itself closed
+            if _closed(error) or not connection.alive:
+                return self._withdraw(connection, error)
+            return ToolOutcome(f"MCP error {error.code} from {tool.server}: {error.message}", is_error=True)
+        except Exception as error:
+            return self._withdraw(connection, error)
+        return ToolOutcome(content_text(result.content) or _json(result.structured_content),
+                           is_error=bool(result.is_error), structured=result.structured_content)
+
+    def resources(self, server: str | None = None) -> list[RemoteResource]:
+        found = []
+        for connection in self._live(server):
+            listed = self._safe(connection, _list_all_resources) or []
+            found += [RemoteResource(connection.spec.name, r.uri, r.name, r.description or "", r.mime_type)
+                      for r in listed]
+        return found
+
+    def read_resource(self, server: str, uri: str) -> list[ResourceContent]:
+        connection = self._connection(server)
+        try:
+            result = self._run(connection, lambda c: c.read_resource(uri), self.call_timeout)
+        except MCPError as error:
+            if _closed(error) or not connection.alive:
+                raise UserInputError(self._withdraw(connection, error).text) from None
+            raise UserInputError(f"MCP server {server} could not read {uri}: {error.message}") from None
+        except Exception as error:
+            raise UserInputError(self._withdraw(connection, error).text) from None
+        return [ResourceContent(c.uri, c.mime_type, text=c.text) if isinstance(c, types.TextResourceContents)
+                else ResourceContent(c.uri, c.mime_type, data=base64.b64decode(c.blob)) for c in result.contents]
+
+    def prompts(self, server: str | None = None) -> list[RemotePrompt]:
+        found = []
+        for connection in self._live(server):
+            listed = self._safe(connection, _list_all_prompts) or []
+            found += [RemotePrompt(connection.spec.name, p.name, p.description or "",
+                                   tuple(a.name for a in p.arguments or ())) for p in listed]
+        return found
+
+    def get_prompt(self, server: str, name: str, arguments: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+        """A prompt's messages as (role, text) pairs."""
+        connection = self._connection(server)
+        try:
+            result = self._run(connection, lambda c: c.get_prompt(name, dict(arguments or {})), self.call_timeout)
+        except MCPError as error:
+            if _closed(error) or not connection.alive:
+                raise UserInputError(self._withdraw(connection, error).text) from None
+            raise UserInputError(f"MCP server {server} could not give prompt {name!r}: {error.message}") from None
+        except Exception as error:
+            raise UserInputError(self._withdraw(connection, error).text) from None
+        return [(m.role, content_text([m.content])) for m in result.messages]
+
+    # ---- plumbing
+    def _run(self, connection: _Connection, make: Callable[[Client], Coroutine[Any, Any, _T]], timeout: float) -> _T:
+        future = asyncio.run_coroutine_threadsafe(connection.call(make, timeout), self._loop)
+        try:
+            return future.result(timeout + 5)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _live(self, server: str | None) -> list[_Connection]:
+        if server is not None:
+            return [self._connection(server)]
+        return [c for c in self._connections.values() if c.alive]
+
+    def _connection(self, server: str) -> _Connection:
+        connection = self._connections.get(server)
+        if connection is None or not connection.alive:
+            raise unknown("MCP server", server, self.servers)
+        return connection
+
+    def _safe(self, connection: _Connection, make: Callable[[Client], Coroutine[Any, Any, _T]]) -> _T | None:
+        try:
+            return self._run(connection, make, self.call_timeout)
+        except MCPError as error:
+            if connection.alive and not _closed(error):  # the server lacks the capability (no resources, no prompts): nothing to list
+                log.debug("MCP server %s: %s", connection.spec.name, error.message)
+                return None
+            self._withdraw(connection, error)
+        except Exception as error:
+            self._withdraw(connection, error)
+        return None
+
+    def _withdraw(self, connection: _Connection, error: BaseException) -> ToolOutcome:
+        name = connection.spec.name
+        with self._lock:
+            withdrawn = [t.name for t in self._tools.values() if t.server == name]
+            reason = _describe(error, connection)
+            connection.alive = False
+        shown = ", ".join(withdrawn[:5]) + (f" and {len(withdrawn) - 5} more" if len(withdrawn) > 5 else "")
+        message = f"MCP server {name} {reason}; its tools are withdrawn ({shown or 'none'})"
+        self._report(name, message)
+        threading.Thread(target=connection.stop, kwargs={"timeout": 5}, daemon=True).start()
+        return ToolOutcome(message, is_error=True)
+
+    def _report(self, server: str, message: str) -> None:
+        event = HostEvent(server, message)
+        self.events.append(event)
+        log.warning(message)
+        if self.on_event is not None:
+            self.on_event(event)
+
+
+def _closed(error: MCPError) -> bool:
+    """The SDK's own report that the connection closed under a request (the server died or closed its pipes)."""
+    return error.code == types.CONNECTION_CLOSED and error.message == "Connection closed"
+
+
+def _describe(error: BaseException, connection: _Connection) -> str:
+    if isinstance(error, TimeoutError):
+        return f"did not answer within {connection.timeout:g} s (hung)"
+    if isinstance(error, ServerGone):
+        return "is closed"
+    if isinstance(error, MCPError) and _closed(error):
+        stderr = _tail(connection.errlog)
+        return "closed the connection (it died?)" + (f"; its stderr ends: {stderr}" if stderr else "")
+    stderr = _tail(connection.errlog)
+    detail = str(error) or type(error).__name__
+    if isinstance(error, ExceptionGroup):
+        detail = "; ".join(str(e) or type(e).__name__ for e in error.exceptions)
+    return f"failed ({detail})" + (f"; its stderr ends: {stderr}" if stderr else "")
+
+
+def _json(value: Any) -> str:
+    return "" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+async def _list_all_tools(client: Client) -> list[types.Tool]:
+    tools, cursor = [], None
+    while True:
+        page = await client.list_tools(cursor=cursor)
+        tools += page.tools
+        cursor = page.next_cursor
+        if not cursor:
+            return tools
+
+
+async def _list_all_resources(client: Client) -> list[types.Resource]:
+    found, cursor = [], None
+    while True:
+        page = await client.list_resources(cursor=cursor)
+        found += page.resources
+        cursor = page.next_cursor
+        if not cursor:
+            return found
+
+
+async def _list_all_prompts(client: Client) -> list[types.Prompt]:
+    found, cursor = [], None
+    while True:
+        page = await client.list_prompts(cursor=cursor)
+        found += page.prompts
+        cursor = page.next_cursor
+        if not cursor:
+            return found
+
+
+def _name_tools(listed: Mapping[str, Sequence[types.Tool]], reserved: set[str]) -> dict[str, RemoteTool]:
+    """Each tool under its own name, or `server__name` when another server or the host's own tools share it."""
+    counts: dict[str, int] = {}
+    for tools in listed.values():
+        for tool in tools:
+            counts[tool.name] = counts.get(tool.name, 0) + 1
+    named: dict[str, RemoteTool] = {}
+    for server, tools in listed.items():
+        prefix = re.sub(r"[^A-Za-z0-9_-]", "_", server)
+        for tool in tools:
+            clash = counts[tool.name] > 1 or tool.name in reserved
+            name = f"{prefix}{NAMESPACE_SEPARATOR}{tool.name}" if clash else tool.name
+            named[name] = RemoteTool(server, name, tool.name, tool.description or "", dict(tool.input_schema))
+    return named
