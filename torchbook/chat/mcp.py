@@ -41,6 +41,7 @@ from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
+from torchbook.chat.tools.registry import Tool, ToolOutput, ToolRegistry
 from torchbook.errors import UserInputError, unknown
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,8 @@ class MCPHost:
 
     def __init__(self, specs: Sequence[ServerSpec], *, reserved: Iterable[str] = (), connect_timeout: float = 30.0,
                  call_timeout: float = 60.0, on_event: Callable[[HostEvent], None] | None = None):
+        """`reserved`: names already taken (the host's own tools), so a server's tool of that name is namespaced;
+        `call_timeout`: a server that takes longer to answer is taken as hung and withdrawn."""
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
             raise UserInputError(f"MCP server names must be unique, got {names}")
@@ -560,3 +563,48 @@ def _name_tools(listed: Mapping[str, Sequence[types.Tool]], reserved: set[str]) 
             name = f"{prefix}{NAMESPACE_SEPARATOR}{tool.name}" if clash else tool.name
             named[name] = RemoteTool(server, name, tool.name, tool.description or "", dict(tool.input_schema))
     return named
+
+
+# ---- the chat's tool registry ----------------------------------------------------------------------------------------
+def source_name(server: str) -> str:
+    """The `Tool.source` of a server's tools in a `ToolRegistry` (what `remove_source` withdraws)."""
+    return f"mcp:{server}"
+
+
+def add_to_registry(host: MCPHost, registry: ToolRegistry) -> list[str]:
+    """Offer the host's live tools through the chat's `registry` beside its own; the names they got.
+
+    Each becomes a `Tool` whose run calls the server (`source` "mcp:SERVER"); a name the registry already has is
+    namespaced `server__name` (start the host with `reserved=registry.names()` to have the host pick the same
+    names). When a server fails later, the host withdraws its tools from the registry too."""
+    added = []
+    for remote in host.tools():
+        def run(_remote: RemoteTool = remote, **arguments: Any) -> ToolOutput:
+            outcome = host.call_tool(_remote.name, arguments)
+            return ToolOutput(outcome.text, data=outcome.structured, error=outcome.is_error)
+
+        description = remote.description or f"{remote.remote_name} (from the MCP server {remote.server})"
+        # The registry's own time limit is a backstop: the host's call_timeout fires first and withdraws the server.
+        tool = Tool(remote.name, description, remote.input_schema, run, timeout=host.call_timeout + 10,
+                    source=source_name(remote.server))
+        try:
+            added.append(registry.add(tool, namespace=remote.server))
+        except UserInputError as error:  # a schema the registry cannot offer (not an object): that tool alone
+            log.warning("MCP tool %s of %s not offered: %s", remote.remote_name, remote.server, error)
+    previous = host.on_event
+
+    def withdraw(event: HostEvent) -> None:
+        registry.remove_source(source_name(event.server))
+        if previous is not None:
+            previous(event)
+
+    host.on_event = withdraw
+    return added
+
+
+def connect(path: str | Path, registry: ToolRegistry, **host_options: Any) -> MCPHost:
+    """The servers of an `mcpServers` file, started, their tools added to `registry` (`torchbook chat --mcp`).
+    Close the host (`host.close()`, or `with`) when the conversation ends."""
+    host = MCPHost(load_config(path), reserved=registry.names(), **host_options).start()
+    add_to_registry(host, registry)
+    return host

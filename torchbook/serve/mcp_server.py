@@ -19,6 +19,7 @@ requests whose Host or Origin header is not a loopback one, the DNS-rebinding gu
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,12 @@ from mcp.server import Server
 from mcp.server.stdio import stdio_server
 from starlette.applications import Starlette
 
+from torchbook.chat.memory import Memory
+from torchbook.chat.tools import ToolRegistry, WebSettings, builtin_tools
 from torchbook.errors import DataUnavailable, UserInputError
-from torchbook.knowledge.base import open_store
+from torchbook.knowledge.base import Hit, KnowledgeBase, open_store
 from torchbook.knowledge.documents import UnreadableFile, extract_text
+from torchbook.knowledge.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,40 @@ class KnowledgeDocuments:
             raise DataUnavailable(f"{source} is indexed but cannot be read now: {error}") from None
 
 
+class LazyKnowledgeBase:
+    """A knowledge base opened (its embedder loaded) on the first search, so that the server answers a host's
+    `initialize` at once instead of after the embedder's load."""
+
+    def __init__(self, location: str | Path | None = None, embedder: str | None = None):
+        self.location, self.embedder = location, embedder
+        self._kb: KnowledgeBase | None = None
+        self._lock = threading.Lock()
+
+    def search(self, query: str, k: int = 5, **options: Any) -> list[Hit]:
+        with self._lock:
+            if self._kb is None:
+                self._kb = KnowledgeBase.open(self.location, Embedder.load(self.embedder))
+        return self._kb.search(query, k=k, **options)
+
+
+def torchbook_tools(kb: str | None = None, embedder: str | None = None, user: str = "default",
+                    memory_path: str | Path | None = None, web: WebSettings | None = None) -> ToolRegistry:
+    """The tools `torchbook mcp` serves: calculator, unit conversion, memory (the facts of `user`), knowledge-base
+    search when the base `kb` has documents, and web fetch and search only when `web` is given.
+
+    Tools with side effects (remember, forget) run without a second question here: under MCP the host asks the
+    user before it calls a tool, and the tool list marks them (`readOnlyHint: false`)."""
+    has_documents = bool(open_store(kb).sources())
+    if not has_documents:
+        log.info("the knowledge base %s has no documents: search_knowledge is not offered (torchbook index)",
+                 kb or "default")
+    registry = builtin_tools(kb=LazyKnowledgeBase(kb, embedder) if has_documents else None,
+                             memory=Memory.open(memory_path), user=lambda: user, web_settings=web,
+                             web_tools=web is not None)
+    registry.confirm = lambda tool, arguments: True
+    return registry
+
+
 def tool_error(message: str) -> types.CallToolResult:
     return types.CallToolResult(content=[types.TextContent(text=message)], is_error=True)
 
@@ -170,11 +208,22 @@ def http_app(server: Server, host: str = LOOPBACK, path: str = "/mcp") -> Starle
     return server.streamable_http_app(streamable_http_path=path, host=host)
 
 
+def http_server(server: Server, host: str = LOOPBACK, port: int = DEFAULT_PORT, path: str = "/mcp") -> uvicorn.Server:
+    """A uvicorn server for the streamable HTTP endpoint: `.run()` serves until `.should_exit` is set (port 0: a
+    free port, see `bound_url`)."""
+    return uvicorn.Server(uvicorn.Config(http_app(server, host, path), host=host, port=port, log_level="warning"))
+
+
+def bound_url(web: uvicorn.Server, path: str = "/mcp") -> str:
+    """The URL a started `http_server` answers at."""
+    host, port = next(s for srv in web.servers for s in srv.sockets).getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+
+
 def serve_http(server: Server, host: str = LOOPBACK, port: int = DEFAULT_PORT, path: str = "/mcp",
                ready: Callable[[str], None] | None = None) -> None:
     """Serve streamable HTTP at http://host:port/path until interrupted; `ready(url)` once it listens."""
-    config = uvicorn.Config(http_app(server, host, path), host=host, port=port, log_level="warning")
-    web = uvicorn.Server(config)
+    web = http_server(server, host, port, path)
 
     async def run() -> None:
         async with anyio.create_task_group() as tg:
@@ -184,8 +233,6 @@ def serve_http(server: Server, host: str = LOOPBACK, port: int = DEFAULT_PORT, p
                     return
                 await anyio.sleep(0.05)
             if ready is not None:
-                sockets = [s for srv in web.servers for s in srv.sockets]
-                bound = sockets[0].getsockname()[1] if sockets else port
-                ready(f"http://{host}:{bound}{path}")
+                ready(bound_url(web, path))
 
     anyio.run(run)
