@@ -18,7 +18,17 @@ from pathlib import Path
 import mcp_types as types
 import pytest
 
-from torchbook.chat.mcp import MCPHost, ServerSpec, _name_tools, content_text, load_config, parse_config
+from torchbook.chat.mcp import (
+    MCPHost,
+    ServerSpec,
+    _name_tools,
+    add_to_registry,
+    connect,
+    content_text,
+    load_config,
+    parse_config,
+)
+from torchbook.chat.tools import Tool, builtin_tools
 from torchbook.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,22 +204,73 @@ def test_lists_and_gets_prompts(host: MCPHost) -> None:
 # ---- servers that die or hang ---------------------------------------------------------------------------------------
 @needs_everything
 def test_a_server_that_dies_or_hangs_is_reported_and_withdrawn(tmp_path: Path) -> None:
+    """...from the host and from the chat's tool registry it offers them through; the rest goes on."""
     pidfile = tmp_path / "victim.pid"
     victim = ServerSpec("victim", command="sh",
                         args=("-c", f'echo $$ > "{pidfile}"; exec node "{EVERYTHING / "index.js"}" stdio'))
+    registry = builtin_tools(web_tools=False)
+    registry.add(Tool("echo", "repeat a message", {"type": "object", "properties": {"message": {"type": "string"}}},
+                      lambda message: f"local echo: {message}"))
     heard = []
-    with MCPHost([victim, everything_stdio("sleeper")], call_timeout=1.5, on_event=heard.append) as host:
+    with MCPHost([victim, everything_stdio("sleeper")], reserved=registry.names(), call_timeout=1.5,
+                 on_event=heard.append) as host:
         assert host.servers == ["victim", "sleeper"]
+        added = add_to_registry(host, registry)
+        assert {"victim__get-sum", "sleeper__get-sum", "victim__echo", "sleeper__echo"} <= set(added)
+        # the registry's own echo keeps its name; the servers' tools sit beside it and beside the calculator
+        assert registry.call("echo", {"message": "hi"}).text == "local echo: hi"
+        assert registry.call("sleeper__echo", {"message": "hi"}).text == "Echo: hi"
+        assert registry.call("calculator", {"expression": "6*7"}).text == "6*7 = 42"
+        bad = registry.call("victim__get-sum", {"a": "one", "b": 2})  # the registry checks the server's schema
+        assert bad.error and "is not of type 'number'" in bad.text
+
         os.kill(int(pidfile.read_text()), signal.SIGKILL)
-        died = host.call_tool("victim__get-sum", {"a": 1, "b": 2})
-        assert died.is_error and "victim closed the connection" in died.text and "withdrawn" in died.text
+        died = registry.call("victim__get-sum", {"a": 1, "b": 2})
+        assert died.error and "victim closed the connection" in died.text and "withdrawn" in died.text
         assert host.servers == ["sleeper"] and all(t.server == "sleeper" for t in host.tools())
         assert "no longer available" in host.call_tool("victim__echo", {"message": "x"}).text
+        assert not any(name.startswith("victim__") for name in registry.names())
         # the other server goes on
-        assert host.call_tool("sleeper__get-sum", {"a": 1, "b": 2}).text == "The sum of 1 and 2 is 3."
+        assert registry.call("sleeper__get-sum", {"a": 1, "b": 2}).text == "The sum of 1 and 2 is 3."
         started = time.monotonic()
-        hung = host.call_tool("sleeper__trigger-long-running-operation", {"duration": 30, "steps": 2})
+        hung = registry.call("sleeper__trigger-long-running-operation", {"duration": 30, "steps": 2})
         assert time.monotonic() - started < 5
-        assert hung.is_error and "did not answer within 1.5 s" in hung.text
+        assert hung.error and "did not answer within 1.5 s" in hung.text
         assert host.servers == [] and host.tools() == []
         assert [e.server for e in heard] == ["victim", "sleeper"] == [e.server for e in host.events]
+        assert set(registry.names()) == {"calculator", "convert_units", "echo"}
+        assert registry.call("calculator", {"expression": "6*7"}).text == "6*7 = 42"
+
+
+@needs_everything
+def test_connect_reads_the_file_and_fills_the_registry(tmp_path: Path) -> None:
+    """`torchbook chat --mcp FILE`'s path: a config file in, the servers' tools in the chat's registry."""
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps({"mcpServers": {"everything": {"command": "node",
+                                                              "args": [str(EVERYTHING / "index.js")]}}}))
+    registry = builtin_tools(web_tools=False)
+    with connect(path, registry, call_timeout=20) as host:
+        assert host.servers == ["everything"]
+        assert {"get-sum", "echo", "calculator"} <= set(registry.names())
+        assert registry.get("get-sum").source == "mcp:everything"
+        assert registry.call("get-sum", '{"a": 40, "b": 2}').text == "The sum of 40 and 2 is 42."
+
+
+@needs_everything
+def test_cli_inspects_and_calls_a_configured_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torchbook.cli import main
+
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps({"mcpServers": {"everything": {"command": "node",
+                                                              "args": [str(EVERYTHING / "index.js")]}}}))
+    assert main(["mcp", "--inspect", str(path)]) == 0
+    listed = capsys.readouterr().out
+    assert "  tool     get-sum: Returns the sum of two numbers" in listed
+    assert "  resource demo://resource/static/document/features.md (text/markdown)" in listed
+    assert "  prompt   args-prompt(city, state)" in listed
+    assert main(["mcp", "--inspect", str(path), "--call", "get-sum", "--arguments", '{"a": 40, "b": 2}']) == 0
+    assert capsys.readouterr().out == "The sum of 40 and 2 is 42.\n"
+    assert main(["mcp", "--inspect", str(path), "--call", "get-sum", "--arguments", '{"a": "x"}']) == 1
+    (tmp_path / "bad.json").write_text('{"mcpServers": {"s": {"url": "ftp://x"}}}')
+    assert main(["mcp", "--inspect", str(tmp_path / "bad.json")]) == 2
+    assert "torchbook: error:" in capsys.readouterr().err
