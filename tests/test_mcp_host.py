@@ -48,9 +48,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def everything_http() -> Iterator[str]:
-    """server-everything's streamable HTTP transport on a free loopback port; its URL."""
+def start_everything_http() -> tuple[subprocess.Popen[str], str]:
+    """server-everything's streamable HTTP transport on a free loopback port: the process and its URL."""
     port = free_port()
     process = subprocess.Popen(["node", str(EVERYTHING / "index.js"), "streamableHttp"],
                                env={**os.environ, "PORT": str(port)}, stdout=subprocess.DEVNULL,
@@ -61,7 +60,13 @@ def everything_http() -> Iterator[str]:
             break
     else:
         pytest.fail(f"server-everything's HTTP transport did not start (exit {process.wait()})")
-    yield f"http://127.0.0.1:{port}/mcp"
+    return process, f"http://127.0.0.1:{port}/mcp"
+
+
+@pytest.fixture(scope="module")
+def everything_http() -> Iterator[str]:
+    process, url = start_everything_http()
+    yield url
     process.terminate()
     process.wait(timeout=10)
 
@@ -212,34 +217,49 @@ def test_a_server_that_dies_or_hangs_is_reported_and_withdrawn(tmp_path: Path) -
     registry.add(Tool("echo", "repeat a message", {"type": "object", "properties": {"message": {"type": "string"}}},
                       lambda message: f"local echo: {message}"))
     heard = []
-    with MCPHost([victim, everything_stdio("sleeper")], reserved=registry.names(), call_timeout=1.5,
-                 on_event=heard.append) as host:
-        assert host.servers == ["victim", "sleeper"]
-        added = add_to_registry(host, registry)
-        assert {"victim__get-sum", "sleeper__get-sum", "victim__echo", "sleeper__echo"} <= set(added)
-        # the registry's own echo keeps its name; the servers' tools sit beside it and beside the calculator
-        assert registry.call("echo", {"message": "hi"}).text == "local echo: hi"
-        assert registry.call("sleeper__echo", {"message": "hi"}).text == "Echo: hi"
-        assert registry.call("calculator", {"expression": "6*7"}).text == "6*7 = 42"
-        bad = registry.call("victim__get-sum", {"a": "one", "b": 2})  # the registry checks the server's schema
-        assert bad.error and "is not of type 'number'" in bad.text
+    web, url = start_everything_http()
+    try:
+        with MCPHost([victim, everything_stdio("sleeper"), ServerSpec("web", url=url)], reserved=registry.names(),
+                     call_timeout=1.5, on_event=heard.append) as host:
+            assert host.servers == ["victim", "sleeper", "web"]
+            added = add_to_registry(host, registry)
+            assert {"victim__get-sum", "sleeper__get-sum", "victim__echo", "sleeper__echo"} <= set(added)
+            # the registry's own echo keeps its name; the servers' tools sit beside it and beside the calculator
+            assert registry.call("echo", {"message": "hi"}).text == "local echo: hi"
+            assert registry.call("sleeper__echo", {"message": "hi"}).text == "Echo: hi"
+            assert registry.call("calculator", {"expression": "6*7"}).text == "6*7 = 42"
+            bad = registry.call("victim__get-sum", {"a": "one", "b": 2})  # the registry checks the server's schema
+            assert bad.error and "is not of type 'number'" in bad.text
 
-        os.kill(int(pidfile.read_text()), signal.SIGKILL)
-        died = registry.call("victim__get-sum", {"a": 1, "b": 2})
-        assert died.error and "victim closed the connection" in died.text and "withdrawn" in died.text
-        assert host.servers == ["sleeper"] and all(t.server == "sleeper" for t in host.tools())
-        assert "no longer available" in host.call_tool("victim__echo", {"message": "x"}).text
-        assert not any(name.startswith("victim__") for name in registry.names())
-        # the other server goes on
-        assert registry.call("sleeper__get-sum", {"a": 1, "b": 2}).text == "The sum of 1 and 2 is 3."
-        started = time.monotonic()
-        hung = registry.call("sleeper__trigger-long-running-operation", {"duration": 30, "steps": 2})
-        assert time.monotonic() - started < 5
-        assert hung.error and "did not answer within 1.5 s" in hung.text
-        assert host.servers == [] and host.tools() == []
-        assert [e.server for e in heard] == ["victim", "sleeper"] == [e.server for e in host.events]
-        assert set(registry.names()) == {"calculator", "convert_units", "echo"}
-        assert registry.call("calculator", {"expression": "6*7"}).text == "6*7 = 42"
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            # the host sees the death on its own, before any call: reported, withdrawn from host and registry
+            deadline = time.monotonic() + 10
+            while "victim" in host.servers and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert host.servers == ["sleeper", "web"] and {t.server for t in host.tools()} == {"sleeper", "web"}
+            assert heard and heard[0].server == "victim" and "closed the connection" in heard[0].message
+            assert not any(name.startswith("victim__") for name in registry.names())
+            assert "no longer available" in host.call_tool("victim__echo", {"message": "x"}).text
+            # an HTTP server's death shows at the next call
+            assert registry.call("web__get-sum", {"a": 1, "b": 2}).text == "The sum of 1 and 2 is 3."
+            web.kill()
+            web.wait(timeout=10)
+            gone = registry.call("web__get-sum", {"a": 1, "b": 2})
+            assert gone.error and "MCP server web" in gone.text and "withdrawn" in gone.text
+            assert host.servers == ["sleeper"]
+            # the other server goes on
+            assert registry.call("sleeper__get-sum", {"a": 1, "b": 2}).text == "The sum of 1 and 2 is 3."
+            started = time.monotonic()
+            hung = registry.call("sleeper__trigger-long-running-operation", {"duration": 30, "steps": 2})
+            assert time.monotonic() - started < 5
+            assert hung.error and "did not answer within 1.5 s" in hung.text
+            assert host.servers == [] and host.tools() == []
+            assert [e.server for e in heard] == ["victim", "web", "sleeper"] == [e.server for e in host.events]
+            assert set(registry.names()) == {"calculator", "convert_units", "echo"}
+            assert registry.call("calculator", {"expression": "6*7"}).text == "6*7 = 42"
+    finally:
+        web.kill()
+        web.wait(timeout=10)
 
 
 @needs_everything

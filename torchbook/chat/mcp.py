@@ -30,7 +30,8 @@ import logging
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -51,6 +52,7 @@ _T = TypeVar("_T")
 # Separator between a server's name and its tool's name when names clash: tool names the models' function-call
 # formats accept are [A-Za-z0-9_-], so no dot or slash.
 NAMESPACE_SEPARATOR = "__"
+WATCH_INTERVAL = 0.5  # seconds between two looks at whether a stdio server's output has ended
 TRANSPORT_TYPES = {"stdio": "stdio", "http": "http", "streamable-http": "http", "streamable_http": "http",
                    "streamableHttp": "http"}
 
@@ -217,6 +219,10 @@ class ServerGone(Exception):
     """The server's connection is closed (it died, or the host withdrew it)."""
 
 
+class ServerExited(Exception):
+    """A stdio server's output ended between calls (it exited or was killed)."""
+
+
 class _Connection:
     """One server's MCP session, kept open by a task on the host's event loop until `stop()`."""
 
@@ -227,7 +233,10 @@ class _Connection:
         self.client: Client | None = None
         self.errlog: IO[str] | None = None
         self.alive = False
+        self.withdrawn = False
         self._stop: asyncio.Event | None = None
+        self._read_stream: Any = None
+        self.on_closed: Callable[[_Connection], object] = lambda connection: None
         self._task: asyncio.Future[None] | None = None
 
     def _transport(self) -> Any:
@@ -237,11 +246,24 @@ class _Connection:
             self.errlog = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
             params = StdioServerParameters(command=spec.command, args=list(spec.args), env=dict(spec.env) or None,
                                            cwd=spec.cwd)
-            return stdio_client(params, errlog=self.errlog)
+            return self._watched(stdio_client(params, errlog=self.errlog))
         if spec.headers:  # the SDK's own client timeouts: 30 s to connect, 300 s for a response stream
             http = httpx2.AsyncClient(headers=dict(spec.headers), timeout=httpx2.Timeout(30.0, read=300.0))
             return streamable_http_client(str(spec.url), http_client=http)
         return streamable_http_client(str(spec.url))
+
+    @asynccontextmanager
+    async def _watched(self, transport: Any) -> AsyncIterator[Any]:
+        """The transport, its read stream kept so that `_transport_closed` sees the server's end of it close."""
+        async with transport as (read_stream, write_stream):
+            self._read_stream = read_stream
+            yield read_stream, write_stream
+
+    def _transport_closed(self) -> bool:
+        """A stdio server's output has ended (it exited or was killed): nobody writes to the read stream any more.
+        (A streamable HTTP server has no such end: its death shows at the next request.)"""
+        statistics = getattr(self._read_stream, "statistics", None)
+        return statistics is not None and statistics().open_send_streams == 0
 
     async def _keep(self, ready: asyncio.Future[None]) -> None:
         self._stop = asyncio.Event()
@@ -251,7 +273,13 @@ class _Connection:
             async with client:
                 self.client, self.alive = client, True
                 ready.set_result(None)
-                await self._stop.wait()
+                while not self._stop.is_set():
+                    try:
+                        await asyncio.wait_for(self._stop.wait(), WATCH_INTERVAL)
+                    except TimeoutError:
+                        pass
+                    if self.alive and not self._stop.is_set() and self._transport_closed():
+                        self.on_closed(self)
         except BaseException as error:  # the SDK may raise anything from a child's death; it ends this server only
             if not ready.done():
                 ready.set_exception(error)
@@ -335,6 +363,7 @@ class MCPHost:
         listed: dict[str, list[types.Tool]] = {}
         for spec in self.specs:
             connection = _Connection(spec, self._loop, self.call_timeout)
+            connection.on_closed = lambda c: self._withdraw(c, ServerExited())
             try:
                 connection.start(self.connect_timeout)
                 listed[spec.name] = self._run(connection, lambda c: _list_all_tools(c), self.connect_timeout)
@@ -478,9 +507,11 @@ class MCPHost:
     def _withdraw(self, connection: _Connection, error: BaseException) -> ToolOutcome:
         name = connection.spec.name
         with self._lock:
+            if connection.withdrawn:  # already reported (the watcher and a call may both find the death)
+                return ToolOutcome(f"MCP server {name} is no longer available", is_error=True)
             withdrawn = [t.name for t in self._tools.values() if t.server == name]
             reason = _describe(error, connection)
-            connection.alive = False
+            connection.alive, connection.withdrawn = False, True
         shown = ", ".join(withdrawn[:5]) + (f" and {len(withdrawn) - 5} more" if len(withdrawn) > 5 else "")
         message = f"MCP server {name} {reason}; its tools are withdrawn ({shown or 'none'})"
         self._report(name, message)
@@ -505,7 +536,7 @@ def _describe(error: BaseException, connection: _Connection) -> str:
         return f"did not answer within {connection.timeout:g} s (hung)"
     if isinstance(error, ServerGone):
         return "is closed"
-    if isinstance(error, MCPError) and _closed(error):
+    if isinstance(error, ServerExited) or isinstance(error, MCPError) and _closed(error):
         stderr = _tail(connection.errlog)
         return "closed the connection (it died?)" + (f"; its stderr ends: {stderr}" if stderr else "")
     stderr = _tail(connection.errlog)
