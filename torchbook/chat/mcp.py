@@ -30,7 +30,7 @@ import logging
 import re
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,15 +439,7 @@ class MCPHost:
         return found
 
     def read_resource(self, server: str, uri: str) -> list[ResourceContent]:
-        connection = self._connection(server)
-        try:
-            result = self._run(connection, lambda c: c.read_resource(uri), self.call_timeout)
-        except MCPError as error:
-            if _closed(error) or not connection.alive:
-                raise UserInputError(self._withdraw(connection, error).text) from None
-            raise UserInputError(f"MCP server {server} could not read {uri}: {error.message}") from None
-        except Exception as error:
-            raise UserInputError(self._withdraw(connection, error).text) from None
+        result = self._request(server, lambda c: c.read_resource(uri), f"read {uri}")
         return [ResourceContent(c.uri, c.mime_type, text=c.text) if isinstance(c, types.TextResourceContents)
                 else ResourceContent(c.uri, c.mime_type, data=base64.b64decode(c.blob)) for c in result.contents]
 
@@ -461,18 +453,22 @@ class MCPHost:
 
     def get_prompt(self, server: str, name: str, arguments: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
         """A prompt's messages as (role, text) pairs."""
-        connection = self._connection(server)
-        try:
-            result = self._run(connection, lambda c: c.get_prompt(name, dict(arguments or {})), self.call_timeout)
-        except MCPError as error:
-            if _closed(error) or not connection.alive:
-                raise UserInputError(self._withdraw(connection, error).text) from None
-            raise UserInputError(f"MCP server {server} could not give prompt {name!r}: {error.message}") from None
-        except Exception as error:
-            raise UserInputError(self._withdraw(connection, error).text) from None
+        result = self._request(server, lambda c: c.get_prompt(name, dict(arguments or {})), f"give prompt {name!r}")
         return [(m.role, content_text([m.content])) for m in result.messages]
 
     # ---- plumbing
+    def _request(self, server: str, make: Callable[[Client], Coroutine[Any, Any, _T]], what: str) -> _T:
+        """One request to `server`; a refusal is a `UserInputError`, a dead or hung server is withdrawn first."""
+        connection = self._connection(server)
+        try:
+            return self._run(connection, make, self.call_timeout)
+        except MCPError as error:
+            if _closed(error) or not connection.alive:
+                raise UserInputError(self._withdraw(connection, error).text) from None
+            raise UserInputError(f"MCP server {server} could not {what}: {error.message}") from None
+        except Exception as error:
+            raise UserInputError(self._withdraw(connection, error).text) from None
+
     def _run(self, connection: _Connection, make: Callable[[Client], Coroutine[Any, Any, _T]], timeout: float) -> _T:
         future = asyncio.run_coroutine_threadsafe(connection.call(make, timeout), self._loop)
         try:
@@ -550,34 +546,27 @@ def _json(value: Any) -> str:
     return "" if value is None else json.dumps(value, ensure_ascii=False)
 
 
-async def _list_all_tools(client: Client) -> list[types.Tool]:
-    tools, cursor = [], None
+async def _all_pages(list_page: Callable[..., Awaitable[Any]], field: str) -> list[Any]:
+    """Every item of a paginated MCP list (`tools`, `resources`, `prompts`), following `next_cursor`."""
+    found, cursor = [], None
     while True:
-        page = await client.list_tools(cursor=cursor)
-        tools += page.tools
+        page = await list_page(cursor=cursor)
+        found += getattr(page, field)
         cursor = page.next_cursor
         if not cursor:
-            return tools
+            return found
+
+
+async def _list_all_tools(client: Client) -> list[types.Tool]:
+    return await _all_pages(client.list_tools, "tools")
 
 
 async def _list_all_resources(client: Client) -> list[types.Resource]:
-    found, cursor = [], None
-    while True:
-        page = await client.list_resources(cursor=cursor)
-        found += page.resources
-        cursor = page.next_cursor
-        if not cursor:
-            return found
+    return await _all_pages(client.list_resources, "resources")
 
 
 async def _list_all_prompts(client: Client) -> list[types.Prompt]:
-    found, cursor = [], None
-    while True:
-        page = await client.list_prompts(cursor=cursor)
-        found += page.prompts
-        cursor = page.next_cursor
-        if not cursor:
-            return found
+    return await _all_pages(client.list_prompts, "prompts")
 
 
 def _name_tools(listed: Mapping[str, Sequence[types.Tool]], reserved: set[str]) -> dict[str, RemoteTool]:
