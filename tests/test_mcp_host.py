@@ -274,6 +274,14 @@ def test_connect_reads_the_file_and_fills_the_registry(tmp_path: Path) -> None:
         assert {"get-sum", "echo", "calculator"} <= set(registry.names())
         assert registry.get("get-sum").source == "mcp:everything"
         assert registry.call("get-sum", '{"a": 40, "b": 2}').text == "The sum of 40 and 2 is 42."
+        # the servers' resources reach the model through one tool
+        reader = registry.get("read_resource")
+        assert reader is not None and "everything demo://resource/static/document/features.md" in reader.description
+        uri = "demo://resource/static/document/architecture.md"
+        read = registry.call("read_resource", {"server": "everything", "uri": uri})
+        assert not read.error and read.text == (EVERYTHING / "docs/architecture.md").read_text(encoding="utf-8")
+        assert registry.call("read_resource", {"server": "everything", "uri": "demo://nothing"}).error
+        assert registry.call("read_resource", {"server": "elsewhere", "uri": uri}).error  # not in the enum
 
 
 @needs_everything

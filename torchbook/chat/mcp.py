@@ -592,9 +592,10 @@ def source_name(server: str) -> str:
 
 
 def add_to_registry(host: MCPHost, registry: ToolRegistry) -> list[str]:
-    """Offer the host's live tools through the chat's `registry` beside its own; the names they got.
+    """Offer the host's live tools through the chat's `registry` beside its own, and the servers' resources through
+    one `read_resource` tool; the names they got.
 
-    Each becomes a `Tool` whose run calls the server (`source` "mcp:SERVER"); a name the registry already has is
+    Each tool becomes a `Tool` whose run calls the server (`source` "mcp:SERVER"); a name the registry already has is
     namespaced `server__name` (start the host with `reserved=registry.names()` to have the host pick the same
     names). When a server fails later, the host withdraws its tools from the registry too."""
     added = []
@@ -611,15 +612,43 @@ def add_to_registry(host: MCPHost, registry: ToolRegistry) -> list[str]:
             added.append(registry.add(tool, namespace=remote.server))
         except UserInputError as error:  # a schema the registry cannot offer (not an object): that tool alone
             log.warning("MCP tool %s of %s not offered: %s", remote.remote_name, remote.server, error)
+    resources = host.resources()
+    reader = registry.add(resource_tool(host, resources), namespace="mcp") if resources else None
+    added += [reader] if reader else []
     previous = host.on_event
 
     def withdraw(event: HostEvent) -> None:
         registry.remove_source(source_name(event.server))
+        if reader and not {r.server for r in resources} & set(host.servers):
+            registry.remove(reader)  # no server left to read from
         if previous is not None:
             previous(event)
 
     host.on_event = withdraw
     return added
+
+
+RESOURCES_LISTED = 20  # resources named in the read tool's description (the model sees the first ones)
+
+
+def resource_tool(host: MCPHost, resources: Sequence[RemoteResource]) -> Tool:
+    """A tool for the model to read the servers' resources (`read_resource(server, uri)`); its description lists
+    the first `RESOURCES_LISTED` of them."""
+
+    def run(server: str, uri: str) -> ToolOutput:
+        parts = [c.text if c.text is not None else f"[{c.mime_type or 'binary'} content, {len(c.data or b'')} bytes]"
+                 for c in host.read_resource(server, uri)]
+        return ToolOutput("\n".join(parts), sources=[uri])
+
+    listed = "; ".join(f"{r.server} {r.uri}" + (f" ({r.name})" if r.name and r.name not in r.uri else "")
+                       for r in resources[:RESOURCES_LISTED])
+    more = f" and {len(resources) - RESOURCES_LISTED} more" if len(resources) > RESOURCES_LISTED else ""
+    servers = sorted({r.server for r in resources})
+    return Tool("read_resource", f"Read a document (resource) from an MCP server by its URI. Available: {listed}{more}.",
+                {"type": "object", "properties": {"server": {"type": "string", "enum": servers},
+                                                  "uri": {"type": "string"}},
+                 "required": ["server", "uri"], "additionalProperties": False},
+                run, timeout=host.call_timeout + 10, source="mcp")
 
 
 def connect(path: str | Path, registry: ToolRegistry, **host_options: Any) -> MCPHost:
