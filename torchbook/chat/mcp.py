@@ -602,7 +602,9 @@ def add_to_registry(host: MCPHost, registry: ToolRegistry) -> list[str]:
     for remote in host.tools():
         def run(_remote: RemoteTool = remote, **arguments: Any) -> ToolOutput:
             outcome = host.call_tool(_remote.name, arguments)
-            return ToolOutput(outcome.text, data=outcome.structured, error=outcome.is_error)
+            if outcome.is_error:  # worded as the registry words its own failures
+                return ToolOutput(f"error: {outcome.text}", data=outcome.structured, error=True)
+            return ToolOutput(outcome.text, data=outcome.structured)
 
         description = remote.description or f"{remote.remote_name} (from the MCP server {remote.server})"
         # The registry's own time limit is a backstop: the host's call_timeout fires first and withdraws the server.
