@@ -17,7 +17,7 @@ import anyio
 import httpx2
 import mcp_types as types
 import pytest
-from mcp import Client
+from mcp import Client, MCPError
 
 from torchbook.chat.mcp import MCPHost, ServerSpec
 from torchbook.knowledge import Embedder, KnowledgeBase
@@ -62,6 +62,15 @@ def with_client(url: str, work: Any) -> Any:
             return await work(client)
 
     return anyio.run(run)
+
+
+async def refused(request: Any) -> str:
+    """The error message of a request the server must refuse."""
+    try:
+        await request
+    except MCPError as error:
+        return error.message
+    raise AssertionError("the request was answered")
 
 
 def text(result: types.CallToolResult) -> str:
@@ -124,6 +133,7 @@ def test_sdk_client_lists_searches_and_reads_the_documents(http_url: str, kb: di
             "resources": {r.name: r for r in resources},
             "read": await client.read_resource(kb["apache"].as_uri()),
             "search": await client.call_tool("search_knowledge", {"query": "grant of patent license", "k": 1}),
+            "outside": await refused(client.read_resource("file:///etc/passwd")),
         }
 
     got = with_client(http_url, work)
@@ -133,6 +143,8 @@ def test_sdk_client_lists_searches_and_reads_the_documents(http_url: str, kb: di
     (content,) = got["read"].contents
     assert content.text == kb["apache"].read_text()
     assert f"({kb['apache']}:" in text(got["search"]) and "Patent" in text(got["search"])
+    # only the base's documents are resources: another file of the machine is refused, not read
+    assert "is not a document of the knowledge base" in got["outside"]
 
 
 def test_http_refuses_requests_from_other_origins(http_url: str) -> None:

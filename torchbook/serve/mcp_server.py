@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import anyio
 import mcp_types as types
 import uvicorn
+from mcp import MCPError
 from mcp.server import Server
 from mcp.server.stdio import stdio_server
 from starlette.applications import Starlette
@@ -182,10 +183,13 @@ def build_server(tools: ToolSource, documents: DocumentSource | None = None, nam
             types.Resource(uri=d.uri, name=d.name, mime_type=d.mime_type) for d in listed])
 
     async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
-        if documents is None:
-            raise UserInputError("this server has no resources")
         uri = str(params.uri)
-        text = await anyio.to_thread.run_sync(documents.read, uri)
+        try:
+            if documents is None:
+                raise UserInputError("this server has no resources")
+            text = await anyio.to_thread.run_sync(documents.read, uri)
+        except (UserInputError, DataUnavailable) as error:  # the caller hears why (the SDK hides other errors)
+            raise MCPError(types.INVALID_PARAMS, str(error)) from None
         mime = next((d.mime_type for d in documents.documents() if d.uri == uri), "text/plain")
         return types.ReadResourceResult(contents=[types.TextResourceContents(uri=uri, mime_type=mime, text=text)])
 
