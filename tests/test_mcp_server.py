@@ -178,3 +178,12 @@ def test_host_uses_torchbook_mcp_over_stdio(kb: dict[str, Path]) -> None:
         assert gpl.text == kb["gpl"].read_text()
         found = host.call_tool("search_knowledge", {"query": "GNU General Public License version 3", "k": 1})
         assert not found.is_error and f"({kb['gpl']}:" in found.text
+
+
+def test_host_uses_torchbook_mcp_over_http(http_url: str) -> None:
+    """The host over streamable HTTP, with the `headers` a config may give (e.g. a bearer token)."""
+    spec = ServerSpec("torchbook", url=http_url, headers={"Authorization": "Bearer not-checked-here"})
+    with MCPHost([spec], reserved={"calculator"}) as host:
+        assert "torchbook__calculator" in {t.name for t in host.tools()}  # the host's own calculator keeps its name
+        outcome = host.call_tool("torchbook__calculator", {"expression": "525.6 * 315 / 3942"})
+        assert outcome.text == "525.6 * 315 / 3942 = 42" and outcome.structured == {"value": "42", "exact": True}
