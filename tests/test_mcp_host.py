@@ -230,6 +230,14 @@ def test_a_server_that_dies_or_hangs_is_reported_and_withdrawn(tmp_path: Path) -
             assert registry.call("calculator", {"expression": "6*7"}).text == "6*7 = 42"
             bad = registry.call("victim__get-sum", {"a": "one", "b": 2})  # the registry checks the server's schema
             assert bad.error and "is not of type 'number'" in bad.text
+            # a tool its server does not mark read-only asks the user first; declined without an answer
+            assert registry.get("victim__get-sum").side_effects is False
+            assert registry.get("victim__toggle-simulated-logging").side_effects is True
+            assert "declined" in registry.call("victim__toggle-simulated-logging", {}).text
+            asked: list[str] = []
+            toggled = registry.call("victim__toggle-simulated-logging", {},
+                                    confirm=lambda tool, arguments: asked.append(tool.name) is None)
+            assert asked == ["victim__toggle-simulated-logging"] and not toggled.error, toggled.text
 
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
             # the host sees the death on its own, before any call: reported, withdrawn from host and registry

@@ -137,6 +137,7 @@ class RemoteTool:
     remote_name: str
     description: str
     input_schema: dict[str, Any]
+    read_only: bool = False  # the server's `readOnlyHint` (MCP's default: False, the tool may change things)
 
 
 @dataclass(frozen=True)
@@ -581,7 +582,9 @@ def _name_tools(listed: Mapping[str, Sequence[types.Tool]], reserved: set[str]) 
         for tool in tools:
             clash = counts[tool.name] > 1 or tool.name in reserved
             name = f"{prefix}{NAMESPACE_SEPARATOR}{tool.name}" if clash else tool.name
-            named[name] = RemoteTool(server, name, tool.name, tool.description or "", dict(tool.input_schema))
+            read_only = bool(tool.annotations and tool.annotations.read_only_hint)
+            named[name] = RemoteTool(server, name, tool.name, tool.description or "", dict(tool.input_schema),
+                                     read_only)
     return named
 
 
@@ -595,7 +598,8 @@ def add_to_registry(host: MCPHost, registry: ToolRegistry) -> list[str]:
     """Offer the host's live tools through the chat's `registry` beside its own, and the servers' resources through
     one `read_resource` tool; the names they got.
 
-    Each tool becomes a `Tool` whose run calls the server (`source` "mcp:SERVER"); a name the registry already has is
+    Each tool becomes a `Tool` whose run calls the server (`source` "mcp:SERVER"; `side_effects` unless the server
+    marks it `readOnlyHint`, so the registry asks before it runs); a name the registry already has is
     namespaced `server__name` (start the host with `reserved=registry.names()` to have the host pick the same
     names). When a server fails later, the host withdraws its tools from the registry too."""
     added = []
@@ -608,8 +612,10 @@ def add_to_registry(host: MCPHost, registry: ToolRegistry) -> list[str]:
 
         description = remote.description or f"{remote.remote_name} (from the MCP server {remote.server})"
         # The registry's own time limit is a backstop: the host's call_timeout fires first and withdraws the server.
-        tool = Tool(remote.name, description, remote.input_schema, run, timeout=host.call_timeout + 10,
-                    source=source_name(remote.server))
+        # A tool its server does not declare read-only asks the user first (MCP's rule for hosts, the book's
+        # human in the loop): the registry's `confirm`.
+        tool = Tool(remote.name, description, remote.input_schema, run, side_effects=not remote.read_only,
+                    timeout=host.call_timeout + 10, source=source_name(remote.server))
         try:
             added.append(registry.add(tool, namespace=remote.server))
         except UserInputError as error:  # a schema the registry cannot offer (not an object): that tool alone
