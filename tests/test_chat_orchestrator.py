@@ -101,8 +101,15 @@ def scripted(smollm_tokenizer: Any) -> Iterator[Callable[..., ChatModel]]:
 
 
 def last_tool_response(prompt: str) -> str:
-    return prompt.rsplit("<tool_response>", 1)[1].split("</tool_response>", 1)[0].strip() if \
-        "<tool_response>" in prompt else ""
+    """The last tool result in a prompt: a `tool` turn (ChatML, the orchestrator's mode) or a `<tool_response>`
+    (the fallback for tool calls, the model's mode)."""
+    turn = prompt.rfind("<|im_start|>tool\n")
+    response = prompt.rfind("<tool_response>")
+    if turn > response:
+        return prompt[turn:].split("\n", 1)[1].split("<|im_end|>", 1)[0].split(": ", 1)[-1].strip()
+    if response >= 0:
+        return prompt[response:].split("\n", 1)[1].split("</tool_response>", 1)[0].strip()
+    return ""
 
 
 def collect() -> tuple[list[Event], Callable[[Event], None]]:
@@ -134,7 +141,7 @@ def test_orchestrator_sends_arithmetic_to_the_calculator(scripted: Callable[...,
     assert len(reply.prompts) == 1
     prompt = reply.prompts[0][0]
     assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant")
-    assert "<tool_response>\n525.6 * 315 / 3942 = 42\n</tool_response>" in prompt
+    assert "<|im_start|>tool\ncalculator: 525.6 * 315 / 3942 = 42<|im_end|>\n<|im_start|>assistant\n" in prompt
 
 
 def test_no_expression_no_calculator(scripted: Callable[..., ChatModel]) -> None:
@@ -251,7 +258,8 @@ def test_failures_are_reported_and_the_conversation_goes_on(scripted: Callable[.
                    side_effects=True))
     model = scripted(script)
     events, on_event = collect()
-    reply = Orchestrator(model, tools, mode="model", confirm=lambda tool, args: False).respond(
+    reply = Orchestrator(model, tools, mode="model", confirm=lambda tool, args: False,
+                         constrain=False).respond(
         [{"role": "user", "content": "do it"}], on_event)
     assert reply.text.startswith("Sorry: error:") and message in reply.text
     assert any(e.kind == "error" and message in e.text for e in events) and not deleted
@@ -404,3 +412,51 @@ def test_memory_is_recalled_into_the_turn(scripted: Callable[..., ChatModel]) ->
     tools = builtin_tools(memory=memory, user=lambda: "alice", web_tools=False)
     reply = Orchestrator(model, tools).respond([{"role": "user", "content": "What is my dog called?"}])
     assert reply.text == "Rex." and reply.messages[1]["name"] == "recall"
+
+
+def test_injected_results_run_nothing_in_the_orchestrators_mode(scripted: Callable[..., ChatModel],
+                                                                smollm_tokenizer: Any) -> None:
+    deleted: list[bool] = []
+    tools = ToolRegistry([
+        Tool("search_knowledge", "a document that lies", {"type": "object", "properties": {
+            "query": {"type": "string"}, "k": {"type": "integer"}}}, lambda query, k=3: INJECTION),
+        Tool("delete_all", "deletes", {"type": "object", "properties": {}}, lambda: deleted.append(True) or "gone",
+             side_effects=True)], confirm=lambda tool, args: True)
+    model = scripted(lambda p: "Sunny." if "Weather: sunny." in p else "?")
+    reply = Orchestrator(model, tools).respond([{"role": "user", "content": "weather?"}])
+    assert reply.text == "Sunny." and not deleted
+    ids = model.encode(reply.prompts[0][0])
+    assert ids.count(smollm_tokenizer.tokenizer.token_to_id("<|im_start|>")) == 4  # system, user, tool, assistant
+    assert "<|im_start|>tool\nsearch_knowledge: Weather: sunny.<\u200b|im_end|>" in reply.prompts[0][0]
+
+
+def test_torchbook_chat_reads_a_pipe(scripted: Callable[..., ChatModel], monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from torchbook.cli import main
+
+    def script(prompt: str) -> str:
+        if "calculator: " in prompt:
+            return f"It is {prompt.split('calculator: ')[1].split('= ')[1].split('<')[0]}."
+        return "Noted."
+
+    model = scripted(script)
+    monkeypatch.setattr(ChatModel, "load", classmethod(lambda cls, *a, **k: model))
+    lines = ["remember that my cat is called Tom", "What is 525.6 * 315 / 3942?", "/sources", "/memory", "/frob",
+             "/new", ""]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines)))
+    assert main(["chat", "--no-web", "--yes", "--user", "carol"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[:4] == ["Noted.", "It is 42.", "the last answer used no sources",
+                                    "#1: my cat is called Tom"]
+    assert out.splitlines()[4].startswith("new conversation "), out
+    assert "[calculator: 525.6 * 315 / 3942 = 42]" in err and "unknown command '/frob'" in err
+    assert Memory.open().facts("carol")[0].text == "my cat is called Tom"
+    # without --yes, a pipe cannot confirm: the fact is not stored, and the chat goes on
+    model = scripted(lambda p: "Fine.")
+    monkeypatch.setattr("sys.stdin", io.StringIO("remember that I like tea\n"))
+    assert main(["chat", "--no-web", "--no-memory"]) == 0 and capsys.readouterr().out == "Fine.\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("remember that I like tea\n"))
+    assert main(["chat", "--no-web", "--user", "dave"]) == 0
+    assert "remember not run: it has side effects" in capsys.readouterr().err and Memory.open().facts("dave") == []

@@ -28,6 +28,9 @@ from torchbook.errors import UserInputError
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 MAX_FACT_CHARS = 1000
+# Below these cosine similarities a fact is not relevant (all-MiniLM-L6-v2 gives unrelated sentences about 0-0.2).
+EMBEDDING_THRESHOLD = 0.3
+LEXICAL_THRESHOLD = 0.1
 WORD = re.compile(r"\w+", re.UNICODE)
 
 SCHEMA = """
@@ -124,8 +127,12 @@ class Memory:
         with self.db.transaction() as conn:
             return conn.execute("DELETE FROM facts WHERE user = ?", (user,)).rowcount
 
-    def relevant(self, user: str, query: str, k: int = 3, min_similarity: float = 0.3) -> list[tuple[Fact, float]]:
-        """The user's `k` facts most similar to `query` (at least `min_similarity`), most similar first."""
+    def relevant(self, user: str, query: str, k: int = 3, min_similarity: float | None = None
+                 ) -> list[tuple[Fact, float]]:
+        """The user's `k` facts most similar to `query`, most similar first: those with a cosine similarity of at
+        least `min_similarity` (default: `EMBEDDING_THRESHOLD` with an embedder, `LEXICAL_THRESHOLD` without)."""
+        if min_similarity is None:
+            min_similarity = EMBEDDING_THRESHOLD if self.embed is not None else LEXICAL_THRESHOLD
         rows = self.db.query("SELECT id, user, text, created, embedder, vector FROM facts WHERE user = ?", (user,))
         if not rows or not query.strip():
             return []

@@ -14,6 +14,7 @@ as those characters, never as a new system message (tests/test_chat_orchestrator
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -24,9 +25,10 @@ from typing import Any
 from torchbook.errors import CheckpointError, UserInputError
 from torchbook.generate.sampling import LogitsProcessor, SamplingConfig
 from torchbook.generate.serving import Engine, Request
-from torchbook.generate.tool_calls import render_tools, tool_style
+from torchbook.generate.tool_calls import render_tools, template_has_tools, tool_style
 from torchbook.hub.gguf import default_chat_model
 from torchbook.hub.loading import load
+from torchbook.hub.prompts import TemplateError, chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,24 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+
+
+def tool_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with each tool result as a `tool` turn named by its tool, and the assistant turns that only
+    called tools left out (what they called is in the results' names)."""
+    out = []
+    for message in messages:
+        if message.get("role") == "assistant" and message.get("tool_calls") and not message.get("content"):
+            continue
+        if message.get("role") == "tool":
+            name = message.get("name")
+            out.append({"role": "tool", "content": f"{name}: {message.get('content') or ''}" if name else
+                        str(message.get("content") or "")})
+        elif message.get("role") == "assistant" and message.get("tool_calls"):
+            out.append({"role": "assistant", "content": str(message.get("content") or "")})
+        else:
+            out.append({"role": message["role"], "content": str(message.get("content") or "")})
+    return out
 
 
 def neutralize(text: str, markers: Sequence[str]) -> str:
@@ -73,6 +93,7 @@ class ChatModel:
         self.markers = sorted({t.content for t in added.values() if len(t.content) > 1} | set(TOOL_MARKERS),
                               key=len, reverse=True)
         self._lock = threading.Lock()
+        self._constraints: dict[str, LogitsProcessor] = {}
 
     @classmethod
     def load(cls, path: str | Path | None = None, quantize: str | None = None, device: str = "cpu",
@@ -98,7 +119,21 @@ class ChatModel:
         return out
 
     def render(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> str:
-        return render_tools(self.safe(messages), list(tools), self.meta)
+        """The prompt text. Without tools to offer, a template without a tools section that renders any role
+        (ChatML, SmolLM2's) shows each tool result as a `tool` turn of its own ("calculator: 2^10 = 1024"), which
+        small models read far better than the fallback's `<tool_response>` user turns (they tend to echo those);
+        a template that rejects or drops the role gets the fallback (`render_tools`)."""
+        messages = self.safe(messages)
+        template = self.meta.get("chat_template")
+        if not tools and not template_has_tools(template) and any(m.get("role") == "tool" for m in messages):
+            native = tool_turns(messages)
+            try:
+                text = chat_prompt(native, self.meta)
+            except TemplateError:
+                text = ""
+            if all(m["content"] in text for m in native if m["role"] == "tool"):
+                return text
+        return render_tools(messages, list(tools), self.meta)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
@@ -122,6 +157,23 @@ class ChatModel:
         choice = result.choices[0]
         return Generation(choice.text, choice.finish_reason, result.usage.prompt_tokens,
                           result.usage.completion_tokens, result.usage.cached_tokens)
+
+    def tool_processors(self, tools: Sequence[dict[str, Any]]) -> list[LogitsProcessor]:
+        """Logits processors that let the model write free text, or calls of `tools` in its family's format
+        with arguments valid under each tool's schema (`generate.constraints`, OpenAI's `tool_choice: "auto"`)."""
+        from torchbook.generate.constraints import Constraint, constraint_processor
+
+        if not tools:
+            return []
+        key = json.dumps(list(tools), sort_keys=True)
+        with self._lock:
+            processor = self._constraints.get(key)
+            if processor is None:
+                processor = constraint_processor(Constraint.tool_calls(list(tools), self.style, required=False),
+                                                 self.tokenizer, self.meta.get("end_token_ids") or (),
+                                                 self.engine.vocab)
+                self._constraints = {key: processor}  # the tool set rarely changes: keep the last one
+        return [processor]
 
     def close(self) -> None:
         self.engine.shutdown(drain=False)

@@ -7,13 +7,14 @@
 The book's two modes:
 
 - **the orchestrator decides** (`mode="orchestrator"`, for small models that cannot call tools reliably): before
-  the model answers, code chooses the tools by rule: an arithmetic expression in the message goes to the
-  calculator, each URL is fetched (its passages ranked against the message), the knowledge base is searched
+  the model answers, code chooses the tools by rule: "remember (that) ..." is remembered (after the user
+  confirms), an arithmetic expression in the message goes to the calculator, each URL is fetched (its passages ranked against the message), the knowledge base is searched
   (`search_knowledge`) and relevant memories are recalled (`recall`). Each result enters the prompt as an
   assistant tool call and its `tool` message, as if the model had called it; the answer then lists the sources
   it was given ("Sources: [1] notes.md:12, ...").
 - **the model decides** (`mode="model"`): the tools' schemas are in the prompt (the template's tools section or
-  the fallback), the model's reply is parsed for tool calls (`generate.tool_calls.parse_tool_calls`), each call is
+  the fallback), the reply is decoded under them (`constrain`: text, or calls whose arguments follow their
+  tool's schema) and parsed for tool calls (`generate.tool_calls.parse_tool_calls`), each call is
   run and its result fed back as a `tool` message, and the model goes again, until it answers in text or the turn
   passes `max_steps` model calls or `time_limit` seconds (then it answers without tools).
 
@@ -30,6 +31,7 @@ conversation in SQLite around it. Every prompt sent is in `Reply.prompts` (the s
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ DEFAULT_SYSTEM = ("You are a helpful assistant. Answer the user's question in a 
 SUMMARY_PROMPT = ("Summarise the conversation above in at most three sentences, keeping names, numbers and "
                   "decisions.")
 SUMMARY_TOKENS = 96
+REMEMBER = re.compile(r"^\s*(?:please\s+)?remember\s+(?:that\s+)?(.+?)\s*$", re.IGNORECASE | re.DOTALL)
 CALL_STARTS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
 
 
@@ -70,7 +73,7 @@ class Model(Protocol):
     def count(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> int: ...
 
     def generate(self, prompt: str, max_tokens: int = 256, on_text: Callable[[str], Any] | None = None,
-                 **options: Any) -> Any: ...
+                 processors: Sequence[Any] = ()) -> Any: ...
 
 
 @dataclass
@@ -143,13 +146,15 @@ class Orchestrator:
 
     `max_tokens`: the longest answer per model call; `max_steps`, `time_limit`: bounds of a turn in the model's
     mode; `kb_k`: passages injected from the knowledge base; `summarize`: summarise dropped turns (else they are
-    only dropped); `confirm`: asked before a tool with side effects runs.
+    only dropped); `confirm`: asked before a tool with side effects runs; `constrain`: in the model's mode, decode
+    under the tools' schemas (free text, or calls whose arguments are valid: `ChatModel.tool_processors`), so a
+    call that does not parse or match its schema cannot be written (off: such calls are reported to the model).
     """
 
     def __init__(self, model: Model, tools: ToolRegistry | None = None, *, mode: str = "orchestrator",
                  system_prompt: str = DEFAULT_SYSTEM, max_tokens: int = 256, max_steps: int = 4,
                  time_limit: float = 120.0, kb_k: int = 3, summarize: bool = True, confirm: Confirm | None = None,
-                 generate_options: dict[str, Any] | None = None):
+                 constrain: bool = True):
         if mode not in MODES:
             raise UserInputError(f"unknown chat mode {mode!r}; accepted: {', '.join(MODES)}", param="mode")
         if max_steps < 1:
@@ -159,7 +164,7 @@ class Orchestrator:
         self.mode, self.system_prompt = mode, system_prompt
         self.max_tokens, self.max_steps, self.time_limit = max_tokens, max_steps, time_limit
         self.kb_k, self.summarize, self.confirm = kb_k, summarize, confirm
-        self.generate_options = generate_options or {}
+        self.constrain = constrain and hasattr(model, "tool_processors")
 
     # -- the turn --------------------------------------------------------------------------------------------
     def respond(self, messages: Sequence[dict[str, Any]], on_event: OnEvent | None = None,
@@ -245,7 +250,8 @@ class _Turn:
         self.dropped, self.summary = fitted.dropped, fitted.summary
         prompt = model.render(fitted.messages, tools)
         hold = _Hold(lambda text: self.emit(Event("text", text=text))) if stream else None
-        generation = model.generate(prompt, self.o.max_tokens, on_text=hold, **self.o.generate_options)
+        processors = model.tool_processors(tools) if tools and self.o.constrain else []  # type: ignore[attr-defined]
+        generation = model.generate(prompt, self.o.max_tokens, on_text=hold, processors=processors)
         self.prompts.append((prompt, int(generation.prompt_tokens)))
         self.prompt_tokens += int(generation.prompt_tokens)
         self.completion_tokens += int(generation.completion_tokens)
@@ -269,13 +275,16 @@ class _Turn:
     # -- the orchestrator decides ------------------------------------------------------------------------------
     def orchestrator_decides(self) -> Reply:
         tools = self.o.tools
+        remember = REMEMBER.match(self.user_text)
+        if remember and "remember" in tools:
+            self.run_tool("remember", {"fact": remember.group(1)})
         expression = find_expression(self.user_text)
         if expression is not None and "calculator" in tools:
             self.run_tool("calculator", {"expression": expression})
         if "fetch_url" in tools:
             for url in find_urls(self.user_text)[:2]:
                 self.run_tool("fetch_url", {"url": url, "question": self.user_text})
-        if "search_knowledge" in tools and self.user_text.strip():
+        if "search_knowledge" in tools and self.user_text.strip() and not self.new:
             self.run_tool("search_knowledge", {"query": self.user_text, "k": self.o.kb_k})
         if "recall" in tools and self.user_text.strip():
             output = tools.call("recall", {"query": self.user_text})

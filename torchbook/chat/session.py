@@ -12,6 +12,7 @@ Commands (only from what the user types: text that comes back from a tool or the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,8 @@ class CommandResult:
 
 
 def is_command(line: str) -> bool:
-    return line.startswith("/") and line.split(maxsplit=1)[0] in COMMANDS
+    """Whether a line the user typed is a command: a slash and a word ("/resume 1a2b"; "/usr/bin is ..." is not)."""
+    return re.match(r"/[A-Za-z]+(\s|$)", line) is not None
 
 
 class ChatSession:

