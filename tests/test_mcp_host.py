@@ -310,3 +310,13 @@ def test_cli_inspects_and_calls_a_configured_server(tmp_path: Path, capsys: pyte
     (tmp_path / "bad.json").write_text('{"mcpServers": {"s": {"url": "ftp://x"}}}')
     assert main(["mcp", "--inspect", str(tmp_path / "bad.json")]) == 2
     assert "torchbook: error:" in capsys.readouterr().err
+
+
+def test_a_server_that_never_answers_the_handshake_is_reported() -> None:
+    """A command that runs but never speaks MCP (`sleep`): reported after `connect_timeout`, its process stopped."""
+    started = time.monotonic()
+    with MCPHost([ServerSpec("mute", command="sleep", args=("30",))], connect_timeout=1) as host:
+        assert host.servers == [] and host.tools() == []
+        (event,) = host.events
+        assert "mute (sleep 30) could not start: no answer to the MCP handshake within 1 s" in event.message
+    assert time.monotonic() - started < 15

@@ -294,7 +294,19 @@ class _Connection:
         async def begin() -> None:
             ready: asyncio.Future[None] = self.loop.create_future()
             self._task = asyncio.ensure_future(self._keep(ready))
-            await asyncio.wait_for(ready, timeout)
+            try:
+                await asyncio.wait_for(asyncio.shield(ready), timeout)
+            except TimeoutError:
+                # Closing the read stream ends the handshake as a closed connection, so the transport shuts down
+                # the usual way and stops the child; cancelling the task instead could leave the child running.
+                if self._read_stream is not None:
+                    self._read_stream.close()
+                done, _ = await asyncio.wait({self._task}, timeout=10)
+                if not done:
+                    self._task.cancel()
+                if ready.done() and not ready.cancelled():
+                    ready.exception()  # the closed handshake's error: expected, and read so asyncio does not warn
+                raise
 
         asyncio.run_coroutine_threadsafe(begin(), self.loop).result(timeout + 5)
 
@@ -369,8 +381,9 @@ class MCPHost:
                 connection.start(self.connect_timeout)
                 listed[spec.name] = self._run(connection, lambda c: _list_all_tools(c), self.connect_timeout)
             except Exception as error:
+                reason = (f"no answer to the MCP handshake within {self.connect_timeout:g} s"
+                          if isinstance(error, TimeoutError) else _describe(error, connection))
                 connection.stop(timeout=5)
-                reason = _describe(error, connection)
                 self._report(spec.name, f"MCP server {spec.name} ({spec.describe()}) could not start: {reason}")
                 continue
             self._connections[spec.name] = connection
