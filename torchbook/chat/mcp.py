@@ -220,6 +220,10 @@ class ServerGone(Exception):
     """The server's connection is closed (it died, or the host withdrew it)."""
 
 
+class HandshakeTimeout(Exception):
+    """A server started but did not complete the MCP handshake in time."""
+
+
 class ServerExited(Exception):
     """A stdio server's output ended between calls (it exited or was killed)."""
 
@@ -290,25 +294,24 @@ class _Connection:
             self.alive = False
             self.client = None
 
-    def start(self, timeout: float) -> None:
-        async def begin() -> None:
-            ready: asyncio.Future[None] = self.loop.create_future()
-            self._task = asyncio.ensure_future(self._keep(ready))
-            try:
-                await asyncio.wait_for(asyncio.shield(ready), timeout)
-            except TimeoutError:
-                # Closing the read stream ends the handshake as a closed connection, so the transport shuts down
-                # the usual way and stops the child; cancelling the task instead could leave the child running.
-                if self._read_stream is not None:
-                    self._read_stream.close()
-                done, _ = await asyncio.wait({self._task}, timeout=10)
-                if not done:
-                    self._task.cancel()
-                if ready.done() and not ready.cancelled():
-                    ready.exception()  # the closed handshake's error: expected, and read so asyncio does not warn
-                raise
-
-        asyncio.run_coroutine_threadsafe(begin(), self.loop).result(timeout + 5)
+    async def open(self, timeout: float) -> list[types.Tool]:
+        """Start the session (the handshake within `timeout`) and list the server's tools."""
+        ready: asyncio.Future[None] = self.loop.create_future()
+        self._task = asyncio.ensure_future(self._keep(ready))
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), timeout)
+        except TimeoutError:
+            # Closing the read stream ends the handshake as a closed connection, so the transport shuts down
+            # the usual way and stops the child; cancelling the task instead could leave the child running.
+            if self._read_stream is not None:
+                self._read_stream.close()
+            done, _ = await asyncio.wait({self._task}, timeout=10)
+            if not done:
+                self._task.cancel()
+            if ready.done() and not ready.cancelled():
+                ready.exception()  # the closed handshake's error: expected, and read so asyncio does not warn
+            raise HandshakeTimeout() from None
+        return await self.call(_list_all_tools, timeout)
 
     async def call(self, make: Callable[[Client], Coroutine[Any, Any, _T]], timeout: float) -> _T:
         client = self.client
@@ -373,21 +376,25 @@ class MCPHost:
             return self
         self._started = True
         self._thread.start()
+        connections = [_Connection(spec, self._loop, self.call_timeout) for spec in self.specs]
+
+        async def open_all() -> list[list[types.Tool] | BaseException]:  # every server at once
+            return await asyncio.gather(*(c.open(self.connect_timeout) for c in connections), return_exceptions=True)
+
+        opened = asyncio.run_coroutine_threadsafe(open_all(), self._loop).result(self.connect_timeout + 30)
         listed: dict[str, list[types.Tool]] = {}
-        for spec in self.specs:
-            connection = _Connection(spec, self._loop, self.call_timeout)
-            connection.on_closed = lambda c: self._withdraw(c, ServerExited())
-            try:
-                connection.start(self.connect_timeout)
-                listed[spec.name] = self._run(connection, lambda c: _list_all_tools(c), self.connect_timeout)
-            except Exception as error:
+        for connection, result in zip(connections, opened):
+            spec = connection.spec
+            if isinstance(result, BaseException):
                 reason = (f"no answer to the MCP handshake within {self.connect_timeout:g} s"
-                          if isinstance(error, TimeoutError) else _describe(error, connection))
+                          if isinstance(result, HandshakeTimeout) else _describe(result, connection))
                 connection.stop(timeout=5)
                 self._report(spec.name, f"MCP server {spec.name} ({spec.describe()}) could not start: {reason}")
                 continue
+            connection.on_closed = lambda c: self._withdraw(c, ServerExited())
             self._connections[spec.name] = connection
-            log.info("MCP server %s: %d tools", spec.name, len(listed[spec.name]))
+            listed[spec.name] = result
+            log.info("MCP server %s: %d tools", spec.name, len(result))
         self._tools = _name_tools(listed, self.reserved)
         return self
 
