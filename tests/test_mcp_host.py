@@ -306,17 +306,17 @@ def test_cli_inspects_and_calls_a_configured_server(tmp_path: Path, capsys: pyte
     assert "  prompt   args-prompt(city, state)" in listed
     assert main(["mcp", "--inspect", str(path), "--call", "get-sum", "--arguments", '{"a": 40, "b": 2}']) == 0
     assert capsys.readouterr().out == "The sum of 40 and 2 is 42.\n"
-    assert main(["mcp", "--inspect", str(path), "--call", "get-sum", "--arguments", '{"a": "x"}']) == 1
     (tmp_path / "bad.json").write_text('{"mcpServers": {"s": {"url": "ftp://x"}}}')
     assert main(["mcp", "--inspect", str(tmp_path / "bad.json")]) == 2
     assert "torchbook: error:" in capsys.readouterr().err
 
 
 def test_a_server_that_never_answers_the_handshake_is_reported() -> None:
-    """A command that runs but never speaks MCP (`sleep`): reported after `connect_timeout`, its process stopped."""
+    """A command that runs but never speaks MCP: reported after `connect_timeout`, its process stopped."""
     started = time.monotonic()
-    with MCPHost([ServerSpec("mute", command="sleep", args=("30",))], connect_timeout=1) as host:
+    with MCPHost([ServerSpec("mute", command="sh", args=("-c", "cat > /dev/null"))], connect_timeout=1) as host:
         assert host.servers == [] and host.tools() == []
         (event,) = host.events
-        assert "mute (sleep 30) could not start: no answer to the MCP handshake within 1 s" in event.message
+        assert "mute (sh -c cat > /dev/null) could not start: no answer to the MCP handshake within 1 s" in \
+            event.message
     assert time.monotonic() - started < 15
