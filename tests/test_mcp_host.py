@@ -188,6 +188,8 @@ def test_lists_and_reads_resources(host: MCPHost) -> None:
     (content,) = host.read_resource("everything", uri)
     # the server serves the file shipped in its package: the text read is that file's
     assert content.text == (EVERYTHING / "docs/features.md").read_text(encoding="utf-8")
+    templates = {t.uri_template for t in host.resource_templates("remote")}
+    assert {"demo://resource/dynamic/text/{resourceId}", "demo://resource/dynamic/blob/{resourceId}"} <= templates
     (dynamic,) = host.read_resource("remote", "demo://resource/dynamic/text/3")
     assert dynamic.text is not None and dynamic.text.startswith("Resource 3:")
     (blob,) = host.read_resource("remote", "demo://resource/dynamic/blob/3")
@@ -285,6 +287,7 @@ def test_connect_reads_the_file_and_fills_the_registry(tmp_path: Path) -> None:
         # the servers' resources reach the model through one tool
         reader = registry.get("read_resource")
         assert reader is not None and "everything demo://resource/static/document/features.md" in reader.description
+        assert "everything demo://resource/dynamic/text/{resourceId} (fill in the {...})" in reader.description
         uri = "demo://resource/static/document/architecture.md"
         read = registry.call("read_resource", {"server": "everything", "uri": uri})
         assert not read.error and read.text == (EVERYTHING / "docs/architecture.md").read_text(encoding="utf-8")

@@ -150,6 +150,17 @@ class RemoteResource:
 
 
 @dataclass(frozen=True)
+class RemoteTemplate:
+    """A family of resources: read one by filling the URI template (RFC 6570), e.g. `demo://text/{index}`."""
+
+    server: str
+    uri_template: str
+    name: str
+    description: str
+    mime_type: str | None
+
+
+@dataclass(frozen=True)
 class RemotePrompt:
     server: str
     name: str
@@ -459,6 +470,14 @@ class MCPHost:
                       for r in listed]
         return found
 
+    def resource_templates(self, server: str | None = None) -> list[RemoteTemplate]:
+        found = []
+        for connection in self._live(server):
+            listed = self._safe(connection, _list_all_templates) or []
+            found += [RemoteTemplate(connection.spec.name, t.uri_template, t.name, t.description or "", t.mime_type)
+                      for t in listed]
+        return found
+
     def read_resource(self, server: str, uri: str) -> list[ResourceContent]:
         result = self._request(server, lambda c: c.read_resource(uri), f"read {uri}")
         return [ResourceContent(c.uri, c.mime_type, text=c.text) if isinstance(c, types.TextResourceContents)
@@ -586,6 +605,10 @@ async def _list_all_resources(client: Client) -> list[types.Resource]:
     return await _all_pages(client.list_resources, "resources")
 
 
+async def _list_all_templates(client: Client) -> list[types.ResourceTemplate]:
+    return await _all_pages(client.list_resource_templates, "resource_templates")
+
+
 async def _list_all_prompts(client: Client) -> list[types.Prompt]:
     return await _all_pages(client.list_prompts, "prompts")
 
@@ -640,14 +663,16 @@ def add_to_registry(host: MCPHost, registry: ToolRegistry) -> list[str]:
             added.append(registry.add(tool, namespace=remote.server))
         except UserInputError as error:  # a schema the registry cannot offer (not an object): that tool alone
             log.warning("MCP tool %s of %s not offered: %s", remote.remote_name, remote.server, error)
-    resources = host.resources()
-    reader = registry.add(resource_tool(host, resources), namespace="mcp") if resources else None
+    resources, templates = host.resources(), host.resource_templates()
+    reader = registry.add(resource_tool(host, resources, templates), namespace="mcp") \
+        if resources or templates else None
     added += [reader] if reader else []
+    readable = {r.server for r in resources} | {t.server for t in templates}
     previous = host.on_event
 
     def withdraw(event: HostEvent) -> None:
         registry.remove_source(source_name(event.server))
-        if reader and not {r.server for r in resources} & set(host.servers):
+        if reader and not readable & set(host.servers):
             registry.remove(reader)  # no server left to read from
         if previous is not None:
             previous(event)
@@ -659,9 +684,10 @@ def add_to_registry(host: MCPHost, registry: ToolRegistry) -> list[str]:
 RESOURCES_LISTED = 20  # resources named in the read tool's description (the model sees the first ones)
 
 
-def resource_tool(host: MCPHost, resources: Sequence[RemoteResource]) -> Tool:
+def resource_tool(host: MCPHost, resources: Sequence[RemoteResource],
+                  templates: Sequence[RemoteTemplate] = ()) -> Tool:
     """A tool for the model to read the servers' resources (`read_resource(server, uri)`); its description lists
-    the first `RESOURCES_LISTED` of them."""
+    the first `RESOURCES_LISTED` of them and the URI templates."""
 
     def run(server: str, uri: str) -> ToolOutput:
         parts = [c.text if c.text is not None else f"[{c.mime_type or 'binary'} content, {len(c.data or b'')} bytes]"
@@ -671,7 +697,10 @@ def resource_tool(host: MCPHost, resources: Sequence[RemoteResource]) -> Tool:
     listed = "; ".join(f"{r.server} {r.uri}" + (f" ({r.name})" if r.name and r.name not in r.uri else "")
                        for r in resources[:RESOURCES_LISTED])
     more = f" and {len(resources) - RESOURCES_LISTED} more" if len(resources) > RESOURCES_LISTED else ""
-    servers = sorted({r.server for r in resources})
+    if templates:
+        listed += ("; " if listed else "") + "; ".join(f"{t.server} {t.uri_template} (fill in the {{...}})"
+                                                       for t in templates[:RESOURCES_LISTED])
+    servers = sorted({r.server for r in resources} | {t.server for t in templates})
     return Tool("read_resource", f"Read a document (resource) from an MCP server by its URI. Available: {listed}{more}.",
                 {"type": "object", "properties": {"server": {"type": "string", "enum": servers},
                                                   "uri": {"type": "string"}},

@@ -61,6 +61,8 @@ def inspect(args: argparse.Namespace) -> int:
                 print(f"  tool     {tool.name}: {tool.description.splitlines()[0] if tool.description else ''}")
             for resource in host.resources(server):
                 print(f"  resource {resource.uri} ({resource.mime_type or 'unknown type'})")
+            for template in host.resource_templates(server):
+                print(f"  template {template.uri_template} ({template.mime_type or 'unknown type'})")
             for prompt in host.prompts(server):
                 print(f"  prompt   {prompt.name}({', '.join(prompt.arguments)})")
         for event in host.events:
