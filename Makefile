@@ -20,7 +20,7 @@ help:
 	@echo "make test       the default suite: unit, parity and smoke tests (under 10 minutes)"
 	@echo "make test-slow  quick-preset quality gates and long comparisons"
 	@echo "make lint       ruff, mypy and the layers (import-linter)"
-	@echo "make system-deps  Debian packages the tests use (Fashion-MNIST's idx files), skipping what is present"
+	@echo "make system-deps  Debian packages the tests use (Fashion-MNIST's idx files) and the npm MCP servers (lockfile), skipping what is present"
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,18 @@ system-deps:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	else echo "system packages present: $(DEBIAN_PACKAGES)"; fi
+	@$(MAKE) --no-print-directory mcp-servers
+
+# Third-party MCP servers the MCP tests talk to (#23), installed with `npm ci` from the committed lockfile into
+# third_party/mcp-servers/node_modules (never fetched at test time). Node.js comes from Debian if it is missing.
+MCP_SERVERS := third_party/mcp-servers
+.PHONY: mcp-servers
+mcp-servers: $(MCP_SERVERS)/node_modules/.package-lock.json
+$(MCP_SERVERS)/node_modules/.package-lock.json: $(MCP_SERVERS)/package-lock.json $(MCP_SERVERS)/package.json
+	@command -v npm >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm; }
+	cd $(MCP_SERVERS) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
 
 check-torch:
 	@$(PY) -c "import sys, torch; v = torch.__version__.split('+')[0]; \
