@@ -437,3 +437,25 @@ def test_smollm2_finishes_valid_json(smollm2):
 @pytest.mark.timeout(900)
 def test_smollm2_finishes_valid_json_on_more_schemas(smollm2):
     check_smollm2(smollm2_outputs(smollm2, SMOL_SLOW_CASES, max_tokens=96))
+
+
+def test_smollm2_calls_a_required_tool_through_the_fallback_prompt(smollm2):
+    from torchbook.generate.text import generate_text
+    from torchbook.generate.tool_calls import render_tools, tool_style
+
+    meta, ends = smollm2.meta, smollm2.meta["end_token_ids"]
+    style = tool_style(meta.get("chat_template"))
+    prompt = render_tools([{"role": "user", "content": "What's the weather in Paris for the next 3 days?"}],
+                          [WEATHER, TIME], meta)
+    assert "<tools>" in prompt  # SmolLM2's template has no tools section: the fallback's system message
+    # one call (parallel_tool_calls false): with more allowed, SmolLM2 calls the same tool again until max_tokens
+    processor = constraint_processor(Constraint.tool_calls([WEATHER, TIME], style, parallel=False),
+                                     smollm2.tokenizer, ends, smollm2.model.config.vocab_size)
+    completion = generate_text(smollm2.model, smollm2.tokenizer, prompt, 64, end_ids=ends, add_special_tokens=False,
+                               processors=[processor])[0]
+    assert completion.finish_reason == "stop", completion.text
+    content, calls = parse_tool_calls(completion.text, style, tools=[WEATHER, TIME])
+    assert content == "" and len(calls) == 1 and calls[0].name == "get_weather"
+    for call in calls:
+        validator({"get_weather": WEATHER, "get_time": TIME}[call.name]["function"]["parameters"]).validate(
+            call.arguments)
