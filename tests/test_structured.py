@@ -377,7 +377,7 @@ SMOL_SLOW_CASES = SMOL_CASES + [
     ("Describe a book as JSON.", {"type": "object", "properties": {
         "title": {"type": "string", "maxLength": 40}, "year": {"type": "integer", "minimum": 1000, "maximum": 2030},
         "genres": {"type": "array", "items": {"type": "string", "maxLength": 15}, "maxItems": 3}},
-        "required": ["title", "year", "genres"]}),
+        "required": ["title", "year", "genres"], "additionalProperties": False}),  # OpenAI's strict schemas
     ("A point on a map, as JSON.", {"type": "object", "properties": {
         "lat": {"type": "number", "minimum": -90, "maximum": 90}, "lon": {"type": "number", "minimum": -180,
                                                                            "maximum": 180}},
@@ -389,7 +389,7 @@ SMOL_SLOW_CASES = SMOL_CASES + [
                        "anyOf": [{"$ref": "#/$defs/circle"}, {"$ref": "#/$defs/square"}]}),
     ("Today's date, as JSON.", {"type": "object", "properties": {"date": {"type": "string", "format": "date"}},
                                 "required": ["date"]}),
-    ("Any JSON about cats.", {}),
+    ("Any JSON about cats.", {}),  # greedy SmolLM2 writes a URL ending in zeros until max_tokens: the one cut
     ("An order as JSON.", {"type": "object", "properties": {
         "id": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{4}$"}, "qty": {"type": "integer", "minimum": 1},
         "express": {"type": "boolean"}, "note": {"type": ["string", "null"], "maxLength": 30}},
