@@ -429,24 +429,23 @@ def check_smollm2(results: list[tuple[dict, str, str]]) -> None:
         validator(schema).validate(json.loads(text))
 
 
-def test_smollm2_finishes_valid_json(smollm2):
-    check_smollm2(smollm2_outputs(smollm2, SMOL_CASES[:3], max_tokens=48))
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_smollm2_finishes_valid_json_on_more_schemas(smollm2):
+def test_smollm2_finishes_valid_json(smollm2):
+    """At least 90% of SmolLM2's answers to 10 schemas and prompts finish within 96 tokens (greedy and sampled),
+    every finished one valid. (The default suite's SmolLM2 test is the required tool call below.)"""
     check_smollm2(smollm2_outputs(smollm2, SMOL_SLOW_CASES, max_tokens=96))
 
 
 def test_smollm2_calls_a_required_tool_through_the_fallback_prompt(smollm2):
     from torchbook.generate.text import generate_text
-    from torchbook.generate.tool_calls import render_tools, tool_style
+    from torchbook.generate.tool_calls import render_tools, template_has_tools, tool_style
 
     meta, ends = smollm2.meta, smollm2.meta["end_token_ids"]
     style = tool_style(meta.get("chat_template"))
     prompt = render_tools([{"role": "user", "content": "What's the weather in Paris for the next 3 days?"}],
                           [WEATHER, TIME], meta)
+    assert not template_has_tools(meta["chat_template"]) and style == "hermes"
     assert "<tools>" in prompt  # SmolLM2's template has no tools section: the fallback's system message
     # one call (parallel_tool_calls false): with more allowed, SmolLM2 calls the same tool again until max_tokens
     processor = constraint_processor(Constraint.tool_calls([WEATHER, TIME], style, parallel=False),
