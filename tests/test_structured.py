@@ -252,20 +252,23 @@ def test_a_batch_mixes_constraints_and_none_and_choices_fork():
     digits = constraint_processor(Constraint.regex("[0-9]{2,3}"), tokenizer, ends, vocab)
     prompt = tokenizer.encode("hello").ids
     sampled = SamplingConfig(temperature=1.0, seed=5)
+    # top-k and top-p narrow enough that, before the mask, they would leave no allowed token
+    narrow = SamplingConfig(temperature=0.8, top_k=2, top_p=0.5, seed=1)
     handles = [engine.submit(Request(prompt, 60, processors=[person])),  # greedy
                engine.submit(Request(prompt, 60, sampled, n=2, processors=[person])),  # two choices, one processor
+               engine.submit(Request(prompt, 60, narrow, processors=[person])),
                engine.submit(Request(prompt, 10, processors=[digits])),
                engine.submit(Request(prompt, 8))]  # unconstrained beside them
     engine.run()
-    people = [c for h in handles[:2] for c in h.result().choices]
+    people = [c for h in handles[:3] for c in h.result().choices]
     # every choice finished valid: each followed its own copy of the processor (a shared one would see the other
-    # choice's tokens, break, and allow only the end token)
-    assert [c.finish_reason for c in people] == ["stop"] * 3
+    # choice's tokens, break, and allow only the end token); top-k and top-p come after the mask
+    assert [c.finish_reason for c in people] == ["stop"] * 4
     for choice in people:
         validator(PERSON).validate(json.loads(choice.text))
-    number = handles[2].result().choices[0]
+    number = handles[3].result().choices[0]
     assert number.finish_reason == "stop" and re.fullmatch("[0-9]{2,3}", number.text)
-    free = handles[3].result().choices[0]
+    free = handles[4].result().choices[0]
     alone = Engine(tiny_gpt(vocab), tokenizer, slots=1, max_len=200, end_ids=ends)
     reference = alone.submit(Request(prompt, 8))
     alone.run()
