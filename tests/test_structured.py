@@ -364,6 +364,39 @@ def test_auto_tool_choice_is_free_text_or_calls_under_their_schemas(style):
     assert free >= 3 and called >= 3, (free, called)
 
 
+def test_openai_response_format_and_tool_choice_map_to_constraints():
+    from torchbook.generate.constraints import response_format_constraint, tool_choice_constraint
+
+    assert response_format_constraint(None) is None and response_format_constraint({"type": "text"}) is None
+    assert response_format_constraint({"type": "json_object"}) == Constraint.any_json(object_only=True)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert response_format_constraint({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}) == \
+        Constraint.json_schema(schema)
+    for bad in ({"type": "xml"}, {"type": "json_schema"}, "json"):
+        with pytest.raises(UserInputError) as error:
+            response_format_constraint(bad)  # type: ignore[arg-type]  # a string on purpose
+        assert error.value.param == "response_format"
+    tools = [WEATHER, TIME]
+    assert tool_choice_constraint(tools, "none") is None and tool_choice_constraint([], "required") is None
+    assert tool_choice_constraint(tools, "auto") == Constraint.tool_calls(tools, required=False)
+    assert tool_choice_constraint(tools, "required", "llama3", parallel_tool_calls=False) == \
+        Constraint.tool_calls(tools, "llama3", parallel=False)
+    assert tool_choice_constraint(tools, {"type": "function", "function": {"name": "get_time"}}) == \
+        Constraint.tool_calls(tools, name="get_time")
+    with pytest.raises(UserInputError, match="not among the declared tools"):
+        tool_choice_constraint(tools, {"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(UserInputError) as error:
+        tool_choice_constraint(tools, "always")
+    assert error.value.param == "tool_choice"
+    # the json_object constraint really is an object: a walk never finishes with a bare number
+    tokenizer, ends = VOCABULARIES["gpt2"]
+    processor = constraint_processor(response_format_constraint({"type": "json_object"}), tokenizer, ends)
+    generator = torch.Generator().manual_seed(4)
+    done = [text for text, reason in (walk(processor, tokenizer, ends, generator) for _ in range(6))
+            if reason == "stop"]
+    assert done and all(isinstance(json.loads(t), dict) for t in done)
+
+
 # -- SmolLM2 --------------------------------------------------------------------------------------------------
 SMOL_CASES = [
     ("Give a person's name and age as JSON.", PERSON),

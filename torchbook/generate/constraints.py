@@ -105,6 +105,45 @@ class Constraint:
                 "choices": "the choices", "grammar": "the grammar", "tool_calls": "the tools' schemas"}.get(self.kind, self.kind)
 
 
+def response_format_constraint(response_format: dict[str, Any] | None) -> Constraint | None:
+    """OpenAI's `response_format` as a constraint: None or {"type": "text"}: none; {"type": "json_object"}: any
+    JSON object; {"type": "json_schema", "json_schema": {"name", "schema", "strict"?}}: the schema."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise UserInputError("response_format must be an object with a 'type'", param="response_format")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.any_json(object_only=True)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise UserInputError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                                 param="response_format")
+        return Constraint.json_schema(spec["schema"])
+    raise UserInputError(f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                         param="response_format")
+
+
+def tool_choice_constraint(tools: Sequence[dict[str, Any] | Tool], tool_choice: Any = "auto",
+                           style: str = "hermes", parallel_tool_calls: bool = True) -> Constraint | None:
+    """OpenAI's `tool_choice` over the declared `tools` as a constraint: "none" or no tools: none; "auto": free
+    text or valid calls; "required": at least one call; {"type": "function", "function": {"name": N}}: one call of
+    N. Every call's arguments follow its tool's schema; `parallel_tool_calls=False`: at most one call."""
+    if not tools or tool_choice == "none":
+        return None
+    if tool_choice == "auto" or tool_choice is None:
+        return Constraint.tool_calls(tools, style, required=False, parallel=parallel_tool_calls)
+    if tool_choice == "required":
+        return Constraint.tool_calls(tools, style, parallel=parallel_tool_calls)
+    if isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
+        return Constraint.tool_calls(tools, style, name=tool_choice["function"].get("name"))
+    raise UserInputError(f"tool_choice must be 'none', 'auto', 'required' or {{'type': 'function', 'function': "
+                         f"{{'name': ...}}}}, got {tool_choice!r}", param="tool_choice")
+
+
 def json_schema_of(value: dict[str, Any] | str) -> dict[str, Any]:
     """A schema given as a dict or JSON text, as a dict (an error naming the JSON problem otherwise)."""
     if isinstance(value, str):
