@@ -86,26 +86,25 @@ COVERAGE: dict[str, dict[str, Any]] = {
 
 # -- the three libraries behind one small interface ------------------------------------------------------------
 class Library:
-    """compile(schema) -> a state factory; each state: allowed() bool (V,), advance(token), done() (accepting and
-    nothing can follow, or the end token is the only choice)."""
+    """compile(schema) -> a state factory; each state: compute() the mask in the library's own format,
+    allowed(native) as bool (V,), advance(token), done() (accepting and nothing can follow)."""
 
     name = ""
 
     def prepare(self, tokenizer: Any, vocab: int, ends: list[int]) -> None: ...
 
-    def compile(self, schema: dict) -> Callable[[], Any]: ...
+    def compile(self, schema: dict, replay: bool = False) -> Callable[[], Any]: ...
 
 
 class LLGuidance(Library):
     name = "llguidance"
 
     def prepare(self, tokenizer: Any, vocab: int, ends: list[int]) -> None:
-        from torchbook.generate.constraints import ll_tokenizer
+        from llguidance import LLTokenizer
 
-        self.tokenizer = ll_tokenizer(tokenizer, ends, vocab)
-        self.ends = ends
+        self.tokenizer = LLTokenizer(tokenizer.to_str(), n_vocab=vocab, eos_token=ends)  # uncached, to time it
 
-    def compile(self, schema: dict) -> Callable[[], Any]:
+    def compile(self, schema: dict, replay: bool = False) -> Callable[[], Any]:
         from llguidance import LLMatcher
 
         from torchbook.generate.constraints import Constraint, grammar_text
@@ -118,18 +117,49 @@ class LLGuidance(Library):
         return lambda: _LLState(matcher.deep_copy())
 
 
+class LLGuidanceBits(LLGuidance):
+    """llguidance's bitmask API (one bit per token, as xgrammar's), the fastest form it computes."""
+
+    name = "llguidance (bitmask)"
+
+    def compile(self, schema: dict, replay: bool = False) -> Callable[[], Any]:
+        factory = super().compile(schema, replay)
+        return lambda: _LLBitState(factory().matcher, self.tokenizer.vocab_size)
+
+
 class _LLState:
     def __init__(self, matcher: Any):
         self.matcher = matcher
 
-    def allowed(self) -> torch.Tensor:
-        return torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8).bool()
+    def compute(self) -> Any:
+        return self.matcher.compute_logit_bias()  # one byte per token
+
+    def allowed(self, native: Any = None) -> torch.Tensor:
+        native = self.compute() if native is None else native
+        return torch.frombuffer(bytearray(native), dtype=torch.uint8).bool()
 
     def advance(self, token: int) -> bool:
         return bool(self.matcher.consume_token(token))
 
     def done(self) -> bool:
         return bool(self.matcher.is_stopped())
+
+
+class _LLBitState(_LLState):
+    def __init__(self, matcher: Any, vocab: int):
+        super().__init__(matcher)
+        self.vocab = vocab
+        self.bitmask = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
+        self.bits = torch.arange(32, dtype=torch.int32)
+
+    def compute(self) -> Any:
+        v = self.bitmask[0]
+        self.matcher.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())  # llguidance.torch's way
+        return self.bitmask
+
+    def allowed(self, native: Any = None) -> torch.Tensor:
+        native = self.compute() if native is None else native
+        return ((native[0, :, None] >> self.bits) & 1).bool().flatten()[: self.vocab]
 
 
 class XGrammar(Library):
@@ -143,11 +173,13 @@ class XGrammar(Library):
         self.info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab, stop_token_ids=ends)
         self.vocab = vocab
 
-    def compile(self, schema: dict) -> Callable[[], Any]:
+    def compile(self, schema: dict, replay: bool = False) -> Callable[[], Any]:
         import xgrammar as xgr
 
+        # replaying llguidance's outputs needs its spaces (" ," after a string); walks get compact JSON, as random
+        # logits loop in free whitespace
         compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
-        compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=replay)
         return lambda: _XGState(xgr.GrammarMatcher(compiled), self.vocab)
 
 
@@ -159,9 +191,13 @@ class _XGState:
         self.bitmask = xgr.allocate_token_bitmask(1, vocab)
         self.bits = torch.arange(32, dtype=torch.int32)
 
-    def allowed(self) -> torch.Tensor:
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        return ((self.bitmask[0, :, None] >> self.bits) & 1).bool().flatten()[: self.vocab]
+    def compute(self) -> Any:
+        self.matcher.fill_next_token_bitmask(self.bitmask)  # one bit per token
+        return self.bitmask
+
+    def allowed(self, native: Any = None) -> torch.Tensor:
+        native = self.compute() if native is None else native
+        return ((native[0, :, None] >> self.bits) & 1).bool().flatten()[: self.vocab]
 
     def advance(self, token: int) -> bool:
         return bool(self.matcher.accept_token(token))
@@ -186,7 +222,7 @@ class OutlinesCore(Library):
         self.vocabulary = Vocabulary(ends[0], tokens)
         self.vocab, self.ends = vocab, ends
 
-    def compile(self, schema: dict) -> Callable[[], Any]:
+    def compile(self, schema: dict, replay: bool = False) -> Callable[[], Any]:
         from outlines_core import Guide, Index
         from outlines_core.json_schema import build_regex_from_schema
 
@@ -198,9 +234,13 @@ class _OCState:
     def __init__(self, guide: Any, vocab: int):
         self.guide, self.vocab = guide, vocab
 
-    def allowed(self) -> torch.Tensor:
+    def compute(self) -> Any:
+        return self.guide.get_tokens()  # the allowed ids
+
+    def allowed(self, native: Any = None) -> torch.Tensor:
+        native = self.compute() if native is None else native
         allowed = torch.zeros(self.vocab, dtype=torch.bool)
-        allowed[self.guide.get_tokens()] = True
+        allowed[native] = True
         return allowed
 
     def advance(self, token: int) -> bool:
@@ -313,20 +353,22 @@ def compile_and_mask_times(libraries: list[Library], tokenizer: Any, vocab: int,
         compiles, masks = [], []
         for (_, schema), tokens in zip(CASES, outputs):
             start = time.perf_counter()
-            factory = library.compile(schema)
+            factory = library.compile(schema, replay=True)
             state = factory()
             compiles.append(time.perf_counter() - start)
             for token in tokens:
                 if token in ends:
                     break
                 start = time.perf_counter()
-                allowed = state.allowed()
+                native = state.compute()  # the library's own mask format: the conversion is not timed
                 masks.append(time.perf_counter() - start)
+                allowed = state.allowed(native)
                 if not allowed[token]:  # its JSON whitespace rules differ: the rest of this output is not followed
                     break
                 state.advance(token)
         rows[library.name] = {"prepare_s": prepare, "compile_ms": 1000 * statistics.mean(compiles),
                               "mask_ms": 1000 * statistics.mean(masks), "mask_p99_ms": 1000 * percentile(masks, 0.99),
+                              "mask_median_ms": 1000 * statistics.median(masks),
                               "steps": len(masks)}
     return rows
 
@@ -390,6 +432,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each prompt (default 3)")
     parser.add_argument("--walks", type=int, default=3, help="random walks per library and coverage schema")
+    parser.add_argument("--skip-coverage", action="store_true", help="leave out part 4")
     parser.add_argument("--skip-decoding", action="store_true", help="leave out part 1 (replay outputs saved by a "
                         "previous run in --outputs)")
     parser.add_argument("--outputs", default="/tmp/torchbook-structured-outputs.json",
@@ -411,13 +454,16 @@ def main() -> None:
         Path(args.outputs).write_text(json.dumps(outputs))
         print_times(times)
     libraries = library_objects()
-    rows = compile_and_mask_times(libraries, loaded.tokenizer, vocab, ends, outputs)
-    print("\n| library | vocabulary preparation (s) | schema compile (ms, mean) | mask per token (ms, mean) | p99 | "
-          "steps |")
-    print("|---|---|---|---|---|---|")
+    rows = compile_and_mask_times([*libraries[:1], LLGuidanceBits(), *libraries[1:]], loaded.tokenizer, vocab, ends,
+                                  outputs)
+    print("\n| library | vocabulary preparation (s) | schema compile (ms, mean) | mask per token (ms): mean | median "
+          "| p99 | steps |")
+    print("|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['prepare_s']:.2f} | {row['compile_ms']:.1f} | {row['mask_ms']:.3f} | "
-              f"{row['mask_p99_ms']:.3f} | {row['steps']} |")
+              f"{row['mask_median_ms']:.3f} | {row['mask_p99_ms']:.3f} | {row['steps']} |")
+    if args.skip_coverage:
+        return
     table = coverage(libraries, loaded.tokenizer, ends, args.walks)
     print("\n| schema feature | " + " | ".join(table) + " |")
     print("|---|" + "---|" * len(table))

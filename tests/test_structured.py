@@ -252,20 +252,23 @@ def test_a_batch_mixes_constraints_and_none_and_choices_fork():
     digits = constraint_processor(Constraint.regex("[0-9]{2,3}"), tokenizer, ends, vocab)
     prompt = tokenizer.encode("hello").ids
     sampled = SamplingConfig(temperature=1.0, seed=5)
+    # top-k and top-p narrow enough that, before the mask, they would leave no allowed token
+    narrow = SamplingConfig(temperature=0.8, top_k=2, top_p=0.5, seed=1)
     handles = [engine.submit(Request(prompt, 60, processors=[person])),  # greedy
                engine.submit(Request(prompt, 60, sampled, n=2, processors=[person])),  # two choices, one processor
+               engine.submit(Request(prompt, 60, narrow, processors=[person])),
                engine.submit(Request(prompt, 10, processors=[digits])),
                engine.submit(Request(prompt, 8))]  # unconstrained beside them
     engine.run()
-    people = [c for h in handles[:2] for c in h.result().choices]
+    people = [c for h in handles[:3] for c in h.result().choices]
     # every choice finished valid: each followed its own copy of the processor (a shared one would see the other
-    # choice's tokens, break, and allow only the end token)
-    assert [c.finish_reason for c in people] == ["stop"] * 3
+    # choice's tokens, break, and allow only the end token); top-k and top-p come after the mask
+    assert [c.finish_reason for c in people] == ["stop"] * 4
     for choice in people:
         validator(PERSON).validate(json.loads(choice.text))
-    number = handles[2].result().choices[0]
+    number = handles[3].result().choices[0]
     assert number.finish_reason == "stop" and re.fullmatch("[0-9]{2,3}", number.text)
-    free = handles[3].result().choices[0]
+    free = handles[4].result().choices[0]
     alone = Engine(tiny_gpt(vocab), tokenizer, slots=1, max_len=200, end_ids=ends)
     reference = alone.submit(Request(prompt, 8))
     alone.run()
@@ -361,6 +364,39 @@ def test_auto_tool_choice_is_free_text_or_calls_under_their_schemas(style):
     assert free >= 3 and called >= 3, (free, called)
 
 
+def test_openai_response_format_and_tool_choice_map_to_constraints():
+    from torchbook.generate.constraints import response_format_constraint, tool_choice_constraint
+
+    assert response_format_constraint(None) is None and response_format_constraint({"type": "text"}) is None
+    assert response_format_constraint({"type": "json_object"}) == Constraint.any_json(object_only=True)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert response_format_constraint({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}) == \
+        Constraint.json_schema(schema)
+    for bad in ({"type": "xml"}, {"type": "json_schema"}, "json"):
+        with pytest.raises(UserInputError) as error:
+            response_format_constraint(bad)  # type: ignore[arg-type]  # a string on purpose
+        assert error.value.param == "response_format"
+    tools = [WEATHER, TIME]
+    assert tool_choice_constraint(tools, "none") is None and tool_choice_constraint([], "required") is None
+    assert tool_choice_constraint(tools, "auto") == Constraint.tool_calls(tools, required=False)
+    assert tool_choice_constraint(tools, "required", "llama3", parallel_tool_calls=False) == \
+        Constraint.tool_calls(tools, "llama3", parallel=False)
+    assert tool_choice_constraint(tools, {"type": "function", "function": {"name": "get_time"}}) == \
+        Constraint.tool_calls(tools, name="get_time")
+    with pytest.raises(UserInputError, match="not among the declared tools"):
+        tool_choice_constraint(tools, {"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(UserInputError) as error:
+        tool_choice_constraint(tools, "always")
+    assert error.value.param == "tool_choice"
+    # the json_object constraint really is an object: a walk never finishes with a bare number
+    tokenizer, ends = VOCABULARIES["gpt2"]
+    processor = constraint_processor(response_format_constraint({"type": "json_object"}), tokenizer, ends)
+    generator = torch.Generator().manual_seed(4)
+    done = [text for text, reason in (walk(processor, tokenizer, ends, generator) for _ in range(6))
+            if reason == "stop"]
+    assert done and all(isinstance(json.loads(t), dict) for t in done)
+
+
 # -- SmolLM2 --------------------------------------------------------------------------------------------------
 SMOL_CASES = [
     ("Give a person's name and age as JSON.", PERSON),
@@ -377,7 +413,7 @@ SMOL_SLOW_CASES = SMOL_CASES + [
     ("Describe a book as JSON.", {"type": "object", "properties": {
         "title": {"type": "string", "maxLength": 40}, "year": {"type": "integer", "minimum": 1000, "maximum": 2030},
         "genres": {"type": "array", "items": {"type": "string", "maxLength": 15}, "maxItems": 3}},
-        "required": ["title", "year", "genres"]}),
+        "required": ["title", "year", "genres"], "additionalProperties": False}),  # OpenAI's strict schemas
     ("A point on a map, as JSON.", {"type": "object", "properties": {
         "lat": {"type": "number", "minimum": -90, "maximum": 90}, "lon": {"type": "number", "minimum": -180,
                                                                            "maximum": 180}},
@@ -389,7 +425,7 @@ SMOL_SLOW_CASES = SMOL_CASES + [
                        "anyOf": [{"$ref": "#/$defs/circle"}, {"$ref": "#/$defs/square"}]}),
     ("Today's date, as JSON.", {"type": "object", "properties": {"date": {"type": "string", "format": "date"}},
                                 "required": ["date"]}),
-    ("Any JSON about cats.", {}),
+    ("Any JSON about cats.", {}),  # greedy SmolLM2 writes a URL ending in zeros until max_tokens: the one cut
     ("An order as JSON.", {"type": "object", "properties": {
         "id": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{4}$"}, "qty": {"type": "integer", "minimum": 1},
         "express": {"type": "boolean"}, "note": {"type": ["string", "null"], "maxLength": 30}},
@@ -429,11 +465,32 @@ def check_smollm2(results: list[tuple[dict, str, str]]) -> None:
         validator(schema).validate(json.loads(text))
 
 
-def test_smollm2_finishes_valid_json(smollm2):
-    check_smollm2(smollm2_outputs(smollm2, SMOL_CASES[:3], max_tokens=48))
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_smollm2_finishes_valid_json_on_more_schemas(smollm2):
+def test_smollm2_finishes_valid_json(smollm2):
+    """At least 90% of SmolLM2's answers to 10 schemas and prompts finish within 96 tokens (greedy and sampled),
+    every finished one valid. (The default suite's SmolLM2 test is the required tool call below.)"""
     check_smollm2(smollm2_outputs(smollm2, SMOL_SLOW_CASES, max_tokens=96))
+
+
+def test_smollm2_calls_a_required_tool_through_the_fallback_prompt(smollm2):
+    from torchbook.generate.text import generate_text
+    from torchbook.generate.tool_calls import render_tools, template_has_tools, tool_style
+
+    meta, ends = smollm2.meta, smollm2.meta["end_token_ids"]
+    style = tool_style(meta.get("chat_template"))
+    prompt = render_tools([{"role": "user", "content": "What's the weather in Paris for the next 3 days?"}],
+                          [WEATHER, TIME], meta)
+    assert not template_has_tools(meta["chat_template"]) and style == "hermes"
+    assert "<tools>" in prompt  # SmolLM2's template has no tools section: the fallback's system message
+    # one call (parallel_tool_calls false): with more allowed, SmolLM2 calls the same tool again until max_tokens
+    processor = constraint_processor(Constraint.tool_calls([WEATHER, TIME], style, parallel=False),
+                                     smollm2.tokenizer, ends, smollm2.model.config.vocab_size)
+    completion = generate_text(smollm2.model, smollm2.tokenizer, prompt, 64, end_ids=ends, add_special_tokens=False,
+                               processors=[processor])[0]
+    assert completion.finish_reason == "stop", completion.text
+    content, calls = parse_tool_calls(completion.text, style, tools=[WEATHER, TIME])
+    assert content == "" and len(calls) == 1 and calls[0].name == "get_weather"
+    for call in calls:
+        validator({"get_weather": WEATHER, "get_time": TIME}[call.name]["function"]["parameters"]).validate(
+            call.arguments)

@@ -144,15 +144,6 @@ def test_a_template_without_tools_gets_the_system_prompt_fallback_and_text_calls
     assert content == "Let me check." and [(c.name, c.arguments) for c in calls] == [("get_time", {"tz": "UTC"})]
 
 
-def test_smollm2_has_no_tools_section():
-    import gguf
-
-    from torchbook.hub.gguf import default_chat_model, field_value
-
-    template = field_value(gguf.GGUFReader(str(default_chat_model())), "tokenizer.chat_template")
-    assert not template_has_tools(template) and tool_style(template) == "hermes"
-
-
 def test_hermes_calls_are_parsed_with_the_text_around_them():
     text = ('I will look it up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
             '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}\n</tool_call>')

@@ -80,12 +80,13 @@ class Constraint:
 
     @classmethod
     def tool_calls(cls, tools: Sequence[dict[str, Any] | Tool], style: str = "hermes",
-                   name: str | None = None, required: bool = True) -> Constraint:
+                   name: str | None = None, required: bool = True, parallel: bool = True) -> Constraint:
         """One or more calls of the declared tools (OpenAI's `tool_choice: "required"`), or exactly one call of
         the tool `name` (a named function), in the model family's format (`tool_calls.STYLES`), each call's
         arguments valid under its tool's parameters schema. `required=False` (`tool_choice: "auto"`): free text,
         or text and then calls (Hermes, Mistral) or calls alone (Llama 3), the calls still under their schemas.
-        Parse the output with `tool_calls.parse_tool_calls`."""
+        `parallel=False` (OpenAI's `parallel_tool_calls: false`): at most one call, which keeps small models from
+        calling the same tool again and again. Parse the output with `tool_calls.parse_tool_calls`."""
         parsed = tools_from_openai(tools)
         if not parsed:
             raise UserInputError("a tool call is required but no tools are declared", param="tools")
@@ -97,11 +98,50 @@ class Constraint:
         if name is not None and not required:
             raise UserInputError("a named tool choice is a required call", param="tool_choice")
         return cls("tool_calls", (tuple(json.dumps(t.to_openai(), sort_keys=True) for t in parsed), style, name,
-                                  required))
+                                  required, parallel))
 
     def describe(self) -> str:
         return {"json_schema": "the JSON schema", "json": "JSON", "regex": "the regular expression",
                 "choices": "the choices", "grammar": "the grammar", "tool_calls": "the tools' schemas"}.get(self.kind, self.kind)
+
+
+def response_format_constraint(response_format: dict[str, Any] | None) -> Constraint | None:
+    """OpenAI's `response_format` as a constraint: None or {"type": "text"}: none; {"type": "json_object"}: any
+    JSON object; {"type": "json_schema", "json_schema": {"name", "schema", "strict"?}}: the schema."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise UserInputError("response_format must be an object with a 'type'", param="response_format")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.any_json(object_only=True)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise UserInputError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                                 param="response_format")
+        return Constraint.json_schema(spec["schema"])
+    raise UserInputError(f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                         param="response_format")
+
+
+def tool_choice_constraint(tools: Sequence[dict[str, Any] | Tool], tool_choice: Any = "auto",
+                           style: str = "hermes", parallel_tool_calls: bool = True) -> Constraint | None:
+    """OpenAI's `tool_choice` over the declared `tools` as a constraint: "none" or no tools: none; "auto": free
+    text or valid calls; "required": at least one call; {"type": "function", "function": {"name": N}}: one call of
+    N. Every call's arguments follow its tool's schema; `parallel_tool_calls=False`: at most one call."""
+    if not tools or tool_choice == "none":
+        return None
+    if tool_choice == "auto" or tool_choice is None:
+        return Constraint.tool_calls(tools, style, required=False, parallel=parallel_tool_calls)
+    if tool_choice == "required":
+        return Constraint.tool_calls(tools, style, parallel=parallel_tool_calls)
+    if isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
+        return Constraint.tool_calls(tools, style, name=tool_choice["function"].get("name"))
+    raise UserInputError(f"tool_choice must be 'none', 'auto', 'required' or {{'type': 'function', 'function': "
+                         f"{{'name': ...}}}}, got {tool_choice!r}", param="tool_choice")
 
 
 def json_schema_of(value: dict[str, Any] | str) -> dict[str, Any]:
@@ -160,11 +200,13 @@ def grammar_text(constraint: Constraint) -> str:
     raise UserInputError(f"unknown constraint kind {kind!r}; accepted: {', '.join(KINDS)}", param="constraint")
 
 
-def tool_call_grammar(tools: Sequence[str], style: str, name: str | None, required: bool = True) -> str:
+def tool_call_grammar(tools: Sequence[str], style: str, name: str | None, required: bool = True,
+                      parallel: bool = True) -> str:
     """The Lark grammar of tool calls (`Constraint.tool_calls`; `tools` as JSON texts): each call's arguments an
     embedded JSON schema (`%json`), the format the family's template teaches: Hermes/Qwen `<tool_call>` blocks
     (one per line), Llama 3 `{"name", "parameters"}` objects joined by "; ", Mistral `[TOOL_CALLS]` and a JSON
-    list (written as text: a Mistral vocabulary's special token is not used). Not `required`: TEXT, any text
+    list (written as text: a Mistral vocabulary's special token is not used); one call unless `parallel` and no
+    `name`. Not `required`: TEXT, any text
     without the call marker (Llama 3: not starting with "{"), or OPEN, text up to the first marker, then calls
     (lexemes defined by intersection and negation, as llguidance's Lark allows)."""
     parsed = [Tool.from_openai(json.loads(t)) for t in tools]
@@ -177,28 +219,28 @@ def tool_call_grammar(tools: Sequence[str], style: str, name: str | None, requir
         head = json.dumps(f'{{"name": {json.dumps(tool.name)}, "{key}": ')
         rules.append(f"call{i}: {head} args{i} \"}}\"\nargs{i}: %json {json.dumps(schema)}")
     body = "body: " + " | ".join(f"call{i}" for i in range(len(chosen)))
-    many = name is None
+    more = {"hermes": ' ("\\n<tool_call>\\n" body "\\n</tool_call>")*', "llama3": ' ("; " body)*',
+            "mistral": ' (", " body)*'}[style] if name is None and parallel else ""
     if not required:
-        top = _AUTO[style]
+        top = _AUTO[style].format(more=more)
     elif style == "hermes":
-        start = 'start: block ("\\n" block)*' if many else "start: block"
-        top = f'{start}\nblock: "<tool_call>\\n" body "\\n</tool_call>"'
+        top = f'start: "<tool_call>\\n" body "\\n</tool_call>"{more}'
     elif style == "llama3":
-        top = 'start: body ("; " body)*' if many else "start: body"
+        top = f"start: body{more}"
     else:
-        top = 'start: "[TOOL_CALLS][" body (", " body)* "]"' if many else 'start: "[TOOL_CALLS][" body "]"'
+        top = f'start: "[TOOL_CALLS][" body{more} "]"'
     return "\n".join([top, body, *rules]) + "\n"
 
 
-_AUTO = {  # tool_choice "auto": free text, or calls under their schemas
-    "hermes": 'start: TEXT | OPEN body "\\n</tool_call>" ("\\n<tool_call>\\n" body "\\n</tool_call>")*\n'
+_AUTO = {  # tool_choice "auto": free text, or calls under their schemas ({more}: further calls)
+    "hermes": 'start: TEXT | OPEN body "\\n</tool_call>"{more}\n'
               "TEXT: /(?s:.*)/ & ~/(?s:.*<tool_call>.*)/\n"
               "OPEN: /(?s:.*<tool_call>\\n)/ & ~/(?s:.*<tool_call>.*<tool_call>.*)/",
-    "mistral": 'start: TEXT | OPEN body (", " body)* "]"\n'
+    "mistral": 'start: TEXT | OPEN body{more} "]"\n'
                "TEXT: /(?s:.*)/ & ~/(?s:.*\\[TOOL_CALLS\\].*)/\n"
                "OPEN: /(?s:.*\\[TOOL_CALLS\\]\\[)/ & ~/(?s:.*\\[TOOL_CALLS\\].*\\[TOOL_CALLS\\].*)/",
-    "llama3": 'start: TEXT | body ("; " body)*\n'
-              "TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\n]*\\{.*)/",
+    "llama3": "start: TEXT | body{more}\n"
+              "TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\n]*\\{{.*)/",
 }
 
 

@@ -63,9 +63,9 @@ class Request:
     `end_ids`: tokens that end a choice (not part of its text; default: the engine's); `stop`: strings that end
     it (cut from its text); `n`: independent choices (seeded requests: choice i uses seed + i);
     `logprobs`: return each chosen token's log-probability under the model, and the `top_logprobs` most probable
-    tokens'; `processors`: extra logits processors, run after the sampling settings' own (one with a `fork()`
-    method is copied for each choice; one with `finished(generated tokens)` ends a choice, "stop", when it says
-    so: `constraints.ConstraintProcessor`)."""
+    tokens'; `processors`: extra logits processors, run after the sampling settings' own, except those with a
+    `fork()` method (`constraints.ConstraintProcessor`), which are copied for each choice and run first; one with
+    `finished(generated tokens)` ends a choice, "stop", when it says so."""
 
     prompt: Sequence[int] | str
     max_tokens: int = 128
@@ -122,9 +122,11 @@ class _Sequence:
                  stream: TextStream | None, ends: set[int]):
         self.handle, self.index, self.prompt, self.request, self.ends = handle, index, prompt, request, ends
         sampling = request.sampling
-        # a processor with state (a constraint) gives each choice its own copy
-        own = [p.fork() if hasattr(p, "fork") else p for p in request.processors]
-        self.processors = request_processors(sampling, vocab) + own
+        # a processor with state (a constraint) gives each choice its own copy and runs first: top-k or top-p
+        # before its mask could leave no allowed token at all
+        constraints = [p.fork() for p in request.processors if hasattr(p, "fork")]
+        others = [p for p in request.processors if not hasattr(p, "fork")]
+        self.processors = constraints + request_processors(sampling, vocab) + others
         self.greedy = sampling.greedy
         self.generator: torch.Generator | None = None
         if not self.greedy:
