@@ -83,7 +83,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert oct((root / "home" / "serve" / "api_keys.json").stat().st_mode)[-3:] == "600"
     process = subprocess.Popen(
         [sys.executable, "-m", "torchbook", "serve", str(folder), "--name", "tiny", "--port", "0", "--require-keys",
-         "--slots", "4", "--max-len", str(MAX_LEN), "--max-queue", "2", "--max-body", "100000"],
+         "--slots", "4", "--max-len", str(MAX_LEN), "--max-queue", "3", "--max-body", "100000"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert process.stdout is not None
     line = process.stdout.readline()  # printed once the model is loaded and warmed and the port is listening
@@ -174,8 +174,8 @@ def test_completions(server: Server, reference) -> None:  # type: ignore[no-unty
     assert answer.choices[0].text == reference.tokenizer.decode(tokens)
     assert answer.choices[0].logprobs.token_logprobs == pytest.approx(logprobs, abs=1e-4)
     assert answer.usage.completion_tokens == 6
-    two = client.completions.create(model="tiny", prompt=["a b", "c d"], max_tokens=3, temperature=0, n=2)
-    assert [c.index for c in two.choices] == [0, 1, 2, 3] and two.usage.completion_tokens == 12
+    two = client.completions.create(model="tiny", prompt=["a b", "c d"], max_tokens=3, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 6
     streamed = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == answer.choices[0].text
@@ -215,8 +215,8 @@ def test_errors_as_openai_sends_them(server: Server) -> None:
     big = httpx.post(server.url + "/v1/completions", headers={"authorization": f"Bearer {server.key}"},
                      json={"model": "tiny", "prompt": "x" * 200_000})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
-    # 3 slots of choices are more than the queue's 2 places: 503, the engine says busy (not a crash).
-    e = error_of(lambda: client.chat.completions.create(model="tiny", messages=MESSAGES, n=3, max_tokens=2))
+    # 4 choices are more than the queue's 3 places: 503, the engine says busy (not a crash).
+    e = error_of(lambda: client.chat.completions.create(model="tiny", messages=MESSAGES, n=4, max_tokens=2))
     assert e.status_code == 503 and e.body["code"] == "engine_overloaded"
     limited = server.client(server.limited_key)
     for _ in range(3):
@@ -255,8 +255,9 @@ def test_disconnect_frees_the_slot_at_once(server: Server) -> None:
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 480, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
                       headers={"authorization": f"Bearer {server.key}"}) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ") and json.loads(next(lines)[6:]) is not None
+        events = (line for line in response.iter_lines() if line)
+        assert json.loads(next(events)[6:])["choices"][0]["delta"]["role"] == "assistant"
+        assert json.loads(next(events)[6:])["choices"][0]["delta"]["content"] is not None
     deadline = time.monotonic() + 2
     while server.metrics()["torchbook_active_slots"] > 0 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -273,6 +274,30 @@ def test_sigterm_lets_the_running_stream_finish(server: Server) -> None:
     rest = list(chunks)
     assert first.choices[0].delta.role == "assistant"
     assert rest[-1].choices[0].finish_reason == "length" and rest[-1].usage.completion_tokens == 200
-    assert server.process.wait(30) == 0
+    assert server.process.wait(30) in (0, -signal.SIGTERM)  # uvicorn exits by the signal it drained for
+    assert server.process.stderr is not None and "Traceback" not in server.process.stderr.read()
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health")
+
+
+def test_other_addresses_need_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from torchbook.cli import main
+    from torchbook.serve.keys import KeyStore
+    from torchbook.serve.models import ServeSettings
+    from torchbook.serve.server import check_security
+
+    monkeypatch.setenv("TORCHBOOK_HOME", str(tmp_path))
+    assert main(["serve", "--host", "0.0.0.0"]) == 2  # refused before any model loads
+    assert "needs API keys and none exists yet" in capsys.readouterr().err
+    assert check_security(ServeSettings(host="127.0.0.1")).require_keys is False
+    assert check_security(ServeSettings(host="::1")).require_keys is False
+    with pytest.raises(Exception, match="none exists yet"):
+        check_security(ServeSettings(host="0.0.0.0"))
+    with pytest.raises(Exception, match="requires API keys"):
+        check_security(ServeSettings(host="192.168.1.5", require_keys=False))
+    record, key = KeyStore().add("ci", rate_limit=5)
+    assert check_security(ServeSettings(host="0.0.0.0")).require_keys is True
+    assert KeyStore().check(key) == record and KeyStore().check(key + "x") is None
+    KeyStore().revoke(record.id)
+    assert KeyStore().check(key) is None

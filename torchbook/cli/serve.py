@@ -44,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    # The library (torch, FastAPI) is imported here, not at the top, so that `torchbook --help` stays fast.
-    from torchbook.serve import KeyStore, ServeSettings, check_security, listen, prepare, run
+    # The library is imported here, not at the top, so that `torchbook --help` stays fast; key management needs
+    # only the key store (no torch, no FastAPI).
+    from torchbook.serve.keys import KeyStore
 
     store = KeyStore()
     if args.add_key is not None:
@@ -62,6 +63,9 @@ def main(args: argparse.Namespace) -> int:
         store.revoke(args.revoke_key)
         print(f"revoked {args.revoke_key}")
         return 0
+    from torchbook.serve.models import ServeSettings
+    from torchbook.serve.server import check_security, listen, prepare, run
+
     settings = ServeSettings(model=args.model, name=args.name, host=args.host, port=args.port, slots=args.slots,
                              max_len=args.max_len, max_queue=args.max_queue, device=args.device,
                              quantize=args.quantize, embedder=args.embedder, max_body_bytes=args.max_body,

@@ -89,7 +89,7 @@ class Guard:
         label = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         metrics = self.server.metrics
 
-        async def counted_send(message: dict[str, Any]) -> None:
+        async def counted_send(message: Any) -> None:
             if message["type"] == "http.response.start":
                 metrics.request(label, message["status"])
             await send(message)
@@ -276,8 +276,9 @@ class Server:
                                f"{self.settings.request_timeout_s:g} s", code="timeout") from None
             if event is None:
                 left -= 1
-                if handles[i].error is not None:
-                    raise handles[i].error
+                error = handles[i].error
+                if error is not None:
+                    raise error
             else:
                 yield i, event
 
@@ -346,7 +347,7 @@ def finish_reason(reason: str) -> str:
 
 def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embedder | None = None,
               metrics: Metrics | None = None) -> FastAPI:
-    """The app around loaded, started models (`torchbook.serve.models`); its shutdown drains the engine."""
+    """The app around loaded, started models (`torchbook.serve.models`)."""
     server = Server(settings, lm, embedder, metrics or Metrics())
 
     @contextlib.asynccontextmanager
@@ -356,9 +357,7 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
         loop.set_default_executor(ThreadPoolExecutor(settings.slots + settings.max_queue + 16,
                                                      thread_name_prefix="torchbook-serve"))
         yield
-        server.draining = True
-        if lm is not None:
-            await asyncio.to_thread(lm.engine.shutdown, True, settings.request_timeout_s)
+        server.draining = True  # the engine is drained by `torchbook.serve.server.run` once the responses ended
 
     app = FastAPI(title="torchbook", version="1", lifespan=lifespan,
                   description="An OpenAI-compatible API on torchbook's serving engine (continuous batching).")
@@ -505,9 +504,8 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
             raise APIError(400, "suffix (fill in the middle) is not supported by this server", "suffix")
         if body.best_of not in (None, body.n):
             raise APIError(400, "best_of must equal n on this server (each choice is returned)", "best_of")
-        prompt = body.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]  # type: ignore[list-item]
+        prompt: list[Any] = [body.prompt] if isinstance(body.prompt, str) or (
+            body.prompt and isinstance(body.prompt[0], int)) else list(body.prompt)
         if not prompt:
             raise APIError(400, "prompt must not be empty", "prompt")
         prompts = []

@@ -37,8 +37,7 @@ def check_security(settings: ServeSettings) -> ServeSettings:
     settings.require_keys = bool(settings.require_keys) or not loopback
     if settings.require_keys and not KeyStore(settings.keys_path).records():
         where = "" if loopback else f" on {settings.host} (not a loopback address)"
-        raise UserInputError(f"serving{where} with API keys needs at least one key: make one with "
-                             "`torchbook serve --add-key`", param="add_key")
+        raise UserInputError(f"serving{where} needs API keys and none exists yet: make one first", param="add_key")
     for name in ("slots", "max_queue", "max_len", "max_body_bytes"):
         if getattr(settings, name) < 1:
             raise UserInputError(f"{name} must be at least 1, got {getattr(settings, name)}", param=name)
@@ -81,4 +80,9 @@ def run(app: Any, sock: socket.socket, settings: ServeSettings) -> None:
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, access_log=False,
                             limit_concurrency=settings.slots + settings.max_queue + 64,
                             timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:  # uvicorn waited for the running responses; whatever the engine still holds finishes now
+        lm = app.state.server.lm
+        if lm is not None:
+            lm.engine.shutdown(drain=True, timeout=settings.request_timeout_s)
