@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,13 @@ class LanguageModel:
         handle.result(timeout=600)
 
 
-def model_name(path: str, meta: dict[str, Any]) -> str:
-    extra = meta.get("extra") or {}
-    if isinstance(extra, dict) and extra.get("name"):
-        return str(extra["name"])
-    return Path(path).stem if Path(path).suffix == ".gguf" else Path(path).name or str(path)
+def model_name(path: str) -> str:
+    """A model's id in the API: the folder's name, or a GGUF file's name without its quantization suffix
+    (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct)."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return re.sub(r"\.(Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", p.stem, flags=re.IGNORECASE)
+    return p.name or str(path)
 
 
 def load_language_model(settings: ServeSettings, metrics: Metrics) -> LanguageModel:
@@ -101,7 +104,7 @@ def load_language_model(settings: ServeSettings, metrics: Metrics) -> LanguageMo
     if not getattr(loaded.model, "supports_slots", False):
         raise CheckpointError(f"{path!r} holds a {type(loaded.model).__name__}; the server needs a decoder-only "
                               "language model (GPT-2, Llama, SmolLM2, ...)")
-    lm = LanguageModel(loaded.model, loaded.tokenizer, loaded.meta, settings.name or model_name(path, loaded.meta),
+    lm = LanguageModel(loaded.model, loaded.tokenizer, loaded.meta, settings.name or model_name(path),
                        metrics, settings)
     lm.engine.start()
     lm.warm()
