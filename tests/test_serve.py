@@ -195,6 +195,50 @@ def test_embeddings_equal_the_encoder(server: Server) -> None:
     assert plain["usage"]["prompt_tokens"] > 5
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]},
+                                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+
+
+def test_tools_required_give_valid_calls_and_json_schema(server: Server) -> None:
+    import jsonschema
+
+    client = server.client()
+    ask = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+    answer = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], tool_choice="required",
+                                            max_tokens=120, temperature=0)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    # The client runs its tool and sends the result back: the conversation goes on.
+    follow = ask + [choice.message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    again = client.chat.completions.create(model="tiny", messages=follow, tools=[WEATHER], max_tokens=5,
+                                           temperature=0)
+    assert again.usage.prompt_tokens > answer.usage.prompt_tokens
+    streamed = list(client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], max_tokens=120,
+                                                   tool_choice={"type": "function",
+                                                                "function": {"name": "get_weather"}},
+                                                   temperature=0, stream=True))
+    calls = [t for c in streamed if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "get_weather" and streamed[-1].choices[0].finish_reason == "tool_calls"
+    schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "sure": {"type": "boolean"}},
+              "required": ["answer", "sure"], "additionalProperties": False}
+    shaped = client.chat.completions.create(model="tiny", messages=ask, max_tokens=60, temperature=0,
+                                            response_format={"type": "json_schema",
+                                                             "json_schema": {"name": "a", "schema": schema}})
+    assert shaped.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(shaped.choices[0].message.content), schema)
+    e = error_of(lambda: client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER],
+                                                         tool_choice={"type": "function", "function": {"name": "x"}}))
+    assert e.status_code == 400 and e.body["param"] == "tool_choice"
+
+
 def error_of(call) -> openai.APIStatusError:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.APIStatusError) as info:
         call()
