@@ -119,7 +119,7 @@ def test_health_models_and_ready_at_once(server: Server) -> None:
     # The port opened only after the model was warmed: the first request answers at once, no waiting loop.
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     ids = [m.id for m in server.client().models.list()]
-    assert ids == ["tiny", "all-MiniLM-L6-v2"]
+    assert ids == ["tiny", "torchbook-chat", "all-MiniLM-L6-v2"]
     assert server.client().models.retrieve("tiny").id == "tiny"
 
 
@@ -238,6 +238,21 @@ def test_tools_required_give_valid_calls_and_json_schema(server: Server) -> None
     e = error_of(lambda: client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER],
                                                          tool_choice={"type": "function", "function": {"name": "x"}}))
     assert e.status_code == 400 and e.body["param"] == "tool_choice"
+
+
+def test_the_chatbot_system_as_a_model(server: Server) -> None:
+    client = server.client()
+    ask = [{"role": "user", "content": "What is 12 * 7?"}]  # the orchestrator sends it to the calculator first
+    whole = client.chat.completions.create(model="torchbook-chat", messages=ask)
+    assert whole.choices[0].finish_reason in ("stop", "length") and whole.usage.completion_tokens > 0
+    # The calculator's call and result are in the prompt (as if the model had called it): more than the question.
+    plain = client.chat.completions.create(model="tiny", messages=ask, max_tokens=1)
+    assert whole.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+    chunks = list(client.chat.completions.create(model="torchbook-chat", messages=ask, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    e = error_of(lambda: client.chat.completions.create(model="torchbook-chat", messages=ask, tools=[WEATHER]))
+    assert e.status_code == 400 and e.body["param"] == "tools"
 
 
 def error_of(call) -> openai.APIStatusError:  # type: ignore[no-untyped-def]

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from torchbook.chat.orchestrator import Event, Reply
 from torchbook.errors import TorchbookError, UserInputError
 from torchbook.generate.constraints import Constraint, constraint_processor
 from torchbook.generate.sampling import SamplingConfig
@@ -41,6 +42,7 @@ from torchbook.generate.serving import Busy, Delta, Handle, Request, Result
 from torchbook.generate.tool_calls import Tool, parse_tool_calls, render_tools, tool_style, tools_from_openai
 from torchbook.hub.prompts import TemplateError
 from torchbook.knowledge.embedder import Embedder
+from torchbook.serve.chatbot import CHAT_MODEL, Chatbot
 from torchbook.serve.keys import KeyStore, RateLimiter
 from torchbook.serve.metrics import Metrics
 from torchbook.serve.models import LanguageModel, ServeSettings
@@ -192,15 +194,17 @@ class Server:
     """The state behind the routes: the models, the metrics, the keys."""
 
     def __init__(self, settings: ServeSettings, lm: LanguageModel | None, embedder: Embedder | None,
-                 metrics: Metrics):
+                 metrics: Metrics, chatbot: Chatbot | None = None):
         self.settings, self.lm, self.embedder, self.metrics = settings, lm, embedder, metrics
+        self.chatbot = chatbot
         self.keys = KeyStore(settings.keys_path)
         self.limiter = RateLimiter()
         self.require_keys = bool(settings.require_keys)
         self.draining = False
 
     def model_ids(self) -> list[str]:
-        return [m for m in (self.lm.name if self.lm else None, self.embedder_name) if m]
+        chat = CHAT_MODEL if self.chatbot is not None else None
+        return [m for m in (self.lm.name if self.lm else None, chat, self.embedder_name) if m]
 
     @property
     def embedder_name(self) -> str | None:
@@ -409,9 +413,9 @@ class ChatPlan:
 
 
 def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embedder | None = None,
-              metrics: Metrics | None = None) -> FastAPI:
-    """The app around loaded, started models (`torchbook.serve.models`)."""
-    server = Server(settings, lm, embedder, metrics or Metrics())
+              metrics: Metrics | None = None, chatbot: Chatbot | None = None) -> FastAPI:
+    """The app around loaded, started models (`torchbook.serve.models`) and, optionally, the chatbot system."""
+    server = Server(settings, lm, embedder, metrics or Metrics(), chatbot)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -494,6 +498,8 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest) -> Any:
+        if body.model == CHAT_MODEL and server.chatbot is not None:
+            return await chatbot_completion(server.chatbot, body)
         lm = server.language_model(body.model)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
@@ -564,6 +570,72 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
         except APIError as e:
             yield sse(error_body(e.status, e.message, e.param, e.code))
         yield sse("[DONE]")
+
+    async def chatbot_completion(chatbot: Chatbot, body: ChatCompletionRequest) -> Any:
+        """A turn of the chatbot system: its own tools run on the server; the answer streams as it is written."""
+        for name, value in (("tools", body.tools), ("response_format", body.response_format),
+                            ("logprobs", body.logprobs or None), ("n", None if body.n == 1 else body.n)):
+            if value:
+                raise APIError(400, f"{CHAT_MODEL} runs its own tools and writes one plain answer: {name} is not "
+                               "accepted for it", name)
+        messages = chat_messages(body)
+        completion_id = "chatcmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+
+        def answer(reply: Reply) -> tuple[dict[str, Any], str]:
+            tokens = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                      "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+            return tokens, "length" if reply.finish_reason == "length" else "stop"
+
+        if not body.stream:
+            reply = await asyncio.to_thread(chatbot.respond, messages)
+            tokens, reason = answer(reply)
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": CHAT_MODEL,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                                 "logprobs": None, "finish_reason": reason}],
+                    "usage": tokens, "system_fingerprint": None, "sources": reply.sources}
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def run() -> None:  # in a worker thread: the turn, its answer's pieces passed to the event loop
+            try:
+                reply: Any = chatbot.respond(messages, lambda event: loop.call_soon_threadsafe(
+                    queue.put_nowait, event) if event.kind == "text" else None)
+            except Exception as e:  # reported in the stream
+                reply = e
+            loop.call_soon_threadsafe(queue.put_nowait, reply)
+
+        async def events() -> AsyncIterator[str]:
+            def chunk(delta: dict[str, Any], reason: str | None = None, tokens: dict[str, Any] | None = None) -> str:
+                data = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                        "model": CHAT_MODEL, "system_fingerprint": None,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                if tokens is not None:
+                    data["usage"] = tokens
+                return sse(data)
+
+            yield chunk({"role": "assistant", "content": ""})
+            sent = ""
+            while True:
+                item = await queue.get()
+                if isinstance(item, Event):
+                    sent += item.text
+                    yield chunk({"content": item.text})
+                    continue
+                if isinstance(item, Exception):
+                    status = 503 if isinstance(item, Busy) else 400 if isinstance(item, TorchbookError) else 500
+                    yield sse(error_body(status, str(item)))
+                else:
+                    tokens, reason = answer(item)
+                    if item.text.startswith(sent) and len(item.text) > len(sent):  # the sources list, at the end
+                        yield chunk({"content": item.text[len(sent):]})
+                    yield chunk({}, reason, tokens)
+                break
+            yield sse("[DONE]")
+
+        loop.run_in_executor(None, run)
+        return EventStream(events(), lambda: None)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, http: HTTPRequest) -> Any:

@@ -32,7 +32,8 @@ class ServeSettings:
     file or folder name). `slots`, `max_len`, `max_queue`, `prefill_chunk`: the engine's. `embedder`: "default"
     (all-MiniLM-L6-v2), a BERT-family folder, or None (no /v1/embeddings). Limits: `max_body_bytes` per request,
     `request_timeout_s` per generation, `rate_limit` requests per minute per API key (a key's own limit first;
-    None: no limit). `require_keys`: None means required unless the host is a loopback address."""
+    None: no limit). `require_keys`: None means required unless the host is a loopback address. `chat`: also serve
+    the chatbot system as the model `torchbook-chat` (`chat_mode`, its knowledge base `kb`)."""
 
     model: str | None = None
     name: str | None = None
@@ -50,6 +51,9 @@ class ServeSettings:
     rate_limit: int | None = None
     require_keys: bool | None = None
     keys_path: Path | None = None
+    chat: bool = True  # serve the chatbot system as `torchbook-chat`
+    chat_mode: str = "orchestrator"  # or "model": the model decides which tools to call
+    kb: str | None = None  # a knowledge base (its location) for torchbook-chat's retrieval
 
 
 class MeteredEngine(Engine):

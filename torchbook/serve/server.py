@@ -13,7 +13,9 @@ import socket
 from typing import Any
 
 from torchbook.errors import UserInputError
+from torchbook.knowledge.base import KnowledgeBase
 from torchbook.serve.app import build_app
+from torchbook.serve.chatbot import Chatbot
 from torchbook.serve.keys import KeyStore
 from torchbook.serve.metrics import Metrics
 from torchbook.serve.models import ServeSettings, load_embedder, load_language_model
@@ -55,7 +57,14 @@ def prepare(settings: ServeSettings) -> Any:
     check_security(settings)
     metrics = Metrics()
     lm = load_language_model(settings, metrics)
-    return build_app(settings, lm, load_embedder(settings), metrics)
+    embedder = load_embedder(settings)
+    chatbot = None
+    if settings.chat:
+        kb = None
+        if settings.kb:
+            kb = KnowledgeBase.open(settings.kb, embedder=embedder)
+        chatbot = Chatbot(lm, kb, settings.chat_mode, time_limit=min(settings.request_timeout_s, 120.0))
+    return build_app(settings, lm, embedder, metrics, chatbot)
 
 
 def listen(host: str, port: int) -> socket.socket:
