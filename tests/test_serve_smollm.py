@@ -1,6 +1,7 @@
 """The real check: `torchbook serve` with no MODEL serves the offline default chat model (SmolLM2-135M-Instruct)
 through its own chat template, and the unmodified `openai` client gets a right, complete answer (it ends with the
-model's end-of-turn token: finish_reason "stop"), streamed the same as whole."""
+model's end-of-turn token: finish_reason "stop"), streamed the same as whole; `torchbook-chat` answers an
+arithmetic question right with its server-side calculator."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_smollm2_answers_through_the_openai_client(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct"]
+    assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct", "torchbook-chat"]
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     answer = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=40,
                                             temperature=0)
@@ -44,3 +45,12 @@ def test_smollm2_answers_through_the_openai_client(client: openai.OpenAI) -> Non
     chunks = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=40,
                                             temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchbook_chat_uses_its_calculator(client: openai.OpenAI) -> None:
+    # 525.6 * 315 / 3942 = 42: the orchestrator computes it with the calculator and the model reads the result.
+    messages = [{"role": "user", "content": "What is 525.6 * 315 / 3942?"}]
+    answer = client.chat.completions.create(model="torchbook-chat", messages=messages)
+    assert "42" in answer.choices[0].message.content
