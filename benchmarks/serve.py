@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
 sys.path.insert(0, str(Path(__file__).parent))
 from generate import TEXT  # noqa: E402  (benchmarks/generate.py: a paragraph of real text)
 
@@ -41,8 +44,6 @@ MODEL = "SmolLM2-135M-Instruct"
 # -- the peer server -------------------------------------------------------------------------------------------
 def peer_app() -> Any:
     import torch
-    from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
@@ -55,6 +56,9 @@ def peer_app() -> Any:
     tokenizer, meta = loaded.tokenizer, loaded.meta
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     ends = meta["end_token_ids"]
+    with torch.no_grad():  # warm, as ours is before its port opens (transformers' first generate() is slow)
+        model.generate(torch.tensor([chat_token_ids(tokenizer, [{"role": "user", "content": "Hi"}], meta)]),
+                       max_new_tokens=4, do_sample=False, pad_token_id=ends[0])
     lock = threading.Lock()
     app = FastAPI()
 
@@ -233,9 +237,9 @@ def main() -> None:
         r = results[name]
         print(f"{name:22s} {r['requests']:4d} requests, {r['errors']} errors, {r['wall_s']:7.1f} s: "
               f"{r['requests_per_s']:.3f} req/s, {r['tokens_per_s']:7.1f} tok/s, TTFT p50 {r['ttft_p50_s']:.2f} s "
-              f"p95 {r['ttft_p95_s']:.2f} s", flush=True)
+              f"p95 {r['ttft_p95_s']:.2f} s {' '.join(r['first_errors'])}", flush=True)
     peer = results.get("transformers-float32")
-    if peer:
+    if peer and peer["requests"]:
         for name in ("ours-float32", "ours-int4"):
             if name in results:
                 r = results[name]
