@@ -171,17 +171,17 @@ async def converse(client: Any, turns: list[tuple[str, int]], n_turns: int, stat
 async def load_test(url: str, n: int, n_turns: int, duration: float | None) -> dict[str, Any]:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0, timeout=3600)
     stats: dict[str, list[Any]] = {"ttft": [], "tokens": [], "errors": []}
     start = time.perf_counter()
     deadline = None if duration is None else start + duration
     rounds = 0
-    while True:
-        await asyncio.gather(*(converse(client, turns, n_turns, stats, deadline)
-                               for turns in conversations(n, seed=rounds)))
-        rounds += 1
-        if deadline is None or time.perf_counter() > deadline:
-            break
+    async with openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0, timeout=3600) as client:
+        while True:
+            await asyncio.gather(*(converse(client, turns, n_turns, stats, deadline)
+                                   for turns in conversations(n, seed=rounds)))
+            rounds += 1
+            if deadline is None or time.perf_counter() > deadline:
+                break
     wall = time.perf_counter() - start
     ttft = sorted(stats["ttft"])
 

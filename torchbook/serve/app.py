@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -188,6 +189,16 @@ class EventStream(Response):
 
 def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def stream_chunk(kind: str, completion_id: str, created: int, model: str, include_usage: bool,
+                 choices: list[dict[str, Any]], usage_: dict[str, Any] | None = None) -> str:
+    """One event of a stream; `usage` is present when given, and (as null until the last) with include_usage."""
+    data: dict[str, Any] = {"id": completion_id, "object": kind, "created": created, "model": model,
+                            "system_fingerprint": None, "choices": choices}
+    if usage_ is not None or include_usage:
+        data["usage"] = usage_
+    return sse(data)
 
 
 class Server:
@@ -529,12 +540,8 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
 
     async def chat_stream(lm: LanguageModel, handle: Handle, body: ChatCompletionRequest, plan: ChatPlan,
                           completion_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]], usage_: dict[str, Any] | None = None) -> str:
-            data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": lm.name,
-                    "system_fingerprint": None, "choices": choices}
-            if usage_ is not None or include_usage:
-                data["usage"] = usage_
-            return sse(data)
+        chunk = functools.partial(stream_chunk, "chat.completion.chunk", completion_id, created, lm.name,
+                                  include_usage)
 
         try:
             for i in range(body.n):
@@ -608,12 +615,8 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
 
         async def events() -> AsyncIterator[str]:
             def chunk(delta: dict[str, Any], reason: str | None = None, tokens: dict[str, Any] | None = None) -> str:
-                data = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                        "model": CHAT_MODEL, "system_fingerprint": None,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-                if tokens is not None:
-                    data["usage"] = tokens
-                return sse(data)
+                return stream_chunk("chat.completion.chunk", completion_id, created, CHAT_MODEL, False,
+                                    [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}], tokens)
 
             yield chunk({"role": "assistant", "content": ""})
             sent = ""
@@ -678,12 +681,7 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
 
     async def completion_stream(lm: LanguageModel, handles: list[Handle], body: CompletionRequest,
                                 completion_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]], usage_: dict[str, Any] | None = None) -> str:
-            data = {"id": completion_id, "object": "text_completion", "created": created, "model": lm.name,
-                    "system_fingerprint": None, "choices": choices}
-            if usage_ is not None or include_usage:
-                data["usage"] = usage_
-            return sse(data)
+        chunk = functools.partial(stream_chunk, "text_completion", completion_id, created, lm.name, include_usage)
 
         try:
             async for r, delta in server.deltas(handles):
