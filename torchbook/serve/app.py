@@ -434,6 +434,7 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(settings.slots + settings.max_queue + 16,
                                                      thread_name_prefix="torchbook-serve"))
+        server.draining = False
         yield
         server.draining = True  # the engine is drained by `torchbook.serve.server.run` once the responses ended
 
