@@ -471,7 +471,8 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
         if isinstance(e, Busy):
             return error_response(503, str(e), None, "engine_overloaded", {"retry-after": "1"})
         code = "context_length_exceeded" if "tokens per request" in str(e) else "invalid_value"
-        return error_response(400, str(e), PARAMS.get(e.param or "", e.param), code)
+        chat = request.url.path.endswith("/chat/completions")
+        return error_response(400, str(e), PARAMS.get(e.param or "", e.param) if chat else e.param, code)
 
     @app.exception_handler(TemplateError)
     async def template_error(request: HTTPRequest, e: TemplateError) -> JSONResponse:
