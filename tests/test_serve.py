@@ -121,6 +121,7 @@ def test_health_models_and_ready_at_once(server: Server) -> None:
     ids = [m.id for m in server.client().models.list()]
     assert ids == ["tiny", "torchbook-chat", "all-MiniLM-L6-v2"]
     assert server.client().models.retrieve("tiny").id == "tiny"
+    assert "web chat page" in httpx.get(server.url + "/static/README.md").text  # the static files' place
 
 
 def test_chat_equals_the_weights_greedy_logprobs_n_usage(server: Server, reference) -> None:  # type: ignore[no-untyped-def]
@@ -275,6 +276,9 @@ def test_errors_as_openai_sends_them(server: Server) -> None:
     big = httpx.post(server.url + "/v1/completions", headers={"authorization": f"Bearer {server.key}"},
                      json={"model": "tiny", "prompt": "x" * 200_000})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    chunked = httpx.post(server.url + "/v1/completions", headers={"authorization": f"Bearer {server.key}"},
+                         content=(b"x" * 10_000 for _ in range(20)))  # no Content-Length: counted as it comes
+    assert chunked.status_code == 413
     # 4 choices are more than the queue's 3 places: 503, the engine says busy (not a crash).
     e = error_of(lambda: client.chat.completions.create(model="tiny", messages=MESSAGES, n=4, max_tokens=2))
     assert e.status_code == 503 and e.body["code"] == "engine_overloaded"
