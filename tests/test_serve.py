@@ -24,6 +24,7 @@ import openai
 import pytest
 import torch
 
+from torchbook.chat.memory import Memory
 from torchbook.data.tokenizers import save_tokenizer, train_bpe
 from torchbook.hub import load, save_model
 from torchbook.hub.prompts import chat_token_ids
@@ -60,6 +61,7 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 class Server:
     def __init__(self, process: subprocess.Popen[str], url: str, key: str, limited_key: str, folder: Path):
         self.process, self.url, self.key, self.limited_key, self.folder = process, url, key, limited_key, folder
+        self.other_key = ""
 
     def client(self, key: str | None = None) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.key, max_retries=0, timeout=60)
@@ -77,8 +79,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     env = {**os.environ, "TORCHBOOK_HOME": str(root / "home"), "OMP_NUM_THREADS": "1"}
     made = cli(env, "serve", "--add-key", "tests")
     assert made.returncode == 0, made.stderr
-    key = made.stdout.split()[-1]
+    key, key_id = made.stdout.split()[-1], made.stdout.split()[3]
     limited = cli(env, "serve", "--add-key", "limited", "--key-rate-limit", "3").stdout.split()[-1]
+    other = cli(env, "serve", "--add-key", "other").stdout.split()[-1]
+    # torchbook-chat's memory is per key: a fact for the first key only (the server opens the same store).
+    Memory.open(root / "home" / "chat" / "chat.sqlite").add(key_id, "The user's cat is called Zorblax.")
     stored = (root / "home" / "serve" / "api_keys.json").read_text()
     assert key.startswith("tb-") and key not in stored and limited not in stored  # hashes only
     assert oct((root / "home" / "serve" / "api_keys.json").stat().st_mode)[-3:] == "600"
@@ -90,7 +95,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     line = process.stdout.readline()  # printed once the model is loaded and warmed and the port is listening
     match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
     assert match, f"no address printed: {line!r} {process.stderr.read() if process.poll() is not None else ''}"
-    yield Server(process, match.group(1), key, limited, folder)
+    server = Server(process, match.group(1), key, limited, folder)
+    server.other_key = other
+    yield server
     if process.poll() is None:
         process.kill()
     process.wait(30)
@@ -250,10 +257,16 @@ def test_the_chatbot_system_as_a_model(server: Server) -> None:
     plain = client.chat.completions.create(model="tiny", messages=ask, max_tokens=1)
     assert whole.usage.prompt_tokens > plain.usage.prompt_tokens + 20
     chunks = list(client.chat.completions.create(model="torchbook-chat", messages=ask, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == whole.choices[0].message.content  # the whole answer is stripped, pieces are not
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     e = error_of(lambda: client.chat.completions.create(model="torchbook-chat", messages=ask, tools=[WEATHER]))
     assert e.status_code == 400 and e.body["param"] == "tools"
+    # Memory per API key: the first key's fact is recalled into its prompt; another key's prompt has none.
+    cat = [{"role": "user", "content": "What is my cat called?"}]
+    mine = client.chat.completions.create(model="torchbook-chat", messages=cat)
+    theirs = server.client(server.other_key).chat.completions.create(model="torchbook-chat", messages=cat)
+    assert mine.usage.prompt_tokens > theirs.usage.prompt_tokens + 10
 
 
 def error_of(call) -> openai.APIStatusError:  # type: ignore[no-untyped-def]

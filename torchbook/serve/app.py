@@ -43,7 +43,7 @@ from torchbook.generate.serving import Busy, Delta, Handle, Request, Result
 from torchbook.generate.tool_calls import Tool, parse_tool_calls, render_tools, tool_style, tools_from_openai
 from torchbook.hub.prompts import TemplateError
 from torchbook.knowledge.embedder import Embedder
-from torchbook.serve.chatbot import CHAT_MODEL, Chatbot
+from torchbook.serve.chatbot import CHAT_MODEL, LOCAL_USER, Chatbot
 from torchbook.serve.keys import KeyStore, RateLimiter
 from torchbook.serve.metrics import Metrics
 from torchbook.serve.models import LanguageModel, ServeSettings
@@ -107,7 +107,7 @@ class Guard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         settings = self.server.settings
-        who, limit = "local", settings.rate_limit
+        who, limit = LOCAL_USER, settings.rate_limit
         if self.server.require_keys:
             auth = headers.get("authorization", "")
             key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
@@ -118,6 +118,7 @@ class Guard:
                              "invalid_api_key")
                 return
             who, limit = record.id, record.rate_limit or settings.rate_limit
+        scope.setdefault("state", {})["user"] = who  # whose request: the chatbot's memory is per key
         if limit:
             wait = self.server.limiter.allow(who, limit)
             if wait > 0:
@@ -512,7 +513,7 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest) -> Any:
         if body.model == CHAT_MODEL and server.chatbot is not None:
-            return await chatbot_completion(server.chatbot, body)
+            return await chatbot_completion(server.chatbot, body, getattr(http.state, "user", LOCAL_USER))
         lm = server.language_model(body.model)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
@@ -580,7 +581,7 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
             yield sse(error_body(e.status, e.message, e.param, e.code))
         yield sse("[DONE]")
 
-    async def chatbot_completion(chatbot: Chatbot, body: ChatCompletionRequest) -> Any:
+    async def chatbot_completion(chatbot: Chatbot, body: ChatCompletionRequest, user: str) -> Any:
         """A turn of the chatbot system: its own tools run on the server; the answer streams as it is written."""
         for name, value in (("tools", body.tools), ("response_format", body.response_format),
                             ("logprobs", body.logprobs or None), ("n", None if body.n == 1 else body.n)):
@@ -597,7 +598,7 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
             return tokens, "length" if reply.finish_reason == "length" else "stop"
 
         if not body.stream:
-            reply = await asyncio.to_thread(chatbot.respond, messages)
+            reply = await asyncio.to_thread(chatbot.respond, messages, None, user)
             tokens, reason = answer(reply)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": CHAT_MODEL,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
@@ -610,7 +611,7 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
         def run() -> None:  # in a worker thread: the turn, its answer's pieces passed to the event loop
             try:
                 reply: Any = chatbot.respond(messages, lambda event: loop.call_soon_threadsafe(
-                    queue.put_nowait, event) if event.kind == "text" else None)
+                    queue.put_nowait, event) if event.kind == "text" else None, user)
             except Exception as e:  # reported in the stream
                 reply = e
             loop.call_soon_threadsafe(queue.put_nowait, reply)

@@ -1,9 +1,12 @@
 """The chatbot system as the model `torchbook-chat` (chapter 15): the orchestrator (`torchbook.chat`), its
-server-side tools (calculator, unit conversion, and the knowledge base's search when the server has one) and its
-retrieval, on the served model's own engine (one engine thread, one set of slots, prefix reuse shared with plain
-requests). A request is a stateless turn: its messages are the conversation, the answer is the orchestrator's
-(sources listed); tools run on the server, so a client's `tools` are refused for this model. Memory is not served:
-it would need a store per API key.
+server-side tools (calculator, unit conversion, the knowledge base's search when the server has one, and memory),
+on the served model's own engine (one engine thread, one set of slots, prefix reuse shared with plain requests).
+
+A request is a stateless turn: its messages are the conversation, the answer is the orchestrator's (sources
+listed); tools run on the server, so a client's `tools` are refused for this model. Memory is per API key: the
+facts of the key's id (`default` for requests without keys on loopback, the same as `torchbook chat`'s), read
+through `recall` and `list_memories`; tools with side effects (`remember`, `forget`) ask for a confirmation that
+an HTTP request cannot give, so they are declined.
 """
 
 from __future__ import annotations
@@ -11,26 +14,35 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from torchbook.chat.memory import Memory
 from torchbook.chat.model import ChatModel
 from torchbook.chat.orchestrator import Event, Orchestrator, Reply
-from torchbook.chat.tools import builtin_tools
+from torchbook.chat.tools import ToolRegistry, calculator_tool, knowledge_tool, memory_tools, unit_tool
 from torchbook.serve.models import LanguageModel
 
 CHAT_MODEL = "torchbook-chat"
+LOCAL_USER = "default"  # the user of requests without API keys (loopback): the terminal chat's own
 
 
 class Chatbot:
-    """`respond(messages, on_event)`: one turn of the orchestrator (blocking: the app runs it in a worker thread)."""
+    """`respond(messages, on_event, user)`: one turn of the orchestrator (blocking: the app runs it in a worker
+    thread), with `user`'s memory."""
 
     def __init__(self, lm: LanguageModel, kb: Any = None, mode: str = "orchestrator", max_tokens: int = 256,
-                 time_limit: float = 120.0):
+                 time_limit: float = 120.0, memory: Memory | None = None):
         # A ChatModel around the served model, then pointed at the served engine (its own tiny one is closed).
         self.model = ChatModel(lm.engine.model, lm.tokenizer, lm.meta, lm.name, context=8, slots=1)
         self.model.close()
         self.model.engine = lm.engine
         self.model.context = lm.engine.max_len
-        self.orchestrator = Orchestrator(self.model, builtin_tools(kb=kb, memory=None, web_tools=False), mode=mode,  # type: ignore[arg-type]
-                                         max_tokens=max_tokens, time_limit=time_limit)
+        self.tools = [calculator_tool(), unit_tool(), *([knowledge_tool(kb)] if kb is not None else [])]
+        self.memory = memory
+        self.options = {"mode": mode, "max_tokens": max_tokens, "time_limit": time_limit}
 
-    def respond(self, messages: Sequence[dict[str, Any]], on_event: Callable[[Event], Any] | None = None) -> Reply:
-        return self.orchestrator.respond(messages, on_event)
+    def respond(self, messages: Sequence[dict[str, Any]], on_event: Callable[[Event], Any] | None = None,
+                user: str = LOCAL_USER) -> Reply:
+        tools = list(self.tools)
+        if self.memory is not None:
+            tools += memory_tools(self.memory, lambda: user)
+        orchestrator = Orchestrator(self.model, ToolRegistry(tools), **self.options)  # type: ignore[arg-type]
+        return orchestrator.respond(messages, on_event)

@@ -54,6 +54,7 @@ class ServeSettings:
     chat: bool = True  # serve the chatbot system as `torchbook-chat`
     chat_mode: str = "orchestrator"  # or "model": the model decides which tools to call
     kb: str | None = None  # a knowledge base (its location) for torchbook-chat's retrieval
+    chat_memory: bool = True  # torchbook-chat reads each API key's remembered facts (paths.home()/chat/)
 
 
 class MeteredEngine(Engine):

@@ -12,6 +12,7 @@ import ipaddress
 import socket
 from typing import Any
 
+from torchbook.chat.memory import Memory
 from torchbook.errors import UserInputError
 from torchbook.knowledge.base import KnowledgeBase
 from torchbook.serve.app import build_app
@@ -63,7 +64,12 @@ def prepare(settings: ServeSettings) -> Any:
         kb = None
         if settings.kb:
             kb = KnowledgeBase.open(settings.kb, embedder=embedder)
-        chatbot = Chatbot(lm, kb, settings.chat_mode, time_limit=min(settings.request_timeout_s, 120.0))
+        memory = None
+        if settings.chat_memory:
+            memory = Memory.open(embed=embedder.encode if embedder is not None else None,
+                                 embedder_name=embedder.name if embedder is not None else None)
+        chatbot = Chatbot(lm, kb, settings.chat_mode, time_limit=min(settings.request_timeout_s, 120.0),
+                          memory=memory)
     return build_app(settings, lm, embedder, metrics, chatbot)
 
 
