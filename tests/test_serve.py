@@ -267,6 +267,17 @@ def test_the_chatbot_system_as_a_model(server: Server) -> None:
     mine = client.chat.completions.create(model="torchbook-chat", messages=cat)
     theirs = server.client(server.other_key).chat.completions.create(model="torchbook-chat", messages=cat)
     assert mine.usage.prompt_tokens > theirs.usage.prompt_tokens + 10
+    # A client that leaves cancels its turn: the slot is free at once, long before the turn's 256 tokens.
+    steps = lambda m: sum(v for k, v in m.items() if k.startswith("torchbook_decode_steps_total{"))  # noqa: E731
+    before = steps(server.metrics())
+    body = {"model": "torchbook-chat", "messages": ask, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {server.key}"}) as response:
+        assert next(line for line in response.iter_lines() if line).startswith("data: ")
+    deadline = time.monotonic() + 2
+    while server.metrics()["torchbook_active_slots"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.metrics()["torchbook_active_slots"] == 0 and steps(server.metrics()) - before < 200
 
 
 def error_of(call) -> openai.APIStatusError:  # type: ignore[no-untyped-def]

@@ -43,7 +43,7 @@ from torchbook.generate.serving import Busy, Delta, Handle, Request, Result
 from torchbook.generate.tool_calls import Tool, parse_tool_calls, render_tools, tool_style, tools_from_openai
 from torchbook.hub.prompts import TemplateError
 from torchbook.knowledge.embedder import Embedder
-from torchbook.serve.chatbot import CHAT_MODEL, LOCAL_USER, Chatbot
+from torchbook.serve.chatbot import CHAT_MODEL, LOCAL_USER, Chatbot, Turn
 from torchbook.serve.keys import KeyStore, RateLimiter
 from torchbook.serve.metrics import Metrics
 from torchbook.serve.models import LanguageModel, ServeSettings
@@ -597,8 +597,12 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
                       "total_tokens": reply.prompt_tokens + reply.completion_tokens}
             return tokens, "length" if reply.finish_reason == "length" else "stop"
 
+        turn = Turn(chatbot.model.engine)
         if not body.stream:
-            reply = await asyncio.to_thread(chatbot.respond, messages, None, user)
+            try:
+                reply = await asyncio.to_thread(chatbot.respond, messages, None, user, turn)
+            finally:  # a cancelled request (the client left) cancels its turn
+                turn.cancel()
             tokens, reason = answer(reply)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": CHAT_MODEL,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
@@ -611,7 +615,7 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
         def run() -> None:  # in a worker thread: the turn, its answer's pieces passed to the event loop
             try:
                 reply: Any = chatbot.respond(messages, lambda event: loop.call_soon_threadsafe(
-                    queue.put_nowait, event) if event.kind == "text" else None, user)
+                    queue.put_nowait, event) if event.kind == "text" else None, user, turn)
             except Exception as e:  # reported in the stream
                 reply = e
             loop.call_soon_threadsafe(queue.put_nowait, reply)
@@ -641,7 +645,7 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
             yield sse("[DONE]")
 
         loop.run_in_executor(None, run)
-        return EventStream(events(), lambda: None)
+        return EventStream(events(), turn.cancel)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, http: HTTPRequest) -> Any:
