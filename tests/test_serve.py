@@ -235,6 +235,14 @@ def test_tools_required_give_valid_calls_and_json_schema(server: Server) -> None
                                                    temperature=0, stream=True))
     calls = [t for c in streamed if c.choices for t in (c.choices[0].delta.tool_calls or [])]
     assert calls[0].function.name == "get_weather" and streamed[-1].choices[0].finish_reason == "tool_calls"
+    # tool_choice "auto": this random model answers in text, which streams as it comes (not held to the end).
+    auto = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], max_tokens=30,
+                                          temperature=0)
+    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
+        model="tiny", messages=ask, tools=[WEATHER], max_tokens=30, temperature=0, stream=True)
+        if c.choices and c.choices[0].delta.content]
+    assert auto.choices[0].finish_reason == "length" and not auto.choices[0].message.tool_calls
+    assert len(pieces) > 5 and "".join(pieces) == auto.choices[0].message.content
     schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 9},
                                                "sure": {"type": "boolean"}},
               "required": ["answer", "sure"], "additionalProperties": False}

@@ -363,6 +363,39 @@ def finish_reason(reason: str) -> str:
     return reason if reason in ("stop", "length") else "stop"
 
 
+CALL_STARTS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")  # how a reply starts a call, in each style
+
+
+class HeldText:
+    """A streamed reply that may turn into tool calls: its text goes out as it comes, except what may be the start
+    of a call (a marker, a part of one at the end, a reply that opens with `{`): from there on it is held."""
+
+    def __init__(self) -> None:
+        self.text, self.sent, self.holding = "", 0, False
+
+    def push(self, piece: str) -> str:
+        """What of the text so far may go out now."""
+        self.text += piece
+        if self.holding or not self.text.strip():
+            return ""
+        if any(m in self.text for m in CALL_STARTS) or self.text.lstrip().startswith("{"):
+            self.holding = True
+            return ""
+        safe = len(self.text)
+        for marker in CALL_STARTS:  # hold a tail that could be a marker's beginning
+            for n in range(len(marker) - 1, 0, -1):
+                if self.text.endswith(marker[:n]):
+                    safe = min(safe, len(self.text) - n)
+                    break
+        out, self.sent = self.text[self.sent : max(safe, self.sent)], max(safe, self.sent)
+        return out
+
+    def rest(self, content: str) -> str:
+        """What of the final content was not sent yet."""
+        sent = self.text[: self.sent]
+        return content[len(sent):] if content.startswith(sent) else ""
+
+
 class ChatPlan:
     """What a chat request asks beyond plain text: its prompt (with the tools, in the checkpoint's own tools
     section or the Hermes fallback: `torchbook.generate.tool_calls.render_tools`), the constraint on its output
@@ -550,8 +583,13 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
             for i in range(body.n):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
+            held = [HeldText() for _ in range(body.n)]
             async for _, delta in server.deltas([handle]):
-                if plan.tools:  # a reply that may hold tool calls is read whole, then sent as OpenAI's deltas
+                if plan.tools:  # text streams until a tool call may start; calls are sent whole at the end
+                    piece = held[delta.choice].push(delta.text) if plan.constraint is None else ""
+                    if piece:
+                        yield chunk([{"index": delta.choice, "delta": {"content": piece}, "logprobs": None,
+                                      "finish_reason": None}])
                     continue
                 logprobs = None
                 if body.logprobs and delta.token >= 0:
@@ -566,8 +604,9 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
             for c in result.choices:
                 message, reason = plan.message(c.text, c.finish_reason)
                 if plan.tools:
-                    if message["content"]:
-                        yield chunk([{"index": c.index, "delta": {"content": message["content"]}, "logprobs": None,
+                    rest = held[c.index].rest(message["content"] or "")
+                    if rest:
+                        yield chunk([{"index": c.index, "delta": {"content": rest}, "logprobs": None,
                                       "finish_reason": None}])
                     if message.get("tool_calls"):
                         calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
