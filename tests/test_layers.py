@@ -23,7 +23,8 @@ HEAVY = {"torch", "torchmetrics", "transformers", "sklearn", "scipy", "pandas", 
          "diffusers", "captum", "torchao", "peft", "trl",
          "lancedb", "pyarrow", "bm25s", "psycopg", "pgvector", "pypdf",
          "llguidance", "jsonschema", "xgrammar", "outlines_core",
-         "pint"}  # the chat extra (issue #22)
+         "pint",  # the chat extra (issue #22)
+         "uvicorn"}  # the serve extra (issue #24): only `torchbook serve` starts a web server
 # torchbook's own modules that are heavy because of what they import (matplotlib).
 HEAVY_OWN = {"torchbook.plots"}
 # Front ends: they import the library late so that `torchbook --help` and `torchbook list` stay fast.
