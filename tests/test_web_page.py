@@ -1,0 +1,295 @@
+"""The web chat page of `torchbook serve`, end to end in a real headless Chromium (Selenium, with Debian's chromium
+and chromium-driver from `make system-deps`).
+
+One server process for the module (`torchbook serve` on a loopback port, started as a user starts it) and one
+browser. The model is a *scripted* GPT: real weights in a saved folder, served by the real engine, that always
+answer the same text. Its tokenizer is a byte-level BPE trained here on a few sentences (in a tenth of a second),
+its embeddings are one-hot, its attention and MLP write nothing, and its output layer maps each token of the chain
+(the prompt's last token, then SCRIPT) to the next: so greedy and sampled decoding alike answer SCRIPT, then its
+tail "alert(1)</script>" over and over until `max_tokens`. SCRIPT holds `<script>` and an `onerror` attribute:
+the page must show them as text.
+
+Screenshots go to $TORCHBOOK_TEST_ARTIFACTS/web (default test-artifacts/web), printed when the module starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+import torch
+from browser import Screenshots, artifacts_folder, chromium
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from torchbook.data.tokenizers import save_tokenizer
+from torchbook.hub import save_model
+from torchbook.hub.prompts import render_chat
+from torchbook.models.gpt import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = 'Look:<img src=x onerror="window.__pwned++"> and <script>alert(1)</script>'
+TAIL = "alert(1)</script>"
+MAX_LEN = 8192
+
+
+def train_tokenizer() -> Tokenizer:
+    corpus = [SCRIPT] * 20 + ["You are a helpful assistant. Answer the user's question in a few sentences.",
+                              "What is 525.6 * 315 / 3942? The capital of Freedonia is Plumville. Name a colour."]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tokenizer
+
+
+def scripted_model_folder(folder: Path) -> Path:
+    """The scripted GPT (see the module docstring), saved with its tokenizer (the default ChatML template)."""
+    tokenizer = train_tokenizer()
+    start = tokenizer.encode(render_chat([{"role": "user", "content": "Hi"}], None, True)).ids[-1]
+    chain = [start, *tokenizer.encode(SCRIPT).ids]
+    following: dict[int, int] = {}
+    for a, b in zip(chain, chain[1:]):
+        assert following.setdefault(a, b) == b, f"token {tokenizer.decode([a])!r} would need two successors"
+    assert chain[-1] in following  # the last token leads back into the script: the answer never ends by itself
+    d_model = 64
+    assert len(following) <= d_model
+    config = GPTConfig(vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=4, n_kv_head=2, d_model=d_model,
+                       d_ff=64, max_len=MAX_LEN, norm="rmsnorm", mlp="swiglu", positions="rope", qkv_bias=False,
+                       out_bias=False, mlp_bias=False, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for block in model.blocks:  # type: ignore[attr-defined]
+            block.attn.out_proj.weight.zero_()
+            block.mlp.down.weight.zero_()
+        model.lm_head.weight.zero_()
+        for dim, (a, b) in enumerate(following.items()):
+            model.embed.weight[a] = 0.0
+            model.embed.weight[a, dim] = 1.0  # after the final RMSNorm: sqrt(64) = 8 in that dimension
+            model.lm_head.weight[b, dim] = 10.0  # the successor's logit 80, every other token's 0
+    save_model(model, folder)
+    save_tokenizer(tokenizer, folder)
+    return folder
+
+
+def answer(tokens: int) -> str:
+    """What the scripted model says in `tokens` tokens."""
+    tokenizer = train_tokenizer()
+    ids = tokenizer.encode(SCRIPT).ids
+    tail = tokenizer.encode(TAIL).ids
+    while len(ids) < tokens:
+        ids += tail
+    return str(tokenizer.decode(ids[:tokens]))
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[str], url: str, page: str):
+        self.process, self.url, self.page = process, url, page
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics").text
+        match = re.search(rf"^{name} (\S+)$", text, re.M)
+        assert match, f"{name} not in /metrics"
+        return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("web")
+    folder = scripted_model_folder(root / "scripted")
+    env = {**os.environ, "TORCHBOOK_HOME": str(root / "home"), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torchbook", "serve", str(folder), "--name", "scripted", "--port", "0", "--slots", "2",
+         "--max-len", str(MAX_LEN)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert process.stdout is not None
+    api = process.stdout.readline()  # printed once the model is loaded and warmed and the port is listening
+    page = process.stdout.readline()
+    match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", api)
+    page_match = re.fullmatch(r"chat page: (http://127\.0\.0\.1:\d+/)\n", page)
+    if not (match and page_match):
+        process.kill()
+        pytest.fail(f"no addresses printed: {api!r} {page!r} {process.stderr.read() if process.stderr else ''}")
+    assert page_match.group(1) == match.group(1) + "/"
+    yield Server(process, match.group(1), page_match.group(1))
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser(request: pytest.FixtureRequest) -> Iterator[Any]:
+    driver = chromium()
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    folder = artifacts_folder()
+    if reporter is not None:
+        reporter.write_line(f"web page screenshots: {folder}")
+    driver.screenshots = Screenshots(driver, folder)
+    yield driver
+    driver.quit()
+
+
+def wait(condition: Callable[[], Any], timeout: float = 15.0, what: str = "the page") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def js(browser: Any, script: str, *args: Any) -> Any:
+    return browser.execute_script(script, *args)
+
+
+def open_page(browser: Any, server: Server, width: int = 1280, height: int = 900) -> None:
+    browser.set_window_size(width, height)
+    browser.get(server.page)
+    wait(lambda: js(browser, "return document.getElementById('model').options.length > 0"), what="the model list")
+    js(browser, "localStorage.clear()")
+
+
+def set_setting(browser: Any, element_id: str, value: str) -> None:
+    js(browser, "const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                "e.dispatchEvent(new Event('change'));", element_id, value)
+
+
+def send(browser: Any, text: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    box = browser.find_element("id", "input")
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+
+
+def last_reply(browser: Any) -> dict[str, Any]:
+    return js(browser, """
+        const all = document.querySelectorAll('#messages .message.assistant');
+        const m = all[all.length - 1];
+        if (!m) return null;
+        return {text: m.querySelector('.text').textContent, meta: m.querySelector('.meta').textContent,
+                streaming: m.classList.contains('streaming'), html: m.innerHTML};""")
+
+
+def finished(browser: Any) -> dict[str, Any] | None:
+    reply = last_reply(browser)
+    return reply if reply and reply["meta"] and not reply["streaming"] else None
+
+
+def test_page_served_and_its_address_printed(server: Server) -> None:
+    page = httpx.get(server.page)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "<title>torchbook chat</title>" in page.text
+    assert "Content-Security-Policy" in page.text and "script-src 'self'" in page.text
+    # Nothing fetched from elsewhere: every script and style the page names is the server's own.
+    assert re.findall(r'(?:src|href)="([^"]+)"', page.text) == ["/static/style.css", "/static/app.js"]
+    for asset in ("/static/style.css", "/static/app.js"):
+        assert httpx.get(server.url + asset).status_code == 200
+    config = httpx.get(server.url + "/api/web/config").json()
+    assert config["models"] == ["scripted"] and config["keys_required"] is False
+
+
+def test_reply_streams_into_the_page(server: Server, browser: Any) -> None:
+    open_page(browser, server)
+    set_setting(browser, "max-tokens", "300")
+    set_setting(browser, "temperature", "0")
+    # Record the reply's length at each change of the page: a streamed reply grows in many steps.
+    js(browser, """
+        window.__lengths = [];
+        new MutationObserver(() => {
+          const all = document.querySelectorAll('#messages .message.assistant .text');
+          if (all.length) window.__lengths.push(all[all.length - 1].textContent.length);
+        }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});""")
+    send(browser, "Say something.")
+    reply = wait(lambda: finished(browser), what="the reply")
+    lengths = js(browser, "return window.__lengths")
+    growth = sorted(set(lengths))
+    assert len(growth) >= 10, f"the reply came in {len(growth)} steps: not streamed"
+    assert lengths == sorted(lengths)  # it only ever grew
+    assert reply["text"] == answer(300)
+    assert reply["meta"].startswith("finish: length · 300 tokens")
+    user = js(browser, "return document.querySelector('#messages .message.user .text').textContent")
+    assert user == "Say something."
+    browser.screenshots.save("1-streamed-reply")
+
+
+def test_model_output_is_text_never_html(server: Server, browser: Any) -> None:
+    open_page(browser, server)
+    set_setting(browser, "max-tokens", "40")
+    js(browser, "window.__pwned = 0")
+    send(browser, "Show me some HTML.")
+    reply = wait(lambda: finished(browser), what="the reply")
+    assert reply["text"].startswith('Look:<img src=x onerror="window.__pwned++"> and <script>alert(1)</script>')
+    # Shown as the characters it is: no element was made from it, no handler ran, no script ran.
+    assert js(browser, "return document.querySelectorAll('#messages img, #messages script').length") == 0
+    assert "&lt;script&gt;" in reply["html"] and "<script" not in reply["html"]
+    time.sleep(0.2)  # an image's error handler would have run by now
+    assert js(browser, "return window.__pwned") == 0
+    shown = browser.find_element("css selector", "#messages .message.assistant .text").text
+    assert "<script>alert(1)</script>" in shown and 'onerror="window.__pwned++"' in shown
+    browser.screenshots.save("2-html-shown-as-text")
+
+
+def test_stop_cancels_the_generation_and_frees_the_slot(server: Server, browser: Any) -> None:
+    open_page(browser, server)
+    set_setting(browser, "max-tokens", str(MAX_LEN - 100))
+    steps_before = server.metric("torchbook_completion_tokens_total")
+    send(browser, "Go on for a long time.")
+    wait(lambda: len((last_reply(browser) or {}).get("text", "")) > 300, what="a long reply to start")
+    assert server.metric("torchbook_active_slots") == 1
+    browser.find_element("id", "stop").click()
+    reply = wait(lambda: finished(browser), what="the stopped reply")
+    assert reply["meta"] == "stopped"
+    assert browser.find_element("id", "send").is_displayed() and not browser.find_element("id", "stop").is_displayed()
+    # The server cancelled the request: its slot is free and no more tokens are made for it.
+    wait(lambda: server.metric("torchbook_active_slots") == 0, timeout=3, what="the slot to be freed")
+    shown = len(reply["text"])
+    time.sleep(0.3)
+    assert len(last_reply(browser)["text"]) == shown  # type: ignore[index]
+    assert server.metric("torchbook_completion_tokens_total") == steps_before  # never finished, never counted
+    assert shown < len(answer(MAX_LEN - 100))
+    browser.screenshots.save("3-stopped")
+    # The conversation goes on after a stop.
+    set_setting(browser, "max-tokens", "12")
+    send(browser, "Again, shortly.")
+    reply = wait(lambda: finished(browser), what="the next reply")
+    assert reply["text"] == answer(12)
+
+
+def test_page_works_at_a_phone_width(server: Server, browser: Any) -> None:
+    open_page(browser, server, width=390, height=844)
+    width = js(browser, "return window.innerWidth")
+    assert width <= 400
+    assert js(browser, "return document.documentElement.scrollWidth") <= width  # no sideways scrolling
+    composer = js(browser, "const r = document.getElementById('composer').getBoundingClientRect();"
+                           "return [r.left, r.right, r.bottom];")
+    assert composer[0] >= 0 and composer[1] <= width and composer[2] <= js(browser, "return window.innerHeight")
+    side = browser.find_element("id", "side")
+    assert js(browser, "return arguments[0].getBoundingClientRect().right", side) <= 0  # tucked away
+    browser.find_element("id", "menu").click()
+    wait(lambda: js(browser, "return arguments[0].getBoundingClientRect().left", side) >= 0, what="the panel")
+    browser.screenshots.save("4-phone-panel")
+    browser.find_element("id", "new").click()  # a new conversation closes the panel
+    wait(lambda: js(browser, "return arguments[0].getBoundingClientRect().right", side) <= 0, what="the panel to close")
+    set_setting(browser, "max-tokens", "30")
+    send(browser, "Hello from a phone.")
+    reply = wait(lambda: finished(browser), what="the reply")
+    assert reply["text"] == answer(30)
+    assert js(browser, "return document.documentElement.scrollWidth") <= width
+    bubble = js(browser, "const r = document.querySelector('#messages .message.assistant').getBoundingClientRect();"
+                         "return r.right;")
+    assert bubble <= width
+    browser.screenshots.save("5-phone-reply")
