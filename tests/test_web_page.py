@@ -32,7 +32,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torchbook.data.tokenizers import save_tokenizer
 from torchbook.hub import save_model
 from torchbook.hub.prompts import render_chat
-from torchbook.models.gpt import GPT, GPTConfig
+from torchbook.models.gpt import GPT, MLP, GPTConfig
+from torchbook.nn.attention import MultiHeadAttention
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = 'Look:<img src=x onerror="window.__pwned++"> and <script>alert(1)</script>'
@@ -69,9 +70,11 @@ def scripted_model_folder(folder: Path) -> Path:
     torch.manual_seed(0)
     model = GPT(config).eval()
     with torch.no_grad():
-        for block in model.blocks:  # type: ignore[attr-defined]
-            block.attn.out_proj.weight.zero_()
-            block.mlp.down.weight.zero_()
+        for module in model.modules():  # the residual stream stays the token's embedding
+            if isinstance(module, MultiHeadAttention):
+                module.out_proj.weight.zero_()
+            elif isinstance(module, MLP):
+                module.down.weight.zero_()
         model.lm_head.weight.zero_()
         for dim, (a, b) in enumerate(following.items()):
             model.embed.weight[a] = 0.0
