@@ -21,7 +21,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "torchbook"
 HEAVY = {"torch", "torchmetrics", "transformers", "sklearn", "scipy", "pandas", "matplotlib", "gymnasium", "ale_py",
          "optuna", "statsmodels", "gguf", "huggingface_hub", "jinja2", "sacrebleu", "joblib", "tensorboard", "PIL",
          "diffusers", "captum", "torchao", "peft", "trl",
-         "lancedb", "pyarrow", "bm25s", "psycopg", "pgvector", "pypdf"}
+         "lancedb", "pyarrow", "bm25s", "psycopg", "pgvector", "pypdf",
+         "pint", "jsonschema"}  # the chat extra (issue #22)
 # torchbook's own modules that are heavy because of what they import (matplotlib).
 HEAVY_OWN = {"torchbook.plots"}
 # Front ends: they import the library late so that `torchbook --help` and `torchbook list` stay fast.
