@@ -38,7 +38,8 @@ from torchbook.nn.attention import MultiHeadAttention
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = 'Look:<img src=x onerror="window.__pwned++"> and <script>alert(1)</script>'
 TAIL = "alert(1)</script>"
-MAX_LEN = 8192
+LONG = 30_000  # tokens: a reply that takes many seconds, to be stopped
+MAX_LEN = 32768  # positions per slot: a reply long enough to stop (1 layer, 2 small heads: 8 MB a slot)
 
 
 def train_tokenizer() -> Tokenizer:
@@ -158,11 +159,12 @@ def js(browser: Any, script: str, *args: Any) -> Any:
     return browser.execute_script(script, *args)
 
 
-def open_page(browser: Any, server: Server, width: int = 1280, height: int = 900) -> None:
+def open_page(browser: Any, server: Server, width: int = 1280, height: int = 900, model: str = "scripted") -> None:
     browser.set_window_size(width, height)
     browser.get(server.page)
     wait(lambda: js(browser, "return document.getElementById('model').options.length > 0"), what="the model list")
     js(browser, "localStorage.clear()")
+    choose_model(browser, model)
 
 
 def set_setting(browser: Any, element_id: str, value: str) -> None:
@@ -202,7 +204,8 @@ def test_page_served_and_its_address_printed(server: Server) -> None:
     for asset in ("/static/style.css", "/static/app.js"):
         assert httpx.get(server.url + asset).status_code == 200
     config = httpx.get(server.url + "/api/web/config").json()
-    assert config["models"] == ["scripted"] and config["keys_required"] is False
+    assert config["models"] == ["scripted"] and config["chat_model"] == "torchbook-chat"
+    assert config["knowledge"] is True and config["keys_required"] is False
 
 
 def test_reply_streams_into_the_page(server: Server, browser: Any) -> None:
@@ -246,9 +249,10 @@ def test_model_output_is_text_never_html(server: Server, browser: Any) -> None:
     browser.screenshots.save("2-html-shown-as-text")
 
 
-def test_stop_cancels_the_generation_and_frees_the_slot(server: Server, browser: Any) -> None:
-    open_page(browser, server)
-    set_setting(browser, "max-tokens", str(MAX_LEN - 100))
+@pytest.mark.parametrize("model", ["scripted", "torchbook-chat"])
+def test_stop_cancels_the_generation_and_frees_the_slot(server: Server, browser: Any, model: str) -> None:
+    open_page(browser, server, model=model)
+    set_setting(browser, "max-tokens", str(LONG))
     steps_before = server.metric("torchbook_completion_tokens_total")
     send(browser, "Go on for a long time.")
     wait(lambda: len((last_reply(browser) or {}).get("text", "")) > 300, what="a long reply to start")
@@ -259,12 +263,14 @@ def test_stop_cancels_the_generation_and_frees_the_slot(server: Server, browser:
     assert browser.find_element("id", "send").is_displayed() and not browser.find_element("id", "stop").is_displayed()
     # The server cancelled the request: its slot is free and no more tokens are made for it.
     wait(lambda: server.metric("torchbook_active_slots") == 0, timeout=3, what="the slot to be freed")
+    if model == "torchbook-chat":  # a stopped turn is not kept, nor the new conversation it began
+        assert httpx.get(server.url + "/api/conversations").json()["data"] == []
     shown = len(reply["text"])
     time.sleep(0.3)
     assert len(last_reply(browser)["text"]) == shown  # type: ignore[index]
     assert server.metric("torchbook_completion_tokens_total") == steps_before  # never finished, never counted
-    assert shown < len(answer(MAX_LEN - 100))
-    browser.screenshots.save("3-stopped")
+    assert shown < len(answer(LONG))
+    browser.screenshots.save(f"3-stopped-{model}")
     # The conversation goes on after a stop.
     set_setting(browser, "max-tokens", "12")
     send(browser, "Again, shortly.")
@@ -296,3 +302,113 @@ def test_page_works_at_a_phone_width(server: Server, browser: Any) -> None:
                          "return r.right;")
     assert bubble <= width
     browser.screenshots.save("5-phone-reply")
+
+
+def choose_model(browser: Any, model: str) -> None:
+    from selenium.webdriver.support.select import Select
+
+    Select(browser.find_element("id", "model")).select_by_value(model)
+
+
+def conversation_titles(browser: Any) -> list[str]:
+    return js(browser, "return [...document.querySelectorAll('#conversations li .open')].map(b => b.textContent)")
+
+
+def test_conversations_new_resume_delete(server: Server, browser: Any) -> None:
+    for earlier in httpx.get(server.url + "/api/conversations").json()["data"]:  # other tests' conversations
+        assert httpx.delete(f"{server.url}/api/conversations/{earlier['id']}").json()["deleted"]
+    open_page(browser, server, model="torchbook-chat")
+    set_setting(browser, "max-tokens", "12")
+    send(browser, "First question")
+    wait(lambda: finished(browser), what="the first reply")
+    wait(lambda: conversation_titles(browser) == ["First question"], what="the conversation in the list")
+    browser.find_element("id", "new").click()
+    assert js(browser, "return document.querySelectorAll('#messages .message').length") == 0
+    send(browser, "Second question")
+    wait(lambda: finished(browser), what="the second reply")
+    wait(lambda: conversation_titles(browser) == ["Second question", "First question"], what="two conversations")
+    browser.screenshots.save("6-conversations")
+    # Resume the first: its messages come back from the server (SQLite), the reply as the model wrote it.
+    browser.find_elements("css selector", "#conversations li .open")[1].click()
+    wait(lambda: js(browser, "return [...document.querySelectorAll('#messages .message.user')].map(e => "
+                             "e.querySelector('.text').textContent)") == ["First question"],
+         what="the resumed conversation")
+    shown = js(browser, "return [...document.querySelectorAll('#messages .message .text')].map(e => e.textContent)")
+    assert shown == ["First question", answer(12)]
+    # A message in a resumed conversation is added to it.
+    send(browser, "Follow-up")
+    wait(lambda: finished(browser) and len(js(browser, "return document.querySelectorAll('#messages .message')")) == 4,
+         what="the follow-up")
+    listed = httpx.get(server.url + "/api/conversations").json()["data"]
+    first = next(c for c in listed if c["title"] == "First question")
+    stored = httpx.get(f"{server.url}/api/conversations/{first['id']}").json()["messages"]
+    assert [m["content"] for m in stored if m["role"] == "user"] == ["First question", "Follow-up"]
+    assert [m["content"] for m in stored if m["role"] == "assistant" and m["content"]] == [answer(12)] * 2
+    # Delete it: gone from the page's list and from the server.
+    browser.find_elements("css selector", "#conversations li .delete")[
+        conversation_titles(browser).index("First question")].click()
+    wait(lambda: conversation_titles(browser) == ["Second question"], what="the deletion")
+    assert js(browser, "return document.querySelectorAll('#messages .message').length") == 0  # it was open
+    assert httpx.get(f"{server.url}/api/conversations/{first['id']}").status_code == 404
+    assert [c["title"] for c in httpx.get(server.url + "/api/conversations").json()["data"]] == ["Second question"]
+
+
+def test_calculator_tool_call_shown_and_expandable(server: Server, browser: Any) -> None:
+    open_page(browser, server, model="torchbook-chat")
+    set_setting(browser, "max-tokens", "8")
+    send(browser, "What is 525.6 * 315 / 3942?")  # the book's example
+    wait(lambda: finished(browser), what="the reply")
+    tool = browser.find_element("css selector", "#messages .message.assistant details.tool")
+    assert tool.find_element("css selector", "summary").text == "Tool: calculator \u2192 525.6 * 315 / 3942 = 42"
+    assert not tool.get_attribute("open")  # folded until asked
+    assert not tool.find_element("css selector", "pre.result").is_displayed()
+    tool.find_element("css selector", "summary").click()
+    wait(lambda: tool.find_element("css selector", "pre.result").is_displayed(), what="the tool's details")
+    assert "525.6 * 315 / 3942" in tool.find_element("css selector", "pre.arguments").text
+    assert tool.find_element("css selector", "pre.result").text == "525.6 * 315 / 3942 = 42"
+    assert last_reply(browser)["text"] == answer(8)  # type: ignore[index]
+    browser.screenshots.save("7-calculator-tool-call")
+
+
+def test_upload_a_document_then_an_answer_cites_it(server: Server, browser: Any, tmp_path: Path) -> None:
+    document = tmp_path / "freedonia.md"
+    document.write_text("# Freedonia\n\nThe capital of Freedonia is Plumville, on the river Ardent. "
+                        'Its flag: <img src=x onerror="window.__pwned++"> <b>bold</b>.\n')
+    open_page(browser, server)
+    js(browser, "window.__pwned = 0")
+    # Record the progress bar's values as the upload goes.
+    js(browser, """
+        window.__progress = [];
+        const bar = document.getElementById('upload-progress');
+        new MutationObserver(() => window.__progress.push(Number(bar.value)))
+          .observe(bar, {attributes: true});""")
+    browser.find_element("id", "file").send_keys(str(document))
+    browser.find_element("id", "upload-button").click()
+    status = wait(lambda: re.fullmatch(r"added freedonia\.md: (\d+) chunks", js(
+        browser, "return document.getElementById('upload-status').textContent")), timeout=60, what="the upload")
+    assert int(status.group(1)) >= 1
+    assert js(browser, "return document.getElementById('upload-progress').value") == 100
+    assert browser.find_element("id", "documents").text.startswith("freedonia.md")
+    assert (httpx.get(server.url + "/api/documents").json()["data"][0]["name"]) == "freedonia.md"
+    browser.screenshots.save("8-uploaded")
+    choose_model(browser, "torchbook-chat")
+    set_setting(browser, "max-tokens", "8")
+    send(browser, "What is the capital of Freedonia?")
+    wait(lambda: finished(browser), what="the reply")
+    # The knowledge base was searched (a tool call) and the answer lists its source: the uploaded file.
+    sources = browser.find_element("css selector", "#messages .message.assistant details.sources")
+    assert sources.find_element("css selector", "summary").text == "Sources (1)"
+    sources.find_element("css selector", "summary").click()
+    cited = sources.find_element("css selector", "li").text
+    assert re.search(r"/freedonia\.md:\d+$", cited), cited
+    search = browser.find_elements("css selector", "#messages .message.assistant details.tool")[-1]
+    assert search.find_element("css selector", "summary").text.startswith("Tool: search_knowledge")
+    search.find_element("css selector", "summary").click()
+    passage = search.find_element("css selector", "pre.result").text
+    # The uploaded text is shown as text: its markup made no element and ran nothing.
+    assert "The capital of Freedonia is Plumville" in passage
+    assert '<img src=x onerror="window.__pwned++"> <b>bold</b>' in passage
+    assert js(browser, "return document.querySelectorAll('#messages img, #messages b').length") == 0
+    time.sleep(0.2)
+    assert js(browser, "return window.__pwned") == 0
+    browser.screenshots.save("9-answer-cites-the-document")

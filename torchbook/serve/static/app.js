@@ -74,8 +74,10 @@ function modelChanged() {
   $("conversations-note").textContent = chat ? "" :
     "A plain model's conversation stays in this page; choose the chatbot model to keep conversations.";
   $("documents-panel").hidden = !state.config?.knowledge;
+  $("mode-label").hidden = !chat;
   newConversation();
   if (chat) loadConversations();
+  else $("conversations").replaceChildren();
 }
 
 // -- conversations (the chatbot system's) ------------------------------------------------------------------
@@ -205,6 +207,7 @@ function onChunk(bubble, chunk, turn) {
     } else if (event.kind === "tool_call") toolCall(bubble, event.name, event.arguments);
     else if (event.kind === "tool_result") toolResult(bubble, event.name, event.output);
     else if (event.kind === "sources") { turn.sources = event.sources; }
+    else if (event.kind === "error" && event.name) toolResult(bubble, event.name, { ...event.output, error: true });
     else if (event.kind === "error") bubble.events.append(el("div", { class: "note error" }, event.text));
     else if (event.kind === "context") bubble.events.append(el("div", { class: "note" }, event.text));
   }
@@ -253,6 +256,7 @@ function settings() {
 async function send(text) {
   if (state.controller || !text.trim()) return;
   const chat = isChat();
+  const isNew = state.conversation === null;
   addMessage("user", text);
   const bubble = addMessage("assistant", "");
   bubble.node.classList.add("streaming");
@@ -264,7 +268,7 @@ async function send(text) {
   let url, body;
   if (chat) {
     url = "/api/chat";
-    body = { conversation_id: state.conversation, message: text, stream: true, ...settings() };
+    body = { conversation_id: state.conversation, message: text, mode: $("mode").value, ...settings() };
     if (system) body.system = system;
   } else {
     state.history.push({ role: "user", content: text });
@@ -289,6 +293,7 @@ async function send(text) {
     if (!chat) state.history.push({ role: "assistant", content: turn.text });
   } catch (e) {
     if (e.name === "AbortError") {
+      if (chat && isNew) state.conversation = null;  // the server keeps no stopped turn, nor the chat it began
       bubble.node.classList.add("stopped");
       bubble.meta.textContent = "stopped";
       showSources(bubble, turn.sources);
