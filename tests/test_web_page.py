@@ -399,8 +399,9 @@ def test_upload_a_document_then_an_answer_cites_it(server: Server, browser: Any,
     sources = browser.find_element("css selector", "#messages .message.assistant details.sources")
     assert sources.find_element("css selector", "summary").text == "Sources (1)"
     sources.find_element("css selector", "summary").click()
-    cited = sources.find_element("css selector", "li").text
-    assert re.search(r"/freedonia\.md:\d+$", cited), cited
+    cited = sources.find_element("css selector", "li")
+    assert re.fullmatch(r"freedonia\.md:\d+", cited.text), cited.text
+    assert re.fullmatch(r"/.+/web/uploads/freedonia\.md:\d+", cited.get_attribute("title"))
     search = browser.find_elements("css selector", "#messages .message.assistant details.tool")[-1]
     assert search.find_element("css selector", "summary").text.startswith("Tool: search_knowledge")
     search.find_element("css selector", "summary").click()
@@ -412,3 +413,45 @@ def test_upload_a_document_then_an_answer_cites_it(server: Server, browser: Any,
     time.sleep(0.2)
     assert js(browser, "return window.__pwned") == 0
     browser.screenshots.save("9-answer-cites-the-document")
+
+
+# -- without a browser: the routes' rules -------------------------------------------------------------------------
+def test_page_routes_ask_for_the_api_key_when_the_server_does(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from torchbook.serve import KeyStore, ServeSettings, build_app
+
+    keys = tmp_path / "keys.json"
+    _, key = KeyStore(keys).add("page")
+    app = build_app(ServeSettings(require_keys=True, keys_path=keys, embedder=None), lm=None)
+    with TestClient(app) as client:
+        assert client.get("/").status_code == 200  # the page itself: it asks for the key
+        assert client.get("/api/web/config").json()["keys_required"] is True
+        for method, path in (("get", "/api/documents"), ("post", "/api/documents?name=a.md"),
+                             ("get", "/api/conversations"), ("post", "/api/chat")):
+            refused = getattr(client, method)(path)
+            assert refused.status_code == 401, path
+            assert refused.json()["error"]["message"] == "this server needs an API key: enter it in Settings"
+            wrong = getattr(client, method)(path, headers={"authorization": "Bearer tb-wrong"})
+            assert wrong.status_code == 401
+        # With the key: past the check (this server has no knowledge base and no model: 404).
+        answered = client.get("/api/documents", headers={"authorization": f"Bearer {key}"})
+        assert answered.status_code == 404 and "no knowledge base" in answered.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("given", "kept"), [
+    ("notes.md", "notes.md"), ("../../etc/passwd", "passwd"), ("C:\\Users\\me\\report.pdf", "report.pdf"),
+    ('<img src=x onerror="alert(1)">.md', "_img src_x onerror_alert_1_.md"), (".hidden", "hidden"),
+    ("a/b/", "b")])
+def test_an_uploaded_file_keeps_only_a_safe_name(given: str, kept: str) -> None:
+    from torchbook.serve.web import upload_name
+
+    assert upload_name(given) == kept
+
+
+@pytest.mark.parametrize("given", ["", "..", "/", " . "])
+def test_an_upload_without_a_name_is_refused(given: str) -> None:
+    from torchbook.serve.web import WebError, upload_name
+
+    with pytest.raises(WebError, match="needs a file name"):
+        upload_name(given)

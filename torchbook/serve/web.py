@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -261,26 +261,26 @@ def router(server: Any, documents: Documents | None = None) -> APIRouter:
         if not key or server.keys.check(key) is None:
             raise WebError(401, "this server needs an API key: enter it in Settings")
 
+    keyed = APIRouter(dependencies=[Depends(check_key)])  # every /api/ route but the configuration
+
     @routes.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
 
     @routes.get("/api/web/config")
-    async def config(http: HTTPRequest) -> dict[str, Any]:
+    async def config() -> dict[str, Any]:
         return {"models": [server.lm.name] if server.lm is not None else [],
                 "chat_model": CHAT_MODEL if system is not None else None, "modes": list(MODES),
                 "knowledge": documents is not None, "keys_required": server.require_keys}
 
-    @routes.get("/api/documents")
-    async def list_documents(http: HTTPRequest) -> dict[str, Any]:
-        check_key(http)
+    @keyed.get("/api/documents")
+    async def list_documents() -> dict[str, Any]:
         if documents is None:
             raise WebError(404, "this server has no knowledge base (it was started without an embedder)")
         return {"data": await asyncio.to_thread(documents.list)}
 
-    @routes.post("/api/documents")
+    @keyed.post("/api/documents")
     async def add_document(http: HTTPRequest, name: str) -> dict[str, Any]:
-        check_key(http)
         if documents is None:
             raise WebError(404, "this server has no knowledge base (it was started without an embedder)")
         declared = http.headers.get("content-length", "")
@@ -296,15 +296,13 @@ def router(server: Any, documents: Documents | None = None) -> APIRouter:
         return await asyncio.to_thread(documents.add, name, bytes(data))
 
     # -- the chatbot system --------------------------------------------------------------------------------------
-    @routes.get("/api/conversations")
-    async def list_conversations(http: HTTPRequest) -> dict[str, Any]:
-        check_key(http)
+    @keyed.get("/api/conversations")
+    async def list_conversations() -> dict[str, Any]:
         rows = await asyncio.to_thread(need_chat().conversations.all, USER)
         return {"data": [{"id": c.id, "title": c.title, "messages": c.messages, "updated": c.updated} for c in rows]}
 
-    @routes.post("/api/conversations")
-    async def new_conversation(http: HTTPRequest) -> dict[str, Any]:
-        check_key(http)
+    @keyed.post("/api/conversations")
+    async def new_conversation() -> dict[str, Any]:
         return {"id": await asyncio.to_thread(need_chat().conversations.create, USER, CHAT_MODEL)}
 
     def known(conversation_id: str) -> Any:
@@ -313,23 +311,20 @@ def router(server: Any, documents: Documents | None = None) -> APIRouter:
         except UserInputError:
             raise WebError(404, f"there is no conversation {conversation_id!r}", "conversation_id") from None
 
-    @routes.get("/api/conversations/{conversation_id}")
-    async def get_conversation(conversation_id: str, http: HTTPRequest) -> dict[str, Any]:
-        check_key(http)
+    @keyed.get("/api/conversations/{conversation_id}")
+    async def get_conversation(conversation_id: str) -> dict[str, Any]:
         info = await asyncio.to_thread(known, conversation_id)
         messages = await asyncio.to_thread(need_chat().conversations.messages, conversation_id)
         return {"id": info.id, "title": info.title, "messages": messages}
 
-    @routes.delete("/api/conversations/{conversation_id}")
-    async def delete_conversation(conversation_id: str, http: HTTPRequest) -> dict[str, Any]:
-        check_key(http)
+    @keyed.delete("/api/conversations/{conversation_id}")
+    async def delete_conversation(conversation_id: str) -> dict[str, Any]:
         await asyncio.to_thread(known, conversation_id)
         return {"id": conversation_id, "deleted": await asyncio.to_thread(need_chat().conversations.delete,
                                                                            conversation_id)}
 
-    @routes.post("/api/chat")
-    async def chat(body: ChatTurn, http: HTTPRequest) -> StreamingResponse:
-        check_key(http)
+    @keyed.post("/api/chat")
+    async def chat(body: ChatTurn) -> StreamingResponse:
         chat_system = need_chat()
         if body.conversation_id is not None:
             await asyncio.to_thread(known, body.conversation_id)
@@ -389,6 +384,7 @@ def router(server: Any, documents: Documents | None = None) -> APIRouter:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
+    routes.include_router(keyed)
     return routes
 
 

@@ -192,7 +192,10 @@ function showSources(bubble, sources) {
   const box = el("details", { class: "sources" });
   box.append(el("summary", {}, `Sources (${sources.length})`));
   const list = el("ol");
-  for (const s of sources) list.append(el("li", {}, typeof s === "string" ? s : JSON.stringify(s)));
+  for (const s of sources) {
+    const full = typeof s === "string" ? s : JSON.stringify(s);
+    list.append(el("li", { title: full }, full.split("/").pop()));  // a file's name and line; the path on hover
+  }
   box.append(list);
   bubble.node.insertBefore(box, bubble.meta);
 }
