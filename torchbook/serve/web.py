@@ -44,6 +44,7 @@ from torchbook.chat.tools import builtin_tools
 from torchbook.errors import UserInputError
 from torchbook.generate.sampling import SamplingConfig
 from torchbook.generate.serving import Engine, Request
+from torchbook.knowledge import KnowledgeBase
 from torchbook.paths import home
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,6 @@ class Documents:
         self._lock = threading.RLock()  # one indexing at a time; opening the base happens under it too
 
     def kb(self) -> Any:
-        from torchbook.knowledge import KnowledgeBase  # LanceDB and the encoder: only when a document comes
-
         with self._lock:
             if self._kb is None:
                 self._kb = KnowledgeBase.open(self.location, embedder=self.embedder)
