@@ -388,6 +388,8 @@ def test_upload_a_document_then_an_answer_cites_it(server: Server, browser: Any,
         browser, "return document.getElementById('upload-status').textContent")), timeout=60, what="the upload")
     assert int(status.group(1)) >= 1
     assert js(browser, "return document.getElementById('upload-progress').value") == 100
+    progress = js(browser, "return window.__progress")
+    assert progress == sorted(progress) and progress[-1] == 100 and len(set(progress)) >= 2, progress
     assert browser.find_element("id", "documents").text.startswith("freedonia.md")
     assert (httpx.get(server.url + "/api/documents").json()["data"][0]["name"]) == "freedonia.md"
     browser.screenshots.save("8-uploaded")
@@ -455,3 +457,56 @@ def test_an_upload_without_a_name_is_refused(given: str) -> None:
 
     with pytest.raises(WebError, match="needs a file name"):
         upload_name(given)
+
+
+# -- SmolLM2, where the answer's content matters (slow) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`torchbook serve` with its default model, the offline SmolLM2-135M-Instruct."""
+    root = tmp_path_factory.mktemp("web-smollm")
+    env = {**os.environ, "TORCHBOOK_HOME": str(root / "home"), "OMP_NUM_THREADS": "2"}
+    process = subprocess.Popen([sys.executable, "-m", "torchbook", "serve", "--port", "0", "--slots", "2"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert process.stdout is not None
+    api, page = process.stdout.readline(), process.stdout.readline()
+    match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", api)
+    if not match or not page.startswith("chat page: "):
+        process.kill()
+        pytest.fail(f"no addresses printed: {api!r} {page!r} {process.stderr.read() if process.stderr else ''}")
+    yield Server(process, match.group(1), page.split()[-1])
+    process.terminate()
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_smollm2_answers_the_calculator_and_a_document_on_the_page(smollm_server: Server, browser: Any,
+                                                                   tmp_path: Path) -> None:
+    server = smollm_server
+    open_page(browser, server, model="torchbook-chat")
+    set_setting(browser, "temperature", "0")
+    set_setting(browser, "max-tokens", "64")
+    send(browser, "What is 525.6 * 315 / 3942?")
+    reply = wait(lambda: finished(browser), timeout=240, what="the calculator answer")
+    tool = browser.find_element("css selector", "#messages .message.assistant details.tool")
+    assert tool.find_element("css selector", "summary").get_attribute("textContent").endswith("= 42")
+    assert "42" in reply["text"], reply["text"]
+    browser.screenshots.save("smollm2-calculator")
+
+    document = tmp_path / "freedonia.md"
+    document.write_text("# Freedonia\n\nFreedonia is a small country. The capital of Freedonia is Plumville.\n")
+    browser.find_element("id", "file").send_keys(str(document))
+    browser.find_element("id", "upload-button").click()
+    wait(lambda: js(browser, "return document.getElementById('upload-status').textContent").startswith(
+        "added freedonia.md"), timeout=120, what="the upload")
+    browser.find_element("id", "new").click()
+    send(browser, "What is the capital of Freedonia?")
+    reply = wait(lambda: finished(browser), timeout=240, what="the answer from the document")
+    assert "Plumville" in reply["text"], reply["text"]
+    cited = js(browser, "return [...document.querySelectorAll('#messages details.sources li')].map(l => l.textContent)")
+    assert len(cited) == 1 and re.fullmatch(r"freedonia\.md:\d+", cited[0]), cited
+    browser.screenshots.save("smollm2-document")
