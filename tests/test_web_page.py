@@ -107,14 +107,11 @@ class Server:
         return float(match.group(1))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("web")
-    folder = scripted_model_folder(root / "scripted")
-    env = {**os.environ, "TORCHBOOK_HOME": str(root / "home"), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "torchbook", "serve", str(folder), "--name", "scripted", "--port", "0", "--slots", "2",
-         "--max-len", str(MAX_LEN)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+def serving(home: Path, *args: str, threads: int = 1) -> Iterator[Server]:
+    """`torchbook serve ARGS --port 0` as a user starts it; its two printed addresses; SIGTERM at the end."""
+    env = {**os.environ, "TORCHBOOK_HOME": str(home), "OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen([sys.executable, "-m", "torchbook", "serve", *args, "--port", "0"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert process.stdout is not None
     api = process.stdout.readline()  # printed once the model is loaded and warmed and the port is listening
     page = process.stdout.readline()
@@ -127,10 +124,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     yield Server(process, match.group(1), page_match.group(1))
     process.terminate()
     try:
-        process.wait(30)
+        process.wait(60)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("web")
+    folder = scripted_model_folder(root / "scripted")
+    yield from serving(root / "home", str(folder), "--name", "scripted", "--slots", "2", "--max-len", str(MAX_LEN))
 
 
 @pytest.fixture(scope="module")
@@ -463,23 +467,7 @@ def test_an_upload_without_a_name_is_refused(given: str) -> None:
 @pytest.fixture(scope="module")
 def smollm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`torchbook serve` with its default model, the offline SmolLM2-135M-Instruct."""
-    root = tmp_path_factory.mktemp("web-smollm")
-    env = {**os.environ, "TORCHBOOK_HOME": str(root / "home"), "OMP_NUM_THREADS": "2"}
-    process = subprocess.Popen([sys.executable, "-m", "torchbook", "serve", "--port", "0", "--slots", "2"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    assert process.stdout is not None
-    api, page = process.stdout.readline(), process.stdout.readline()
-    match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", api)
-    if not match or not page.startswith("chat page: "):
-        process.kill()
-        pytest.fail(f"no addresses printed: {api!r} {page!r} {process.stderr.read() if process.stderr else ''}")
-    yield Server(process, match.group(1), page.split()[-1])
-    process.terminate()
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
+    yield from serving(tmp_path_factory.mktemp("web-smollm") / "home", "--slots", "2", threads=2)
 
 
 @pytest.mark.slow
