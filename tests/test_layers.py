@@ -22,7 +22,9 @@ HEAVY = {"torch", "torchmetrics", "transformers", "sklearn", "scipy", "pandas", 
          "optuna", "statsmodels", "gguf", "huggingface_hub", "jinja2", "sacrebleu", "joblib", "tensorboard", "PIL",
          "diffusers", "captum", "torchao", "peft", "trl",
          "lancedb", "pyarrow", "bm25s", "psycopg", "pgvector", "pypdf",
-         "pint", "jsonschema"}  # the chat extra (issue #22)
+         "llguidance", "jsonschema", "xgrammar", "outlines_core",
+         "pint",  # the chat extra (issue #22)
+         "uvicorn"}  # the serve extra (issue #24): only `torchbook serve` starts a web server
 # torchbook's own modules that are heavy because of what they import (matplotlib).
 HEAVY_OWN = {"torchbook.plots"}
 # Front ends: they import the library late so that `torchbook --help` and `torchbook list` stay fast.

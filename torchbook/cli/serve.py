@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-limit", type=int, metavar="PER_MINUTE",
                         help="requests per minute per API key (a key's own limit first; default: none)")
     parser.add_argument("--require-keys", action="store_true", help="require API keys on a loopback address too")
+    parser.add_argument("--no-chat", action="store_true",
+                        help="do not serve the chatbot system as the model torchbook-chat")
+    parser.add_argument("--chat-mode", choices=["orchestrator", "model"], default="orchestrator",
+                        help="torchbook-chat: code picks the tools (orchestrator, default) or the model calls them")
+    parser.add_argument("--kb", metavar="LOCATION", help="a knowledge base torchbook-chat searches (its location)")
     keys = parser.add_argument_group("API keys (stored hashed under $TORCHBOOK_HOME/serve/)")
     keys.add_argument("--add-key", nargs="?", const="", metavar="NAME",
                       help="make a new API key, print it once, and exit")
@@ -44,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    # The library (torch, FastAPI) is imported here, not at the top, so that `torchbook --help` stays fast.
-    from torchbook.serve import KeyStore, ServeSettings, check_security, listen, prepare, run
+    # The library is imported here, not at the top, so that `torchbook --help` stays fast; key management needs
+    # only the key store (no torch, no FastAPI).
+    from torchbook.serve.keys import KeyStore
 
     store = KeyStore()
     if args.add_key is not None:
@@ -62,11 +68,15 @@ def main(args: argparse.Namespace) -> int:
         store.revoke(args.revoke_key)
         print(f"revoked {args.revoke_key}")
         return 0
+    from torchbook.serve.models import ServeSettings
+    from torchbook.serve.server import check_security, listen, prepare, run
+
     settings = ServeSettings(model=args.model, name=args.name, host=args.host, port=args.port, slots=args.slots,
                              max_len=args.max_len, max_queue=args.max_queue, device=args.device,
                              quantize=args.quantize, embedder=args.embedder, max_body_bytes=args.max_body,
                              request_timeout_s=args.timeout, rate_limit=args.rate_limit,
-                             require_keys=True if args.require_keys else None)
+                             require_keys=True if args.require_keys else None, chat=not args.no_chat,
+                             chat_mode=args.chat_mode, kb=args.kb)
     check_security(settings)  # before the model loads: an unsafe setting answers at once
     print(f"loading {args.model or 'the default chat model'}...", file=sys.stderr)
     app = prepare(settings)

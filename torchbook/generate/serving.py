@@ -63,7 +63,9 @@ class Request:
     `end_ids`: tokens that end a choice (not part of its text; default: the engine's); `stop`: strings that end
     it (cut from its text); `n`: independent choices (seeded requests: choice i uses seed + i);
     `logprobs`: return each chosen token's log-probability under the model, and the `top_logprobs` most probable
-    tokens'; `processors`: extra logits processors, run after the sampling settings' own."""
+    tokens'; `processors`: extra logits processors, run after the sampling settings' own (one with a `fork()`
+    method is copied for each choice; one with `finished(generated tokens)` ends a choice, "stop", when it says
+    so: `constraints.ConstraintProcessor`)."""
 
     prompt: Sequence[int] | str
     max_tokens: int = 128
@@ -120,7 +122,9 @@ class _Sequence:
                  stream: TextStream | None, ends: set[int]):
         self.handle, self.index, self.prompt, self.request, self.ends = handle, index, prompt, request, ends
         sampling = request.sampling
-        self.processors = request_processors(sampling, vocab) + list(request.processors)
+        # a processor with state (a constraint) gives each choice its own copy
+        own = [p.fork() if hasattr(p, "fork") else p for p in request.processors]
+        self.processors = request_processors(sampling, vocab) + own
         self.greedy = sampling.greedy
         self.generator: torch.Generator | None = None
         if not self.greedy:
@@ -434,6 +438,8 @@ class Engine:
         handle.events.put(Delta(seq.index, token, text, logprob, top))
         if seq.stream is not None and seq.stream.stopped:
             self._finish(seq, "stop")
+        elif any(p.finished(seq.tokens) for p in seq.processors if hasattr(p, "finished")):
+            self._finish(seq, "stop")  # a constraint that nothing more can follow (a closed JSON object)
         elif len(seq.tokens) >= handle.request.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.max_len:
             self._finish(seq, "length")
 

@@ -17,7 +17,7 @@ import torch
 
 from torchbook.errors import UserInputError
 from torchbook.generate.engine import decode
-from torchbook.generate.sampling import Sampler, SamplingConfig
+from torchbook.generate.sampling import LogitsProcessor, Sampler, SamplingConfig
 from torchbook.generate.serving import Engine, Request
 from torchbook.generate.streaming import TextStream
 
@@ -64,10 +64,12 @@ def generate_text(
     on_text: Callable[[int, str], Any] | None = None,
     add_special_tokens: bool = True,
     use_cache: bool = True,
+    processors: Sequence[LogitsProcessor] = (),
 ) -> list[Completion]:
     """Continue each prompt. `end_ids`: tokens that end a row (not part of its text; a loaded checkpoint's are
     `Loaded.meta["end_token_ids"]`); `stop`: strings that end a row (cut from its text); `on_text(row, text)` streams; `add_special_tokens`: let the tokenizer add its
-    beginning-of-sequence token (False for a prompt rendered from a chat template, which has its own)."""
+    beginning-of-sequence token (False for a prompt rendered from a chat template, which has its own);
+    `processors`: logits processors of every row (a constraint: `constraints.constraint_processor`), on the engine."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if max_new_tokens < 1:
@@ -86,7 +88,10 @@ def generate_text(
         max_new_tokens = min(max_new_tokens, limit - longest)
 
     if getattr(model, "supports_slots", False):
-        return _on_engine(model, tokenizer, encoded, max_new_tokens, sampling, stop, end_ids, on_text)
+        return _on_engine(model, tokenizer, encoded, max_new_tokens, sampling, stop, end_ids, on_text, processors)
+    if processors:
+        raise UserInputError(f"{type(model).__name__} runs outside the serving engine, which logits processors "
+                             "(constrained decoding) need: use a decoder-only transformer", param="model")
     device = next(model.parameters()).device
     batch = len(encoded)
     tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
@@ -133,13 +138,14 @@ def generate_text(
 
 def _on_engine(model: Any, tokenizer: Any, encoded: list[list[int]], max_new_tokens: int,
                sampling: SamplingConfig | None, stop: Sequence[str], end_ids: Sequence[int],
-               on_text: Callable[[int, str], Any] | None) -> list[Completion]:
+               on_text: Callable[[int, str], Any] | None, processors: Sequence[LogitsProcessor] = ()
+               ) -> list[Completion]:
     """The prompts side by side on a `serving.Engine` stepped in this thread (one slot each)."""
     longest = max(len(ids) for ids in encoded)
     engine = Engine(model, tokenizer, slots=len(encoded), max_len=longest + max_new_tokens,
                     max_queue=len(encoded), prefill_chunk=max(longest, 1), end_ids=end_ids)
     sampling = sampling or SamplingConfig(temperature=0.0)
-    handles = [engine.submit(Request(ids, max_new_tokens, sampling, stop)) for ids in encoded]
+    handles = [engine.submit(Request(ids, max_new_tokens, sampling, stop, processors=processors)) for ids in encoded]
     while True:
         more = engine.step()
         if on_text is not None:

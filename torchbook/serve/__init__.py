@@ -1,18 +1,14 @@
 """`torchbook serve` (chapter 15): an OpenAI-compatible HTTP API on the serving engine, secure by default.
 
-- `ServeSettings`: the model, the engine's sizes, the limits (body size, time, rate), the key rule.
-- `prepare(settings)`: checks the key rule, loads and warms the model (and the embedder), builds the app
-  (`torchbook.serve.app.build_app`); `listen(host, port)` then `run(app, sock, settings)` serve it.
-- `KeyStore`: API keys, stored as SHA-256 hashes under `paths.home()/serve/`.
+- `torchbook.serve.models`: `ServeSettings` (the model, the engine's sizes, the limits, the key rule), loading and
+  warming the language model (`LanguageModel`, on the continuous-batching engine) and the embedder.
+- `torchbook.serve.app`: `build_app(...)`, the FastAPI app (routes, OpenAI's error bodies, the `Guard` middleware
+  for body size, API keys and rate limits, server-sent events).
+- `torchbook.serve.server`: `check_security`, `prepare` (load, warm, build), `listen`, `run` (uvicorn; SIGTERM
+  drains).
+- `torchbook.serve.keys`: `KeyStore` (API keys stored as SHA-256 hashes under `paths.home()/serve/`) and the
+  per-key `RateLimiter`; `torchbook.serve.metrics`: the Prometheus text of `/metrics`.
 
-The routes, the error bodies and the limits are described in `torchbook.serve.app` and docs/serve.md.
+This package's `__init__` imports nothing, so that key management (`torchbook serve --add-key`) starts without
+loading torch or FastAPI. docs/serve.md describes the API.
 """
-
-from torchbook.serve.app import build_app
-from torchbook.serve.keys import KeyStore
-from torchbook.serve.metrics import Metrics
-from torchbook.serve.models import LanguageModel, ServeSettings
-from torchbook.serve.server import check_security, is_loopback, listen, prepare, run
-
-__all__ = ["KeyStore", "LanguageModel", "Metrics", "ServeSettings", "build_app", "check_security", "is_loopback",
-           "listen", "prepare", "run"]

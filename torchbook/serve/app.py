@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -34,11 +35,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from torchbook.chat.orchestrator import Event, Reply
 from torchbook.errors import TorchbookError, UserInputError
+from torchbook.generate.constraints import Constraint, constraint_processor
 from torchbook.generate.sampling import SamplingConfig
 from torchbook.generate.serving import Busy, Delta, Handle, Request, Result
+from torchbook.generate.tool_calls import Tool, parse_tool_calls, render_tools, tool_style, tools_from_openai
 from torchbook.hub.prompts import TemplateError
 from torchbook.knowledge.embedder import Embedder
+from torchbook.serve.chatbot import CHAT_MODEL, Chatbot
 from torchbook.serve.keys import KeyStore, RateLimiter
 from torchbook.serve.metrics import Metrics
 from torchbook.serve.models import LanguageModel, ServeSettings
@@ -55,8 +60,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: 
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
                500: "server_error", 503: "server_error", 504: "timeout_error"}
 # The engine's names for settings, as the API names them.
-PARAMS = {"prompt": "messages", "top_logprobs": "top_logprobs", "logit_bias": "logit_bias", "n": "n",
-          "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p"}
+PARAMS = {"prompt": "messages", "json_schema": "response_format", "regex": "response_format",
+          "grammar": "response_format", "tool_calls": "messages"}
 
 
 class APIError(Exception):
@@ -90,7 +95,7 @@ class Guard:
         label = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         metrics = self.server.metrics
 
-        async def counted_send(message: dict[str, Any]) -> None:
+        async def counted_send(message: Any) -> None:
             if message["type"] == "http.response.start":
                 metrics.request(label, message["status"])
             await send(message)
@@ -187,19 +192,31 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+def stream_chunk(kind: str, completion_id: str, created: int, model: str, include_usage: bool,
+                 choices: list[dict[str, Any]], usage_: dict[str, Any] | None = None) -> str:
+    """One event of a stream; `usage` is present when given, and (as null until the last) with include_usage."""
+    data: dict[str, Any] = {"id": completion_id, "object": kind, "created": created, "model": model,
+                            "system_fingerprint": None, "choices": choices}
+    if usage_ is not None or include_usage:
+        data["usage"] = usage_
+    return sse(data)
+
+
 class Server:
     """The state behind the routes: the models, the metrics, the keys."""
 
     def __init__(self, settings: ServeSettings, lm: LanguageModel | None, embedder: Embedder | None,
-                 metrics: Metrics):
+                 metrics: Metrics, chatbot: Chatbot | None = None):
         self.settings, self.lm, self.embedder, self.metrics = settings, lm, embedder, metrics
+        self.chatbot = chatbot
         self.keys = KeyStore(settings.keys_path)
         self.limiter = RateLimiter()
         self.require_keys = bool(settings.require_keys)
         self.draining = False
 
     def model_ids(self) -> list[str]:
-        return [m for m in (self.lm.name if self.lm else None, self.embedder_name) if m]
+        chat = CHAT_MODEL if self.chatbot is not None else None
+        return [m for m in (self.lm.name if self.lm else None, chat, self.embedder_name) if m]
 
     @property
     def embedder_name(self) -> str | None:
@@ -277,14 +294,15 @@ class Server:
                                f"{self.settings.request_timeout_s:g} s", code="timeout") from None
             if event is None:
                 left -= 1
-                if handles[i].error is not None:
-                    raise handles[i].error
+                error = handles[i].error
+                if error is not None:
+                    raise error
             else:
                 yield i, event
 
 
 def engine_requests(body: Sampling, prompts: list[list[int]], max_tokens: int | None, max_len: int,
-                    logprobs: bool, top_logprobs: int) -> list[Request]:
+                    logprobs: bool, top_logprobs: int, processors: list[Any] | None = None) -> list[Request]:
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > MAX_STOPS:
         raise APIError(400, f"stop takes at most {MAX_STOPS} sequences, got {len(stops)}", "stop")
@@ -301,7 +319,7 @@ def engine_requests(body: Sampling, prompts: list[list[int]], max_tokens: int | 
                               presence_penalty=body.presence_penalty or 0.0,
                               frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias)
     return [Request(prompt, max_tokens or max_len, sampling, stops, n=body.n, logprobs=logprobs,
-                    top_logprobs=top_logprobs) for prompt in prompts]
+                    top_logprobs=top_logprobs, processors=processors or ()) for prompt in prompts]
 
 
 def message_content(message: Any, i: int) -> str:
@@ -345,10 +363,71 @@ def finish_reason(reason: str) -> str:
     return reason if reason in ("stop", "length") else "stop"
 
 
+class ChatPlan:
+    """What a chat request asks beyond plain text: its prompt (with the tools, in the checkpoint's own tools
+    section or the Hermes fallback: `torchbook.generate.tool_calls.render_tools`), the constraint on its output
+    (`tool_choice` "required" or a named function: calls of the declared tools, arguments following their
+    schemas; `response_format` json_object or json_schema), and how a reply becomes OpenAI's message."""
+
+    def __init__(self, lm: LanguageModel, body: ChatCompletionRequest):
+        self.tools: list[Tool] = tools_from_openai(body.tools or [])
+        choice = body.tool_choice
+        if choice is not None and not self.tools and choice != "none":
+            raise APIError(400, "tool_choice is only allowed when tools are given", "tool_choice")
+        if choice == "none":
+            self.tools = []
+        self.style = tool_style(lm.meta.get("chat_template"))
+        messages = chat_messages(body)
+        if self.tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            text = render_tools(messages, self.tools, lm.meta)
+            self.prompt = list(lm.tokenizer.encode(text, add_special_tokens=False).ids)
+        else:
+            self.prompt = lm.chat_ids(messages)
+        self.constraint: Constraint | None = None
+        if self.tools and choice not in (None, "auto"):
+            names = [t.name for t in self.tools]
+            if choice == "required":
+                self.constraint = Constraint.tool_calls(self.tools, self.style)
+            elif isinstance(choice, dict) and choice.get("type") == "function" and \
+                    isinstance(choice.get("function"), dict) and choice["function"].get("name") in names:
+                self.constraint = Constraint.tool_calls(self.tools, self.style, choice["function"]["name"])
+            else:
+                raise APIError(400, f"tool_choice must be none, auto, required or {{'type': 'function', "
+                               f"'function': {{'name': ...}}}} naming one of the tools ({', '.join(names)})",
+                               "tool_choice")
+        fmt = body.response_format or {}
+        kind = fmt.get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise APIError(400, f"response_format type {kind!r} is not supported; accepted: text, json_object, "
+                           "json_schema", "response_format")
+        if kind != "text" and self.constraint is not None:
+            raise APIError(400, "response_format and a required tool call cannot constrain one reply together",
+                           "response_format")
+        if kind == "json_object":
+            self.constraint = Constraint.any_json(object_only=True)
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise APIError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': "
+                               "{...}}}", "response_format")
+            self.constraint = Constraint.json_schema(spec.get("schema") or {"type": "object"})
+
+    def message(self, text: str, reason: str) -> tuple[dict[str, Any], str]:
+        """OpenAI's assistant message for a reply, and its finish_reason ("tool_calls" when it holds calls)."""
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if self.tools:
+            content, calls = parse_tool_calls(text, self.style, tools=self.tools)
+            if calls:
+                message["content"] = content or None
+                message["tool_calls"] = [call.to_openai() for call in calls]
+                return message, "tool_calls"
+        return message, finish_reason(reason)
+
+
 def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embedder | None = None,
-              metrics: Metrics | None = None) -> FastAPI:
-    """The app around loaded, started models (`torchbook.serve.models`); its shutdown drains the engine."""
-    server = Server(settings, lm, embedder, metrics or Metrics())
+              metrics: Metrics | None = None, chatbot: Chatbot | None = None) -> FastAPI:
+    """The app around loaded, started models (`torchbook.serve.models`) and, optionally, the chatbot system."""
+    server = Server(settings, lm, embedder, metrics or Metrics(), chatbot)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -356,10 +435,9 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(settings.slots + settings.max_queue + 16,
                                                      thread_name_prefix="torchbook-serve"))
+        server.draining = False
         yield
-        server.draining = True
-        if lm is not None:
-            await asyncio.to_thread(lm.engine.shutdown, True, settings.request_timeout_s)
+        server.draining = True  # the engine is drained by `torchbook.serve.server.run` once the responses ended
 
     app = FastAPI(title="torchbook", version="1", lifespan=lifespan,
                   description="An OpenAI-compatible API on torchbook's serving engine (continuous batching).")
@@ -394,7 +472,8 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
         if isinstance(e, Busy):
             return error_response(503, str(e), None, "engine_overloaded", {"retry-after": "1"})
         code = "context_length_exceeded" if "tokens per request" in str(e) else "invalid_value"
-        return error_response(400, str(e), PARAMS.get(e.param or "", e.param), code)
+        chat = request.url.path.endswith("/chat/completions")
+        return error_response(400, str(e), PARAMS.get(e.param or "", e.param) if chat else e.param, code)
 
     @app.exception_handler(TemplateError)
     async def template_error(request: HTTPRequest, e: TemplateError) -> JSONResponse:
@@ -431,52 +510,49 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
             raise APIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
         return model_card(model_id)
 
-    def check_unsupported(body: Any) -> None:
-        if getattr(body, "tools", None) or getattr(body, "tool_choice", None) not in (None, "none", "auto"):
-            raise APIError(400, "tools are not served by this server yet", "tools")
-        response_format = getattr(body, "response_format", None)
-        if response_format and response_format.get("type", "text") != "text":
-            raise APIError(400, f"response_format {response_format.get('type')!r} is not served by this server "
-                           "yet; accepted: text", "response_format")
-
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest) -> Any:
+        if body.model == CHAT_MODEL and server.chatbot is not None:
+            return await chatbot_completion(server.chatbot, body)
         lm = server.language_model(body.model)
-        check_unsupported(body)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        prompt = lm.chat_ids(chat_messages(body))
-        requests = engine_requests(body, [prompt], body.max_completion_tokens or body.max_tokens, lm.engine.max_len,
-                                   body.logprobs, body.top_logprobs or 0)
+        plan = ChatPlan(lm, body)
+        processors = []
+        if plan.constraint is not None:  # compiling a grammar for a vocabulary takes a while the first time
+            processors = [await asyncio.to_thread(constraint_processor, plan.constraint, lm.tokenizer,
+                                                  lm.meta.get("end_token_ids") or (), lm.engine.vocab)]
+        requests = engine_requests(body, [plan.prompt], body.max_completion_tokens or body.max_tokens,
+                                   lm.engine.max_len, body.logprobs, body.top_logprobs or 0, processors)
         handles = server.submit(lm, requests)
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(chat_stream(lm, handles[0], body, completion_id, created, include_usage),
+            return EventStream(chat_stream(lm, handles[0], body, plan, completion_id, created, include_usage),
                                lambda: cancel_unfinished(handles))
         result = (await server.results(handles, http))[0]
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "logprobs": {"content": chat_logprobs(lm, c.tokens, c.logprobs, c.top_logprobs)}
-                    if body.logprobs else None, "finish_reason": finish_reason(c.finish_reason)}
-                   for c in result.choices]
+        choices = []
+        for c in result.choices:
+            message, reason = plan.message(c.text, c.finish_reason)
+            choices.append({"index": c.index, "message": message, "finish_reason": reason,
+                            "logprobs": {"content": chat_logprobs(lm, c.tokens, c.logprobs, c.top_logprobs)}
+                            if body.logprobs else None})
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": lm.name,
                 "choices": choices, "usage": usage([result]), "system_fingerprint": None}
 
-    async def chat_stream(lm: LanguageModel, handle: Handle, body: ChatCompletionRequest, completion_id: str,
-                          created: int, include_usage: bool) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]], usage_: dict[str, Any] | None = None) -> str:
-            data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": lm.name,
-                    "system_fingerprint": None, "choices": choices}
-            if usage_ is not None or include_usage:
-                data["usage"] = usage_
-            return sse(data)
+    async def chat_stream(lm: LanguageModel, handle: Handle, body: ChatCompletionRequest, plan: ChatPlan,
+                          completion_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
+        chunk = functools.partial(stream_chunk, "chat.completion.chunk", completion_id, created, lm.name,
+                                  include_usage)
 
         try:
             for i in range(body.n):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
             async for _, delta in server.deltas([handle]):
+                if plan.tools:  # a reply that may hold tool calls is read whole, then sent as OpenAI's deltas
+                    continue
                 logprobs = None
                 if body.logprobs and delta.token >= 0:
                     top = [delta.top_logprobs] if delta.top_logprobs is not None else None
@@ -488,14 +564,84 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
             server.record(result)
             last = len(result.choices) - 1
             for c in result.choices:
+                message, reason = plan.message(c.text, c.finish_reason)
+                if plan.tools:
+                    if message["content"]:
+                        yield chunk([{"index": c.index, "delta": {"content": message["content"]}, "logprobs": None,
+                                      "finish_reason": None}])
+                    if message.get("tool_calls"):
+                        calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+                        yield chunk([{"index": c.index, "delta": {"tool_calls": calls}, "logprobs": None,
+                                      "finish_reason": None}])
                 final = usage([result]) if c.index == last and not include_usage else None
-                yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
-                              "finish_reason": finish_reason(c.finish_reason)}], final)
+                yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}], final)
             if include_usage:
                 yield chunk([], usage([result]))
         except APIError as e:
             yield sse(error_body(e.status, e.message, e.param, e.code))
         yield sse("[DONE]")
+
+    async def chatbot_completion(chatbot: Chatbot, body: ChatCompletionRequest) -> Any:
+        """A turn of the chatbot system: its own tools run on the server; the answer streams as it is written."""
+        for name, value in (("tools", body.tools), ("response_format", body.response_format),
+                            ("logprobs", body.logprobs or None), ("n", None if body.n == 1 else body.n)):
+            if value:
+                raise APIError(400, f"{CHAT_MODEL} runs its own tools and writes one plain answer: {name} is not "
+                               "accepted for it", name)
+        messages = chat_messages(body)
+        completion_id = "chatcmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+
+        def answer(reply: Reply) -> tuple[dict[str, Any], str]:
+            tokens = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                      "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+            return tokens, "length" if reply.finish_reason == "length" else "stop"
+
+        if not body.stream:
+            reply = await asyncio.to_thread(chatbot.respond, messages)
+            tokens, reason = answer(reply)
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": CHAT_MODEL,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                                 "logprobs": None, "finish_reason": reason}],
+                    "usage": tokens, "system_fingerprint": None, "sources": reply.sources}
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def run() -> None:  # in a worker thread: the turn, its answer's pieces passed to the event loop
+            try:
+                reply: Any = chatbot.respond(messages, lambda event: loop.call_soon_threadsafe(
+                    queue.put_nowait, event) if event.kind == "text" else None)
+            except Exception as e:  # reported in the stream
+                reply = e
+            loop.call_soon_threadsafe(queue.put_nowait, reply)
+
+        async def events() -> AsyncIterator[str]:
+            def chunk(delta: dict[str, Any], reason: str | None = None, tokens: dict[str, Any] | None = None) -> str:
+                return stream_chunk("chat.completion.chunk", completion_id, created, CHAT_MODEL, False,
+                                    [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}], tokens)
+
+            yield chunk({"role": "assistant", "content": ""})
+            sent = ""
+            while True:
+                item = await queue.get()
+                if isinstance(item, Event):
+                    sent += item.text
+                    yield chunk({"content": item.text})
+                    continue
+                if isinstance(item, Exception):
+                    status = 503 if isinstance(item, Busy) else 400 if isinstance(item, TorchbookError) else 500
+                    yield sse(error_body(status, str(item)))
+                else:
+                    tokens, reason = answer(item)
+                    if item.text.startswith(sent) and len(item.text) > len(sent):  # the sources list, at the end
+                        yield chunk({"content": item.text[len(sent):]})
+                    yield chunk({}, reason, tokens)
+                break
+            yield sse("[DONE]")
+
+        loop.run_in_executor(None, run)
+        return EventStream(events(), lambda: None)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, http: HTTPRequest) -> Any:
@@ -506,9 +652,8 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
             raise APIError(400, "suffix (fill in the middle) is not supported by this server", "suffix")
         if body.best_of not in (None, body.n):
             raise APIError(400, "best_of must equal n on this server (each choice is returned)", "best_of")
-        prompt = body.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]  # type: ignore[list-item]
+        prompt: list[Any] = [body.prompt] if isinstance(body.prompt, str) or (
+            body.prompt and isinstance(body.prompt[0], int)) else list(body.prompt)
         if not prompt:
             raise APIError(400, "prompt must not be empty", "prompt")
         prompts = []
@@ -539,12 +684,7 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
 
     async def completion_stream(lm: LanguageModel, handles: list[Handle], body: CompletionRequest,
                                 completion_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]], usage_: dict[str, Any] | None = None) -> str:
-            data = {"id": completion_id, "object": "text_completion", "created": created, "model": lm.name,
-                    "system_fingerprint": None, "choices": choices}
-            if usage_ is not None or include_usage:
-                data["usage"] = usage_
-            return sse(data)
+        chunk = functools.partial(stream_chunk, "text_completion", completion_id, created, lm.name, include_usage)
 
         try:
             async for r, delta in server.deltas(handles):

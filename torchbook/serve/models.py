@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ class ServeSettings:
     file or folder name). `slots`, `max_len`, `max_queue`, `prefill_chunk`: the engine's. `embedder`: "default"
     (all-MiniLM-L6-v2), a BERT-family folder, or None (no /v1/embeddings). Limits: `max_body_bytes` per request,
     `request_timeout_s` per generation, `rate_limit` requests per minute per API key (a key's own limit first;
-    None: no limit). `require_keys`: None means required unless the host is a loopback address."""
+    None: no limit). `require_keys`: None means required unless the host is a loopback address. `chat`: also serve
+    the chatbot system as the model `torchbook-chat` (`chat_mode`, its knowledge base `kb`)."""
 
     model: str | None = None
     name: str | None = None
@@ -49,6 +51,9 @@ class ServeSettings:
     rate_limit: int | None = None
     require_keys: bool | None = None
     keys_path: Path | None = None
+    chat: bool = True  # serve the chatbot system as `torchbook-chat`
+    chat_mode: str = "orchestrator"  # or "model": the model decides which tools to call
+    kb: str | None = None  # a knowledge base (its location) for torchbook-chat's retrieval
 
 
 class MeteredEngine(Engine):
@@ -88,11 +93,13 @@ class LanguageModel:
         handle.result(timeout=600)
 
 
-def model_name(path: str, meta: dict[str, Any]) -> str:
-    extra = meta.get("extra") or {}
-    if isinstance(extra, dict) and extra.get("name"):
-        return str(extra["name"])
-    return Path(path).stem if Path(path).suffix == ".gguf" else Path(path).name or str(path)
+def model_name(path: str) -> str:
+    """A model's id in the API: the folder's name, or a GGUF file's name without its quantization suffix
+    (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct)."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return re.sub(r"\.(Q\d\w*|IQ\d\w*|F16|F32|BF16)$", "", p.stem, flags=re.IGNORECASE)
+    return p.name or str(path)
 
 
 def load_language_model(settings: ServeSettings, metrics: Metrics) -> LanguageModel:
@@ -101,7 +108,7 @@ def load_language_model(settings: ServeSettings, metrics: Metrics) -> LanguageMo
     if not getattr(loaded.model, "supports_slots", False):
         raise CheckpointError(f"{path!r} holds a {type(loaded.model).__name__}; the server needs a decoder-only "
                               "language model (GPT-2, Llama, SmolLM2, ...)")
-    lm = LanguageModel(loaded.model, loaded.tokenizer, loaded.meta, settings.name or model_name(path, loaded.meta),
+    lm = LanguageModel(loaded.model, loaded.tokenizer, loaded.meta, settings.name or model_name(path),
                        metrics, settings)
     lm.engine.start()
     lm.warm()

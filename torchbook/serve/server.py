@@ -13,7 +13,9 @@ import socket
 from typing import Any
 
 from torchbook.errors import UserInputError
+from torchbook.knowledge.base import KnowledgeBase
 from torchbook.serve.app import build_app
+from torchbook.serve.chatbot import Chatbot
 from torchbook.serve.keys import KeyStore
 from torchbook.serve.metrics import Metrics
 from torchbook.serve.models import ServeSettings, load_embedder, load_language_model
@@ -37,8 +39,7 @@ def check_security(settings: ServeSettings) -> ServeSettings:
     settings.require_keys = bool(settings.require_keys) or not loopback
     if settings.require_keys and not KeyStore(settings.keys_path).records():
         where = "" if loopback else f" on {settings.host} (not a loopback address)"
-        raise UserInputError(f"serving{where} with API keys needs at least one key: make one with "
-                             "`torchbook serve --add-key`", param="add_key")
+        raise UserInputError(f"serving{where} needs API keys and none exists yet: make one first", param="add_key")
     for name in ("slots", "max_queue", "max_len", "max_body_bytes"):
         if getattr(settings, name) < 1:
             raise UserInputError(f"{name} must be at least 1, got {getattr(settings, name)}", param=name)
@@ -56,7 +57,14 @@ def prepare(settings: ServeSettings) -> Any:
     check_security(settings)
     metrics = Metrics()
     lm = load_language_model(settings, metrics)
-    return build_app(settings, lm, load_embedder(settings), metrics)
+    embedder = load_embedder(settings)
+    chatbot = None
+    if settings.chat:
+        kb = None
+        if settings.kb:
+            kb = KnowledgeBase.open(settings.kb, embedder=embedder)
+        chatbot = Chatbot(lm, kb, settings.chat_mode, time_limit=min(settings.request_timeout_s, 120.0))
+    return build_app(settings, lm, embedder, metrics, chatbot)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -81,4 +89,9 @@ def run(app: Any, sock: socket.socket, settings: ServeSettings) -> None:
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, access_log=False,
                             limit_concurrency=settings.slots + settings.max_queue + 64,
                             timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:  # uvicorn waited for the running responses; whatever the engine still holds finishes now
+        lm = app.state.server.lm
+        if lm is not None:
+            lm.engine.shutdown(drain=True, timeout=settings.request_timeout_s)
