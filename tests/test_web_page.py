@@ -333,7 +333,7 @@ def test_conversations_new_resume_delete(server: Server, browser: Any) -> None:
     wait(lambda: conversation_titles(browser) == ["Second question", "First question"], what="two conversations")
     browser.screenshots.save("6-conversations")
     # Resume the first: its messages come back from the server (SQLite), the reply as the model wrote it.
-    browser.find_elements("css selector", "#conversations li .open")[1].click()
+    browser.find_element("css selector", "#conversations li:nth-child(2) .open").click()
     wait(lambda: js(browser, "return [...document.querySelectorAll('#messages .message.user')].map(e => "
                              "e.querySelector('.text').textContent)") == ["First question"],
          what="the resumed conversation")
@@ -349,8 +349,8 @@ def test_conversations_new_resume_delete(server: Server, browser: Any) -> None:
     assert [m["content"] for m in stored if m["role"] == "user"] == ["First question", "Follow-up"]
     assert [m["content"] for m in stored if m["role"] == "assistant" and m["content"]] == [answer(12)] * 2
     # Delete it: gone from the page's list and from the server.
-    browser.find_elements("css selector", "#conversations li .delete")[
-        conversation_titles(browser).index("First question")].click()
+    wait(lambda: conversation_titles(browser) == ["First question", "Second question"], what="the list's new order")
+    browser.find_element("css selector", "#conversations li:first-child .delete").click()
     wait(lambda: conversation_titles(browser) == ["Second question"], what="the deletion")
     assert js(browser, "return document.querySelectorAll('#messages .message').length") == 0  # it was open
     assert httpx.get(f"{server.url}/api/conversations/{first['id']}").status_code == 404
@@ -394,7 +394,7 @@ def test_upload_a_document_then_an_answer_cites_it(server: Server, browser: Any,
     assert js(browser, "return document.getElementById('upload-progress').value") == 100
     progress = js(browser, "return window.__progress")
     assert progress == sorted(progress) and progress[-1] == 100 and len(set(progress)) >= 2, progress
-    assert browser.find_element("id", "documents").text.startswith("freedonia.md")
+    wait(lambda: browser.find_element("id", "documents").text.startswith("freedonia.md"), what="the document list")
     assert (httpx.get(server.url + "/api/documents").json()["data"][0]["name"]) == "freedonia.md"
     browser.screenshots.save("8-uploaded")
     choose_model(browser, "torchbook-chat")
@@ -425,7 +425,9 @@ def test_upload_a_document_then_an_answer_cites_it(server: Server, browser: Any,
 def test_page_routes_ask_for_the_api_key_when_the_server_does(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from torchbook.serve import KeyStore, ServeSettings, build_app
+    from torchbook.serve.app import build_app
+    from torchbook.serve.keys import KeyStore
+    from torchbook.serve.models import ServeSettings
 
     keys = tmp_path / "keys.json"
     _, key = KeyStore(keys).add("page")

@@ -7,7 +7,7 @@ elsewhere; docs/web.md). It streams a plain model's replies from `/v1/chat/compl
   base are there, whether API keys are required;
 - `GET /api/documents`, `POST /api/documents?name=FILE` (the file's bytes as the body): the knowledge base's
   documents, and adding one (saved under `$TORCHBOOK_HOME/web/uploads/`, then indexed);
-- the chatbot system (`torchbook.chat`, served to the page as the model `torchbook-chat`) on the server's own engine:
+- the chatbot system (`torchbook.chat`, the server's `torchbook-chat`, `torchbook.serve.chatbot`) on its engine:
   `GET/POST /api/conversations`, `GET/DELETE /api/conversations/{id}` (the conversations of `torchbook chat`, in
   `$TORCHBOOK_HOME/chat/`), and `POST /api/chat` (`{conversation_id, message, max_tokens, temperature, mode,
   system}`): the turn streamed as server-sent events in the chunks of `/v1/chat/completions`, with a `torchbook`
@@ -43,9 +43,10 @@ from torchbook.chat.session import ChatSession
 from torchbook.chat.tools import builtin_tools
 from torchbook.errors import UserInputError
 from torchbook.generate.sampling import SamplingConfig
-from torchbook.generate.serving import Engine, Request
+from torchbook.generate.serving import Request
 from torchbook.knowledge import KnowledgeBase
 from torchbook.paths import home
+from torchbook.serve.chatbot import CHAT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +111,11 @@ class Documents:
                 "unchanged": bool(report.skipped)}
 
 
-CHAT_MODEL = "torchbook-chat"
 USER = "default"  # the user of `torchbook chat`: the page and the terminal share their conversations
 
 
 class Cancelled(Exception):
     """The page closed the stream: the turn stops."""
-
-
-def shared_chat_model(engine: Engine, meta: dict[str, Any]) -> ChatModel:
-    """`torchbook.chat`'s ChatModel (its template, its neutralizing of special tokens and call markers in untrusted
-    text) on the server's engine: one copy of the weights and one decoding batch for the API and the page.
-    (ChatModel starts an engine of its own: a one-position one, stopped at once.)"""
-    chat = ChatModel(engine.model, engine.tokenizer, meta, CHAT_MODEL, context=1, slots=1)
-    chat.engine.shutdown(drain=False)
-    chat.engine, chat.context = engine, engine.max_len
-    return chat
 
 
 class TurnModel:
@@ -208,8 +198,8 @@ class ChatSystem:
     """`torchbook.chat` for the page: conversations in SQLite, the orchestrator with calculator, unit conversion and
     (with a knowledge base) search over the page's documents, on the server's engine."""
 
-    def __init__(self, lm: Any, documents: Documents | None):
-        self.chat = shared_chat_model(lm.engine, lm.meta)
+    def __init__(self, chat: ChatModel, documents: Documents | None):
+        self.chat = chat  # the served chatbot's ChatModel (`torchbook.serve.chatbot`): on the server's engine
         self.documents = documents
         self.conversations = Conversations.open()
         self.lock = threading.Lock()  # one writer at a time on the conversations' database
@@ -243,9 +233,9 @@ def sse(data: dict[str, Any] | str) -> bytes:
 def router(server: Any, documents: Documents | None = None) -> APIRouter:
     """The page's routes over the app's `Server` (`torchbook.serve.app`)."""
     routes = APIRouter()
-    if documents is None and getattr(server, "embedder", None) is not None:
-        documents = Documents(server.embedder)
-    system = ChatSystem(server.lm, documents) if server.lm is not None else None
+    if documents is None and server.embedder is not None:
+        documents = Documents(server.embedder, server.settings.kb)
+    system = ChatSystem(server.chatbot.model, documents) if server.chatbot is not None else None
 
     def need_chat() -> ChatSystem:
         if system is None:
@@ -270,6 +260,7 @@ def router(server: Any, documents: Documents | None = None) -> APIRouter:
     async def config() -> dict[str, Any]:
         return {"models": [server.lm.name] if server.lm is not None else [],
                 "chat_model": CHAT_MODEL if system is not None else None, "modes": list(MODES),
+                "mode": server.settings.chat_mode,
                 "knowledge": documents is not None, "keys_required": server.require_keys}
 
     @keyed.get("/api/documents")

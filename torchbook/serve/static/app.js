@@ -56,6 +56,7 @@ async function loadConfig() {
   const { chat_model: chat, models } = state.config;
   if (chat) select.append(el("option", { value: chat }, `${chat} (tools, knowledge, conversations)`));
   for (const id of models) select.append(el("option", { value: id }, id));
+  if (state.config.mode) $("mode").value = state.config.mode;
   const saved = localStorage.getItem("torchbook.model");
   if (saved && [...select.options].some((o) => o.value === saved)) select.value = saved;
   if (state.config.keys_required && !$("api-key").value && !localStorage.getItem("torchbook.key")) {
