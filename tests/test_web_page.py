@@ -306,6 +306,16 @@ def test_page_works_at_a_phone_width(server: Server, browser: Any) -> None:
                          "return r.right;")
     assert bubble <= width
     browser.screenshots.save("5-phone-reply")
+    # The chatbot's folded tool call and sources fit too, unfolded.
+    choose_model(browser, "torchbook-chat")
+    send(browser, "What is 525.6 * 315 / 3942?")
+    wait(lambda: finished(browser), what="the chatbot's reply")
+    js(browser, "document.querySelectorAll('#messages details').forEach(d => d.open = true)")
+    assert js(browser, "return document.documentElement.scrollWidth") <= width
+    boxes = js(browser, "return [...document.querySelectorAll('#messages details')].map(d => "
+                        "d.getBoundingClientRect().right)")
+    assert boxes and max(boxes) <= width
+    browser.screenshots.save("5-phone-tool-call")
 
 
 def choose_model(browser: Any, model: str) -> None:
