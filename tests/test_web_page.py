@@ -149,6 +149,16 @@ def browser(request: pytest.FixtureRequest) -> Iterator[Any]:
     driver.quit()
 
 
+@pytest.fixture(autouse=True)
+def screenshot_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A failed browser test leaves a screenshot of the page as it was (failed-TEST.png beside the others)."""
+    driver = request.getfixturevalue("browser") if "browser" in request.fixturenames else None
+    failed = request.session.testsfailed
+    yield
+    if driver is not None and request.session.testsfailed > failed:
+        driver.screenshots.save("failed-" + re.sub(r"[^\w.-]+", "_", request.node.name))
+
+
 def wait(condition: Callable[[], Any], timeout: float = 15.0, what: str = "the page") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
