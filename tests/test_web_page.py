@@ -393,6 +393,14 @@ def test_calculator_tool_call_shown_and_expandable(server: Server, browser: Any)
     assert tool.find_element("css selector", "pre.result").text == "525.6 * 315 / 3942 = 42"
     assert last_reply(browser)["text"] == answer(8)  # type: ignore[index]
     browser.screenshots.save("7-calculator-tool-call")
+    # Settings: in the model's mode no rule calls the calculator, and this model writes no tool call.
+    js(browser, "document.getElementById('mode').value = 'model'")
+    send(browser, "What is 2 * 21?")
+    wait(lambda: finished(browser) and js(browser, "return document.querySelectorAll('#messages .message').length")
+         == 4, what="the reply in the model's mode")
+    last = browser.find_elements("css selector", "#messages .message.assistant")[-1]
+    assert last.find_elements("css selector", "details.tool") == []
+    assert last.find_element("css selector", ".text").text == answer(8)
 
 
 def test_upload_a_document_then_an_answer_cites_it(server: Server, browser: Any, tmp_path: Path) -> None:
