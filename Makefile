@@ -20,7 +20,7 @@ help:
 	@echo "make test       the default suite: unit, parity and smoke tests (under 10 minutes)"
 	@echo "make test-slow  quick-preset quality gates and long comparisons"
 	@echo "make lint       ruff, mypy and the layers (import-linter)"
-	@echo "make system-deps  Debian packages the tests use (Fashion-MNIST's idx files) and the npm MCP servers (lockfile), skipping what is present"
+	@echo "make system-deps  Debian packages the tests use (Fashion-MNIST's idx files, Chromium) and the npm MCP servers (lockfile), skipping what is present"
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,7 @@ install: $(VENV)/.installed check-torch
 
 # Debian packages the tests read (one place: .ci/run calls this before `make test`). Present ones are skipped.
 DEBIAN_PACKAGES := dataset-fashion-mnist
+DEBIAN_PACKAGES += chromium chromium-driver  # the web page's browser tests (#25)
 system-deps:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -86,5 +86,6 @@ def main(args: argparse.Namespace) -> int:
     keys = "API keys required" if settings.require_keys else "no API key needed on loopback"
     print(f"serving {', '.join(app.state.server.model_ids())} at http://{shown}:{port}/v1 ({keys}; Ctrl-C or "
           "SIGTERM stops after running requests finish)", flush=True)
+    print(f"chat page: http://{shown}:{port}/", flush=True)
     run(app, sock, settings)
     return 0

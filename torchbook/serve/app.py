@@ -48,6 +48,7 @@ from torchbook.serve.keys import KeyStore, RateLimiter
 from torchbook.serve.metrics import Metrics
 from torchbook.serve.models import LanguageModel, ServeSettings
 from torchbook.serve.schemas import MAX_STOPS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Sampling
+from torchbook.serve.web import install as install_web
 
 log = logging.getLogger(__name__)
 
@@ -777,6 +778,7 @@ def build_app(settings: ServeSettings, lm: LanguageModel | None, embedder: Embed
 
     if STATIC.is_dir():  # #25's web page lives here
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    install_web(app, server)  # the web page (#25): / and its /api/ routes
     app.add_middleware(Guard, server=server)
     return app
 
