@@ -14,6 +14,7 @@ as those characters, never as a new system message (tests/test_chat_orchestrator
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -22,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchbook.errors import CheckpointError, UserInputError
+from torchbook.errors import CheckpointError, TorchbookError, UserInputError
 from torchbook.generate.constraints import Constraint, constraint_processor
 from torchbook.generate.sampling import LogitsProcessor, SamplingConfig
-from torchbook.generate.serving import Engine, Request
+from torchbook.generate.serving import Engine, Handle, Request
 from torchbook.generate.tool_calls import render_tools, template_has_tools, tool_style
 from torchbook.hub.gguf import default_chat_model
 from torchbook.hub.loading import load
@@ -75,6 +76,38 @@ def neutralize(text: str, markers: Sequence[str]) -> str:
     return text
 
 
+class Cancelled(TorchbookError):
+    """The turn was cancelled (its client left, or the user pressed Stop): it stops, and nothing of it is kept."""
+
+
+class Turn:
+    """The engine as one turn of a conversation sees it (`ChatModel.for_turn`): it remembers the turn's requests,
+    so that `cancel()`, from any thread, stops the generation running (the engine frees its slot at the next step)
+    and refuses the next. A turn may make several model calls (tool calls, a summary): all stop."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.cancelled = engine, False
+        self.handles: list[Handle] = []
+        self.lock = threading.Lock()
+
+    def submit(self, request: Request) -> Handle:
+        with self.lock:
+            if self.cancelled:
+                raise Cancelled("the turn was cancelled")
+            handle = self.engine.submit(request)
+            self.handles.append(handle)
+            return handle
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            for handle in self.handles:
+                handle.cancel()
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the engine (vocab, max_len, ...) as it is
+        return getattr(self.engine, name)
+
+
 class ChatModel:
     """A chat model behind an engine (see the module docstring). `context`: positions per request (prompt and
     reply); `slots`: conversations decoded side by side."""
@@ -107,6 +140,14 @@ class ChatModel:
                                  "with a tokenizer)", param="model")
         name = (loaded.meta.get("extra") or {}).get("name") or Path(str(path)).stem
         return cls(loaded.model, loaded.tokenizer, loaded.meta, str(name), **options)
+
+    def for_turn(self, turn: Turn | None = None, sampling: SamplingConfig | None = None) -> ChatModel:
+        """This model for one turn that another thread may cancel (`model.engine.cancel()`): the same weights,
+        engine and tokenizer, its requests through `turn` (a new `Turn` by default), `sampling` if given."""
+        view = copy.copy(self)
+        view.engine = turn or Turn(self.engine)  # type: ignore[assignment]  # a Turn passes for its engine
+        view.sampling = sampling or self.sampling
+        return view
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def safe(self, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -146,7 +187,8 @@ class ChatModel:
     def generate(self, prompt: str, max_tokens: int = 256, on_text: Callable[[str], Any] | None = None,
                  processors: Sequence[LogitsProcessor] = (), stop: Sequence[str] = (),
                  sampling: SamplingConfig | None = None) -> Generation:
-        """The reply to a rendered prompt, its text streamed to `on_text` as it comes."""
+        """The reply to a rendered prompt, its text streamed to `on_text` as it comes; `Cancelled` when its turn
+        was cancelled (`for_turn`)."""
         ids = self.encode(prompt)
         max_tokens = max(1, min(max_tokens, self.context - len(ids)))
         handle = self.engine.submit(Request(ids, max_tokens, sampling or self.sampling, stop,
@@ -156,6 +198,8 @@ class ChatModel:
                 on_text(delta.text)
         result = handle.result()
         choice = result.choices[0]
+        if choice.finish_reason == "cancelled":
+            raise Cancelled("the turn was cancelled")
         return Generation(choice.text, choice.finish_reason, result.usage.prompt_tokens,
                           result.usage.completion_tokens, result.usage.cached_tokens)
 

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from torchbook.chat.model import Turn
 from torchbook.chat.orchestrator import Event, Reply
 from torchbook.errors import TorchbookError, UserInputError
 from torchbook.generate.constraints import Constraint, constraint_processor
@@ -43,7 +44,7 @@ from torchbook.generate.serving import Busy, Delta, Handle, Request, Result
 from torchbook.generate.tool_calls import Tool, parse_tool_calls, render_tools, tool_style, tools_from_openai
 from torchbook.hub.prompts import TemplateError
 from torchbook.knowledge.embedder import Embedder
-from torchbook.serve.chatbot import CHAT_MODEL, LOCAL_USER, Chatbot, Turn
+from torchbook.serve.chatbot import CHAT_MODEL, LOCAL_USER, Chatbot
 from torchbook.serve.keys import KeyStore, RateLimiter
 from torchbook.serve.metrics import Metrics
 from torchbook.serve.models import LanguageModel, ServeSettings

@@ -3,7 +3,7 @@ server-side tools (calculator, unit conversion, the knowledge base's search when
 on the served model's own engine (one engine thread, one set of slots, prefix reuse shared with plain requests).
 
 A request is a stateless turn: its messages are the conversation, the answer is the orchestrator's (sources
-listed); a client that leaves cancels its turn (`Turn`); tools run on the server, so a client's `tools` are refused for this model. Memory is per API key: the
+listed); a client that leaves cancels its turn (`chat.model.Turn`); tools run on the server, so a client's `tools` are refused for this model. Memory is per API key: the
 facts of the key's id (`default` for requests without keys on loopback, the same as `torchbook chat`'s), read
 through `recall` and `list_memories`; tools with side effects (`remember`, `forget`) ask for a confirmation that
 an HTTP request cannot give, so they are declined.
@@ -11,47 +11,17 @@ an HTTP request cannot give, so they are declined.
 
 from __future__ import annotations
 
-import copy
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torchbook.chat.memory import Memory
-from torchbook.chat.model import ChatModel
+from torchbook.chat.model import ChatModel, Turn
 from torchbook.chat.orchestrator import Event, Orchestrator, Reply
 from torchbook.chat.tools import ToolRegistry, calculator_tool, knowledge_tool, memory_tools, unit_tool
-from torchbook.generate.serving import Busy, Engine, Handle, Request
 from torchbook.serve.models import LanguageModel
 
 CHAT_MODEL = "torchbook-chat"
 LOCAL_USER = "default"  # the user of requests without API keys (loopback): the terminal chat's own
-
-
-class Turn:
-    """The engine as one turn sees it: it remembers the turn's requests, so that `cancel()` (the client left)
-    stops the one running and refuses the next."""
-
-    def __init__(self, engine: Engine):
-        self.engine, self.cancelled = engine, False
-        self.handles: list[Handle] = []
-        self.lock = threading.Lock()
-
-    def submit(self, request: Request) -> Handle:
-        with self.lock:
-            if self.cancelled:
-                raise Busy("the turn was cancelled: its client left")
-            handle = self.engine.submit(request)
-            self.handles.append(handle)
-            return handle
-
-    def cancel(self) -> None:
-        with self.lock:
-            self.cancelled = True
-            for handle in self.handles:
-                handle.cancel()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
 
 
 class Chatbot:
@@ -67,7 +37,7 @@ class Chatbot:
         self.model.context = lm.engine.max_len
         self.tools = [calculator_tool(), unit_tool(), *([knowledge_tool(kb)] if kb is not None else [])]
         self.memory = memory
-        self.options = {"mode": mode, "max_tokens": max_tokens, "time_limit": time_limit}
+        self.options: dict[str, Any] = {"mode": mode, "max_tokens": max_tokens, "time_limit": time_limit}
 
     def respond(self, messages: Sequence[dict[str, Any]], on_event: Callable[[Event], Any] | None = None,
                 user: str = LOCAL_USER, turn: Turn | None = None) -> Reply:
@@ -75,7 +45,5 @@ class Chatbot:
         tools = list(self.tools)
         if self.memory is not None:
             tools += memory_tools(self.memory, lambda: user)
-        model = copy.copy(self.model)  # this turn's view of the engine
-        model.engine = turn or Turn(self.model.engine)  # type: ignore[assignment]
-        orchestrator = Orchestrator(model, ToolRegistry(tools), **self.options)  # type: ignore[arg-type]
+        orchestrator = Orchestrator(self.model.for_turn(turn), ToolRegistry(tools), **self.options)
         return orchestrator.respond(messages, on_event)

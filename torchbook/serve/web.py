@@ -27,7 +27,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,12 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from torchbook.chat.conversations import Conversations
-from torchbook.chat.model import ChatModel, Generation
+from torchbook.chat.model import Cancelled, ChatModel, Turn
 from torchbook.chat.orchestrator import MODES, Event, Orchestrator
 from torchbook.chat.session import ChatSession
 from torchbook.chat.tools import builtin_tools
 from torchbook.errors import UserInputError
 from torchbook.generate.sampling import SamplingConfig
-from torchbook.generate.serving import Request
 from torchbook.knowledge import KnowledgeBase
 from torchbook.paths import home
 from torchbook.serve.chatbot import CHAT_MODEL
@@ -114,61 +113,6 @@ class Documents:
 USER = "default"  # the user of `torchbook chat`: the page and the terminal share their conversations
 
 
-class Cancelled(Exception):
-    """The page closed the stream: the turn stops."""
-
-
-class TurnModel:
-    """The chat model for one turn of the page: `cancel()` stops its generation at once (the engine frees the
-    slot at its next step) and every later call raises `Cancelled`."""
-
-    def __init__(self, chat: ChatModel, sampling: SamplingConfig):
-        self.chat, self.sampling = chat, sampling
-        self.name, self.context = chat.name, chat.context
-        self.cancelled = threading.Event()
-        self.handle: Any = None
-        self.lock = threading.Lock()
-
-    def render(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> str:
-        return self.chat.render(messages, tools)
-
-    def count(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> int:
-        return self.chat.count(messages, tools)
-
-    def cancel(self) -> None:
-        with self.lock:
-            self.cancelled.set()
-            if self.handle is not None:
-                self.handle.cancel()
-
-    def generate(self, prompt: str, max_tokens: int = 256, on_text: Callable[[str], Any] | None = None,
-                 **options: Any) -> Generation:
-        """As `ChatModel.generate` (options: `processors`, `stop`, `sampling`), on the shared engine."""
-        ids = self.chat.encode(prompt)
-        request = Request(ids, max(1, min(max_tokens, self.context - len(ids))),
-                          options.get("sampling") or self.sampling, list(options.get("stop", ())),
-                          processors=list(options.get("processors", ())))
-        with self.lock:
-            if self.cancelled.is_set():
-                raise Cancelled
-            self.handle = handle = self.chat.engine.submit(request)
-        try:
-            for delta in handle:
-                if self.cancelled.is_set():
-                    break
-                if delta.text and on_text is not None:
-                    on_text(delta.text)
-        finally:
-            if not handle.done.is_set():
-                handle.cancel()
-        if self.cancelled.is_set():
-            raise Cancelled
-        result = handle.result()
-        choice = result.choices[0]
-        return Generation(choice.text, choice.finish_reason, result.usage.prompt_tokens,
-                          result.usage.completion_tokens, result.usage.cached_tokens)
-
-
 class ChatTurn(BaseModel):
     conversation_id: str | None = None
     message: str = Field(min_length=1, max_length=32_000)
@@ -207,7 +151,7 @@ class ChatSystem:
     def tools(self) -> Any:
         return builtin_tools(kb=self.documents.kb() if self.documents is not None else None, web_tools=False)
 
-    def turn(self, body: ChatTurn, model: TurnModel, on_event: Callable[[Event], None]) -> Any:
+    def turn(self, body: ChatTurn, model: ChatModel, on_event: Callable[[Event], None]) -> Any:
         if body.mode not in MODES:
             raise UserInputError(f"unknown chat mode {body.mode!r}; accepted: {', '.join(MODES)}", param="mode")
         options: dict[str, Any] = {"mode": body.mode, "max_tokens": body.max_tokens}
@@ -320,7 +264,8 @@ def router(server: Any, documents: Documents | None = None) -> APIRouter:
             await asyncio.to_thread(known, body.conversation_id)
         if body.mode not in MODES:
             raise WebError(400, f"unknown chat mode {body.mode!r}; accepted: {', '.join(MODES)}", "mode")
-        model = TurnModel(chat_system.chat, SamplingConfig(temperature=body.temperature))
+        turn = Turn(chat_system.chat.engine)  # the page's Stop (closing the stream) cancels it
+        model = chat_system.chat.for_turn(turn, SamplingConfig(temperature=body.temperature))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -368,7 +313,7 @@ def router(server: Any, documents: Documents | None = None) -> APIRouter:
                         break
                 yield sse("[DONE]")
             finally:  # the page closed the stream (its stop button) or the turn ended: nothing goes on
-                model.cancel()
+                turn.cancel()
                 worker.add_done_callback(lambda f: f.exception())
 
         return StreamingResponse(events(), media_type="text/event-stream",
