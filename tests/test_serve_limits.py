@@ -48,16 +48,3 @@ def test_generation_over_the_time_limit_is_a_504_and_cancelled() -> None:
         assert not lm.engine.busy  # both cancelled: nothing waits or runs
     assert sum(metrics.batch_rows.values()) < 8  # far from the 2 x 5 decoding steps of two finished requests
     lm.engine.shutdown()
-
-
-def test_held_text_streams_until_a_call_may_start() -> None:
-    from torchbook.serve.app import HeldText
-
-    held = HeldText()
-    assert held.push("Let me check") == "Let me check"
-    assert held.push(" <tool") == " "  # "<tool" may begin "<tool_call>": held back
-    assert held.push("_call>{\"name\": \"x\"}") == "" and held.holding
-    assert held.rest("Let me check") == ""  # the parsed content (calls removed) was sent already
-    text = HeldText()
-    assert text.push("a <") == "a " and text.push("b") == "<b" and text.rest("a <b!") == "!"
-    assert HeldText().push(' {"name"') == ""  # a reply opening with JSON may be a Llama 3 call

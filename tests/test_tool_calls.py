@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from torchbook.errors import UserInputError
 from torchbook.generate.tool_calls import (
+    HeldText,
     Tool,
     ToolCall,
     assistant_message,
@@ -204,3 +205,14 @@ def test_openai_round_trip_and_bad_tools():
         ToolCall.from_openai({"function": {"name": "f", "arguments": "{oops"}})
     with pytest.raises(UserInputError, match="style"):
         parse_tool_calls("x", style="gemma")
+
+
+def test_held_text_streams_until_a_call_may_start() -> None:
+    held = HeldText()
+    assert held.push("Let me check") == "Let me check"
+    assert held.push(" <tool") == " "  # "<tool" may begin "<tool_call>": held back
+    assert held.push("_call>{\"name\": \"x\"}") == "" and held.holding
+    assert held.rest("Let me check") == ""  # the parsed content (calls removed) was sent already
+    text = HeldText()
+    assert text.push("a <") == "a " and text.push("b") == "<b" and text.rest("a <b!") == "!"
+    assert HeldText().push(' {"name"') == ""  # a reply opening with JSON may be a Llama 3 call

@@ -43,6 +43,8 @@ from torchbook.chat.tools.registry import Confirm, ToolOutput, ToolRegistry
 from torchbook.chat.tools.web import find_urls
 from torchbook.errors import UserInputError
 from torchbook.generate.tool_calls import (
+    CALL_STARTS,
+    HeldText,
     ToolCall,
     assistant_message,
     new_call_id,
@@ -61,7 +63,6 @@ SUMMARY_TOKENS = 96
 SEARCH_THE_WEB = re.compile(r"^\s*(?:please\s+)?(?:search\s+the\s+web|web\s+search|search\s+online|look\s+up\s+online)"
                             r"\s*(?:for|:)?\s+(.+?)\s*$", re.IGNORECASE | re.DOTALL)
 REMEMBER = re.compile(r"^\s*(?:please\s+)?remember\s+(?:that\s+)?(.+?)\s*$", re.IGNORECASE | re.DOTALL)
-CALL_STARTS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
 
 
 class Model(Protocol):
@@ -112,36 +113,21 @@ class Reply:
 
 class _Hold:
     """Streams the answer's text but holds back anything that may be a tool call (which the user should see as a
-    "tool_call" event, not as text): once a call marker appears, the rest of the reply is held."""
+    "tool_call" event, not as text): `generate.tool_calls.HeldText` decides what may go out."""
 
     def __init__(self, emit: Callable[[str], Any]):
-        self.emit, self.text, self.sent, self.holding = emit, "", 0, False
+        self.emit, self.held = emit, HeldText()
 
     def __call__(self, piece: str) -> None:
-        self.text += piece
-        if self.holding:
-            return
-        if any(marker in self.text for marker in CALL_STARTS) or self.text.lstrip().startswith("{"):
-            self.holding = True
-            return
-        # Hold a tail that could be the start of a marker.
-        safe = len(self.text)
-        for marker in CALL_STARTS:
-            for n in range(len(marker) - 1, 0, -1):
-                if self.text.endswith(marker[:n]):
-                    safe = min(safe, len(self.text) - n)
-                    break
-        if not self.text.strip():
-            return
-        if safe > self.sent:
-            self.emit(self.text[self.sent : safe])
-            self.sent = safe
+        out = self.held.push(piece)
+        if out:
+            self.emit(out)
 
     def release(self, final: str) -> None:
         """The reply turned out to be text: send what was held."""
-        if final.startswith(self.text[: self.sent]) and len(final) > self.sent:
-            self.emit(final[self.sent :])
-        self.sent = len(final)
+        rest = self.held.rest(final)
+        if rest:
+            self.emit(rest)
 
 
 class Orchestrator:

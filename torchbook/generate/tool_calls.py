@@ -376,3 +376,36 @@ def _raw(decoder: json.JSONDecoder, text: str, start: int) -> tuple[Any, int]:
         return decoder.raw_decode(text, start)
     except json.JSONDecodeError:
         return None, start
+
+
+CALL_STARTS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")  # how a reply starts a call, in each style
+
+
+class HeldText:
+    """A streamed reply that may turn into tool calls: its text goes out as it comes, except what may be the start
+    of a call (a marker, a part of one at the end, a reply that opens with `{`): from there on it is held."""
+
+    def __init__(self) -> None:
+        self.text, self.sent, self.holding = "", 0, False
+
+    def push(self, piece: str) -> str:
+        """What of the text so far may go out now."""
+        self.text += piece
+        if self.holding or not self.text.strip():
+            return ""
+        if any(m in self.text for m in CALL_STARTS) or self.text.lstrip().startswith("{"):
+            self.holding = True
+            return ""
+        safe = len(self.text)
+        for marker in CALL_STARTS:  # hold a tail that could be a marker's beginning
+            for n in range(len(marker) - 1, 0, -1):
+                if self.text.endswith(marker[:n]):
+                    safe = min(safe, len(self.text) - n)
+                    break
+        out, self.sent = self.text[self.sent : max(safe, self.sent)], max(safe, self.sent)
+        return out
+
+    def rest(self, content: str) -> str:
+        """What of the final content was not sent yet."""
+        sent = self.text[: self.sent]
+        return content[len(sent):] if content.startswith(sent) else ""

@@ -41,7 +41,7 @@ from torchbook.errors import TorchbookError, UserInputError
 from torchbook.generate.constraints import Constraint, constraint_processor
 from torchbook.generate.sampling import SamplingConfig
 from torchbook.generate.serving import Busy, Delta, Handle, Request, Result
-from torchbook.generate.tool_calls import Tool, parse_tool_calls, render_tools, tool_style, tools_from_openai
+from torchbook.generate.tool_calls import HeldText, Tool, parse_tool_calls, render_tools, tool_style, tools_from_openai
 from torchbook.hub.prompts import TemplateError
 from torchbook.knowledge.embedder import Embedder
 from torchbook.serve.chatbot import CHAT_MODEL, LOCAL_USER, Chatbot
@@ -363,39 +363,6 @@ def usage(results: list[Result]) -> dict[str, Any]:
 
 def finish_reason(reason: str) -> str:
     return reason if reason in ("stop", "length") else "stop"
-
-
-CALL_STARTS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")  # how a reply starts a call, in each style
-
-
-class HeldText:
-    """A streamed reply that may turn into tool calls: its text goes out as it comes, except what may be the start
-    of a call (a marker, a part of one at the end, a reply that opens with `{`): from there on it is held."""
-
-    def __init__(self) -> None:
-        self.text, self.sent, self.holding = "", 0, False
-
-    def push(self, piece: str) -> str:
-        """What of the text so far may go out now."""
-        self.text += piece
-        if self.holding or not self.text.strip():
-            return ""
-        if any(m in self.text for m in CALL_STARTS) or self.text.lstrip().startswith("{"):
-            self.holding = True
-            return ""
-        safe = len(self.text)
-        for marker in CALL_STARTS:  # hold a tail that could be a marker's beginning
-            for n in range(len(marker) - 1, 0, -1):
-                if self.text.endswith(marker[:n]):
-                    safe = min(safe, len(self.text) - n)
-                    break
-        out, self.sent = self.text[self.sent : max(safe, self.sent)], max(safe, self.sent)
-        return out
-
-    def rest(self, content: str) -> str:
-        """What of the final content was not sent yet."""
-        sent = self.text[: self.sent]
-        return content[len(sent):] if content.startswith(sent) else ""
 
 
 class ChatPlan:
