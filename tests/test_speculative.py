@@ -13,6 +13,7 @@ from torch import Tensor
 
 from torchbook.errors import UserInputError
 from torchbook.generate import speculative
+from torchbook.generate.compiled import StaticDecoder
 from torchbook.generate.sampling import SamplingConfig
 from torchbook.generate.serving import Engine, Request
 from torchbook.generate.speculative import ModelDraft, PromptLookupDraft, SpeculativeDecoder, lookup, verify
@@ -190,3 +191,13 @@ def test_the_decoder_samples_the_target_distribution(draft_kind: str, runs: int,
     pairs = torch.tensor([decoder.generate(PROMPT, 2, SamplingConfig(temperature=1.0, seed=s))[0]
                           for s in range(runs)])
     assert chi_square_p(pairs, joint) > 1e-3
+
+
+def test_static_step_is_the_engine_step() -> None:
+    """The static-shape step (what torch.compile and CUDA graphs take; run eagerly here: no compiling in the
+    default suite) reads all max_len positions, masked, and gives the engine's greedy tokens."""
+    target = tiny_gpt(0)
+    prompt = torch.randint(0, 61, (9,), generator=torch.Generator().manual_seed(4)).tolist()
+    decoder = StaticDecoder(target, 64)
+    assert decoder.generate(prompt, 30) == target_alone(target, prompt, 30)
+    assert decoder.generate(prompt[:3], 5) == target_alone(target, prompt[:3], 5)  # reuse: starts again at 0
