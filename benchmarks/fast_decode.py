@@ -33,7 +33,7 @@ import argparse
 import copy
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -86,13 +86,18 @@ def cpu_part(args: argparse.Namespace) -> None:
     target, tokenizer, meta = loaded.model, loaded.tokenizer, loaded.meta
     draft_model = torchbook.load(path, quantize="int4").model
     ends = list(meta.get("end_token_ids") or [])
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; torch threads {torch.get_num_threads()}; {path.name}")
+    print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; torch threads {torch.get_num_threads()}; {path.name}")
     max_len = 1024
 
-    print(f"\n1. speculative decoding (k={args.k}) and prompt lookup (k={args.lookup_k}), greedy, at most "
-          f"{args.new_tokens} tokens, float32 target")
-    print(f"{'prompt':<10}{'method':<22}{'tokens':>7}{'accept':>8}{'tok/pass':>9}{'tok/s':>8}{'speed-up':>9}  same")
+    if "speculative" not in args.parts:
+        args.prompts = []
+    else:
+        print(f"\n1. speculative decoding (k={args.k}) and prompt lookup (k={args.lookup_k}), greedy, at most "
+              f"{args.new_tokens} tokens, float32 target")
+        print(f"{'prompt':<10}{'method':<22}{'tokens':>7}{'accept':>8}{'tok/pass':>9}{'tok/s':>8}{'speed-up':>9}  same")
     for name, question in (("chat", CHAT), ("retrieval", RETRIEVAL)):
+        if name not in args.prompts:
+            continue
         prompt = chat_token_ids(tokenizer, messages_for(question), meta)
         decoders = {"target alone": SpeculativeDecoder(target, None, max_len=max_len),
                     "int4 draft": SpeculativeDecoder(target, ModelDraft(draft_model, max_len), k=args.k,
@@ -101,7 +106,7 @@ def cpu_part(args: argparse.Namespace) -> None:
                                                         max_len=max_len)}
         outputs = {m: d.generate(prompt, args.new_tokens, end_ids=ends) for m, d in decoders.items()}
         new = len(outputs["target alone"][0])
-        systems = {m: (lambda n, d=d: d.generate(prompt, n, end_ids=ends)) for m, d in decoders.items()}
+        systems = {m: (lambda n, d=d, p=prompt: d.generate(p, n, end_ids=ends)) for m, d in decoders.items()}
         rates = interleaved(systems, new, args.repeats)
         for method, (tokens, stats) in outputs.items():
             same = tokens == outputs["target alone"][0]
@@ -111,6 +116,8 @@ def cpu_part(args: argparse.Namespace) -> None:
         if args.show:
             print("   ", repr(tokenizer.decode(outputs["target alone"][0])[:300]))
 
+    if "batch1" not in args.parts:
+        return
     print(f"\n2. batch-1 decode tokens/s, {args.hf_tokens} tokens after a 16-token prompt, against transformers' "
           "generate() (float32)")
     theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
@@ -166,7 +173,7 @@ def gpu_part(args: argparse.Namespace) -> None:
     weight_bytes = n_params * torch.empty(0, dtype=dtype).element_size()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run)"
     print(f"\n3. GPU: random Llama, {n_params / 1e9:.2f}B parameters, {dtype}, {name}, "
-          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+          f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     prompt = torch.randint(0, config.vocab_size, (16,), generator=torch.Generator().manual_seed(1)).tolist()
     new = args.gpu_tokens
     n_ctx = len(prompt) + new + 8
@@ -237,6 +244,8 @@ def main() -> None:
     parser.add_argument("--lookup-k", type=int, default=8, help="draft tokens per round, prompt lookup")
     parser.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", default=["speculative", "batch1"], choices=["speculative", "batch1"])
+    parser.add_argument("--prompts", nargs="+", default=["chat", "retrieval"], choices=["chat", "retrieval"])
     parser.add_argument("--compile", action="store_true", help="part 2: also the torch.compile'd int4 step")
     parser.add_argument("--show", action="store_true", help="print the answers")
     parser.add_argument("--gpu", action="store_true", help="only the GPU part (CUDA)")
