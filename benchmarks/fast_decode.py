@@ -16,7 +16,7 @@ CPU part, SmolLM2-135M-Instruct (`torchbook.hub.default_chat_model()`, the GGUF 
    float32 and int4 (the static-shape step, eager), and with `--compile` the int4 step compiled by torch.compile,
    with its compile time.
 Decode tokens/s everywhere: (new tokens - 1) / (best time to generate them all - best time to generate the first),
-i.e. without the prompt's prefill, over `--repeats` interleaved runs, so all systems see the
+i.e. without the prompt's prefill (the target's and a draft model's), over `--repeats` interleaved runs, so all systems see the
 same machine load (the ratios are the figures to quote on a shared machine).
 
 GPU part (`--gpu`, needs CUDA; `--dry-run` runs it on the CPU with a tiny shape): a random-weight Llama of about
@@ -102,8 +102,8 @@ def cpu_part(args: argparse.Namespace) -> None:
         decoders = {"target alone": SpeculativeDecoder(target, None, max_len=max_len),
                     "int4 draft": SpeculativeDecoder(target, ModelDraft(draft_model, max_len), k=args.k,
                                                      max_len=max_len),
-                    "prompt lookup": SpeculativeDecoder(target, PromptLookupDraft(args.ngram), k=args.lookup_k,
-                                                        max_len=max_len)}
+                    "prompt lookup": SpeculativeDecoder(target, PromptLookupDraft(args.ngram, args.min_ngram),
+                                                        k=args.lookup_k, max_len=max_len)}
         outputs = {m: d.generate(prompt, args.new_tokens, end_ids=ends) for m, d in decoders.items()}
         new = len(outputs["target alone"][0])
         systems = {m: (lambda n, d=d, p=prompt: d.generate(p, n, end_ids=ends)) for m, d in decoders.items()}
@@ -243,6 +243,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="draft tokens per round, int4 draft")
     parser.add_argument("--lookup-k", type=int, default=8, help="draft tokens per round, prompt lookup")
     parser.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
+    parser.add_argument("--min-ngram", type=int, default=1, help="prompt lookup: shortest n-gram matched")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--parts", nargs="+", default=["speculative", "batch1"], choices=["speculative", "batch1"])
     parser.add_argument("--prompts", nargs="+", default=["chat", "retrieval"], choices=["chat", "retrieval"])

@@ -142,11 +142,23 @@ class ModelDraft:
         assert logits is not None
         return logits[0]
 
-    def propose(self, history: list[int], k: int, scorer: Scorer, generator: torch.Generator | None
-                ) -> tuple[list[int], Tensor | None]:
-        keep = _common_prefix(self.fed, history, len(history) - 1)  # at least the last token is fed again
+    def _rollback(self, history: list[int]) -> int:
+        """Keep the row's longest prefix of `history` (all but its last token at most); its length."""
+        keep = _common_prefix(self.fed, history, len(history) - 1)
         self.cache.truncate(0, keep)
         del self.fed[keep:]
+        return keep
+
+    def prefill(self, prompt: list[int]) -> None:
+        """Feed all of the prompt but its last token (with the target's prefill, so that it counts as prompt
+        processing, not as decoding)."""
+        keep = self._rollback(prompt)
+        if keep < len(prompt) - 1:
+            self._feed(prompt[keep:-1])
+
+    def propose(self, history: list[int], k: int, scorer: Scorer, generator: torch.Generator | None
+                ) -> tuple[list[int], Tensor | None]:
+        keep = self._rollback(history)
         k = min(k, self.cache.max_len - len(history))
         logits = self._feed(history[keep:])
         tokens: list[int] = []
@@ -239,6 +251,9 @@ class SpeculativeDecoder:
         # The target's row holds every token of the history but the last, whose logits each round needs.
         for start in range(0, len(prompt) - 1, self.prefill_chunk):
             self._step(prompt[start : min(start + self.prefill_chunk, len(prompt) - 1)], all_positions=False)
+        prefill = getattr(self.draft, "prefill", None)
+        if callable(prefill) and max_tokens > 1:
+            prefill(prompt)
         history = list(prompt)
         out: list[int] = []
         while len(out) < max_tokens and len(history) < self.max_len:
