@@ -16,8 +16,8 @@ CPU part, SmolLM2-135M-Instruct (`torchbook.hub.default_chat_model()`, the GGUF 
    float32 and int4 (the static-shape step, eager), and with `--compile` the int4 step compiled by torch.compile,
    with its compile time.
 Decode tokens/s everywhere: (new tokens - 1) / (best time to generate them all - best time to generate the first),
-i.e. without the prompt's prefill (the target's and a draft model's), over `--repeats` interleaved runs, so all systems see the
-same machine load (the ratios are the figures to quote on a shared machine).
+i.e. without the prompt's prefill (the target's and a draft model's), over `--repeats` interleaved runs, so all
+systems see the same machine load (the ratios are the figures to quote on a shared machine).
 
 GPU part (`--gpu`, needs CUDA; `--dry-run` runs it on the CPU with a tiny shape): a random-weight Llama of about
 1B parameters (hidden 2048, 16 layers, 32 query / 8 key-value heads, feed-forward 8192, vocabulary 128,256,
