@@ -232,7 +232,8 @@ class GPT(nn.Module):
             x = x + self.position(positions)
         rotary = self.rotary(positions, x.dtype) if self.rotary is not None else None
         x = self.dropout(x)
-        if padding is not None and not padding.any():
+        static = isinstance(cache, SlotView) and cache.static  # no data-dependent branch in a compiled step
+        if padding is not None and not static and not padding.any():
             padding = None
         for block in self.blocks:
             x = block(x, rotary, padding, cache, same_document)
@@ -300,11 +301,15 @@ class GPT(nn.Module):
         return SlotCache(self.config.n_layer, slots, min(max_len, self.config.max_len), self.config.kv_heads,
                          head_dim, weight.dtype, weight.device)
 
-    def slot_step(self, tokens: Tensor, view: SlotView) -> Tensor:
+    def slot_step(self, tokens: Tensor, view: SlotView, all_positions: bool = False) -> Tensor:
         """tokens (B, T) for the rows of `view` (T > 1: a prompt chunk, of one row or rows of one length) ->
-        the (B, vocab) logits of each row's last new position. Each row reads only its own cached positions."""
+        the (B, vocab) logits of each row's last new position, or with `all_positions` the (B, T, vocab) logits of
+        every new position (speculative decoding verifies T draft tokens in one pass). Each row reads only its own
+        cached positions."""
         with torch.inference_mode():
             positions = view.starts[:, None] + torch.arange(tokens.size(1), device=tokens.device)[None]
-            logits = self(tokens, positions=positions, cache=view, padding=view.padding, last_only=True)[:, -1]
+            logits = self(tokens, positions=positions, cache=view, padding=view.padding, last_only=not all_positions)
+            if not all_positions:
+                logits = logits[:, -1]
         view.commit()
         return logits.clone()

@@ -89,11 +89,22 @@ class SlotCache:
                 b[target, :, :length] = b[source, :, :length]
         self.lengths[target] = length
 
-    def view(self, rows: list[int], new: int) -> SlotView:
-        """The cache as one step sees it: `rows` (slot indices, in batch order) each bring `new` tokens."""
+    def truncate(self, row: int, length: int) -> None:
+        """Roll row `row` back to its first `length` positions (speculative decoding drops the keys and values of
+        rejected draft tokens): later steps overwrite the rest, and the masks never read it."""
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
+        self.lengths[row] = length
+
+    def view(self, rows: list[int], new: int, static: bool = False) -> SlotView:
+        """The cache as one step sees it: `rows` (slot indices, in batch order) each bring `new` tokens.
+        `static`: attention reads all `max_len` positions (masked), so every step has the same shapes (a compiled
+        step); one new token per row only (the causal mask of several assumes the rows end at the window's end)."""
         if any(self.lengths[r] + new > self.max_len for r in rows):
             raise ValueError(f"a row would pass the cache's max_len {self.max_len}")
-        return SlotView(self, rows, new)
+        if static and new != 1:
+            raise ValueError("a static view takes one new token per row")
+        return SlotView(self, rows, new, static)
 
 
 class SlotView:
@@ -101,11 +112,11 @@ class SlotView:
     `starts` (B,): each row's first new position (its positions for RoPE or learned embeddings);
     `padding` (B, key_len): True where a key is not (yet) part of the row."""
 
-    def __init__(self, cache: SlotCache, rows: list[int], new: int):
-        self.cache, self.rows, self.new = cache, rows, new
+    def __init__(self, cache: SlotCache, rows: list[int], new: int, static: bool = False):
+        self.cache, self.rows, self.new, self.static = cache, rows, new, static
         device = cache.keys[0].device
         self.starts = torch.tensor([cache.lengths[r] for r in rows], dtype=torch.long, device=device)
-        self.key_len = int(self.starts.max()) + new
+        self.key_len = cache.max_len if static else max(cache.lengths[r] for r in rows) + new
         first = rows[0]
         # Consecutive rows are a slice of the buffer (read in place); others are gathered.
         self.contiguous = rows == list(range(first, first + len(rows)))
