@@ -1,0 +1,219 @@
+"""`chat-dpo`: direct preference optimization of a chat model (book chapter 15, equation 15-2).
+
+The model (SmolLM2-135M-Instruct offline by default, or a `chat-sft` run, or anything `torchbook.load` reads) learns
+from pairs of answers to the same dialogue, one chosen and one rejected by people (Anthropic HH-RLHF's harmless-base
+file, split train/validation/test by `torchbook.train.preference.load_pairs`, recorded in `split.json`):
+
+    loss = -log sigma(beta [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
+
+with log pi(y|x) the summed log-probabilities of the answer's tokens (the book's `sum_of_log_probas`) and pi_ref the
+model before training, frozen. The reference log-probabilities are computed once before training (as TRL's
+`precompute_ref_log_probs`): the model at step 0 is the reference, whether it trains fully or with LoRA adapters
+(whose reference is the model with the adapters off).
+
+Measured before and after on the test pairs: the loss, the implicit reward margin beta (log-ratio chosen - log-ratio
+rejected) and the preference accuracy; after, the KL divergence to the reference on sampled answers; and answers to
+a few fixed user-oriented instructions. The run's `model/` is a Hugging Face folder (`torchbook generate --chat`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torchbook
+from torchbook.data.instructions import USER_ORIENTED_SOURCE, load_user_oriented
+from torchbook.errors import UserInputError
+from torchbook.hub.peft import save_adapter
+from torchbook.models.gpt import GPT
+from torchbook.nn.lora import apply_lora, merge_lora
+from torchbook.recipes import Recipe
+from torchbook.report import Report
+from torchbook.runs import RunDir
+from torchbook.train.config import TrainConfig
+from torchbook.train.preference import (
+    PairData,
+    add_reference_logps,
+    dpo_step,
+    implicit_rewards,
+    load_pairs,
+    pair_collate,
+    sampled_kl,
+)
+from torchbook.train.sft import DEFAULT_MODEL, FORMATS, TINY, answer, load_chat_model, save_chat_model
+from torchbook.train.trainer import Trainer
+
+NAME = "chat-dpo"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config(TrainConfig):
+    model: str = DEFAULT_MODEL  # smollm2, tiny, or a path / Hub id torchbook.load reads (a chat-sft run)
+    data: str = "hh"  # hh (HH-RLHF harmless-base) or a .jsonl file of prompt/chosen/rejected
+    format: str = "template"  # template (the checkpoint's chat template) or book ("Human: ...\n\nAssistant: ...")
+    beta: float = 0.1  # the book's
+    max_length: int = 512  # tokens per answer with its dialogue (longer: the dialogue's start is cut)
+    limit: int = 0  # train on the first `limit` pairs only (0: all)
+    eval_pairs: int = 0  # validation and test pairs measured (0: all)
+    kl_prompts: int = 16  # test prompts whose sampled answers estimate the KL to the reference after training
+    kl_tokens: int = 48
+    answers: int = 4  # user-oriented instructions answered before and after (greedy)
+    answer_tokens: int = 96
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["*.attn.q_proj", "*.attn.k_proj", "*.attn.v_proj",
+                                                              "*.attn.out_proj"])
+    epochs: int = 1
+    batch_size: int = 4  # pairs per step
+    lr: float = 5e-6
+    optimizer: str = "adamw"
+    schedule: str = "constant"
+    grad_clip: float = 1.0
+    restore_best: bool = False
+    log_every: int = 1
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": {"model": TINY, "limit": 16, "eval_pairs": 8, "max_length": 64, "answers": 2, "answer_tokens": 8,
+                  "kl_prompts": 4, "kl_tokens": 8, "batch_size": 4, "lr": 1e-3, "progress": False, "lora": True,
+                  "lora_rank": 4},
+        # SmolLM2 with rank-8 LoRA on short dialogues: 48 pairs of up to 128 tokens, 12 steps, 48 test pairs.
+        "quick": {"limit": 48, "eval_pairs": 48, "max_length": 128, "kl_prompts": 8, "kl_tokens": 32, "answers": 2,
+                  "answer_tokens": 48, "lora": True, "lr": 5e-4, "batch_size": 4},
+        # Full DPO of SmolLM2 on all ~1,900 training pairs, batch 4, lr 5e-6, beta 0.1, one epoch: about 470 steps
+        # of 8 sequences of up to 512 tokens, hours on 2 cores (estimate, not run here); resumable.
+        "book": {"checkpoint_every": 20},
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if self.format not in FORMATS:
+            raise UserInputError(f"format={self.format!r}; accepted: {', '.join(FORMATS)}", param="format")
+        if self.beta <= 0:
+            raise UserInputError(f"beta={self.beta} must be > 0", param="beta")
+        if self.max_length < 16:
+            raise UserInputError(f"max_length={self.max_length} must be at least 16", param="max_length")
+        if self.lora and (self.lora_rank < 1 or self.lora_alpha <= 0):
+            raise UserInputError(f"lora_rank={self.lora_rank} must be >= 1 and lora_alpha={self.lora_alpha} > 0",
+                                 param="lora_rank")
+
+
+def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
+    started = time.time()
+    config.validate()
+    run = RunDir.start(run_dir, NAME, config)
+    loaded = load_chat_model(config.model, config.seed)
+    model: GPT = loaded.model
+    max_length = min(config.max_length, model.config.max_len)
+    splits, source = load_pairs(config.data)
+    train_pairs = splits["train"][: config.limit] if config.limit else splits["train"]
+    cut = slice(0, config.eval_pairs or None)
+    data = {"train": PairData(train_pairs, loaded.tokenizer, loaded.meta, config.format, max_length),
+            "validation": PairData(splits["validation"][cut], loaded.tokenizer, loaded.meta, config.format, max_length),
+            "test": PairData(splits["test"][cut], loaded.tokenizer, loaded.meta, config.format, max_length)}
+    if not len(data["train"]) or not len(data["test"]):
+        raise UserInputError("no training or test pair left after encoding", param="data")
+    run.write_json("split.json", {name: {"pairs": len(d), "cut_to_max_length": d.cut, "dropped": d.dropped}
+                                  for name, d in data.items()} | {"source": source, "max_length": max_length})
+    pad_id = loaded.tokenizer.token_to_id(loaded.meta.get("eos_token") or "") or 0
+    eval_batch = max(1, config.batch_size)
+    for part in data.values():  # the reference: the model before training
+        add_reference_logps(model, part, eval_batch, pad_id)
+    questions = load_user_oriented()[: config.answers]
+    kl_prompts = [p.prompt for p in splits["test"][: config.kl_prompts]]
+    before = implicit_rewards(model, data["test"], eval_batch, pad_id, config.beta)
+    answers_before = answer(model, loaded, questions, config.format, config.answer_tokens)
+    total_params = sum(p.numel() for p in model.parameters())
+    reference = None if config.lora else load_chat_model(config.model, config.seed).model  # KL after training
+    if config.lora:
+        apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainer = Trainer(model, config, run, data["train"], data["validation"], step=dpo_step(config.beta),
+                      collate_fn=pair_collate(pad_id), metrics={"accuracy": accuracy_metric})
+    trainer.fit()
+    model.cpu()
+    after = implicit_rewards(model, data["test"], eval_batch, pad_id, config.beta)
+    kl = sampled_kl(model, reference, loaded, kl_prompts, config.format, config.kl_tokens, config.seed)
+    if config.lora:
+        save_adapter(model, run.path / "adapter", base_model=config.model)
+        merge_lora(model)
+    answers_after = answer(model, loaded, questions, config.format, config.answer_tokens)
+    save_chat_model(model, run.model_dir, loaded)
+    results = {"test_before": before, "test_after": after, "kl_after": kl, "train_loss": trainer.train_loss(),
+               "train_time_s": trainer.train_time, "steps": trainer.global_step, "train_pairs": len(data["train"]),
+               "parameters": total_params, "trainable_parameters": trainable,
+               "answers": [{"instruction": q[0]["content"], "before": b, "after": a}
+                           for q, b, a in zip(questions, answers_before, answers_after)]}
+    run.write_json("results.json", results)
+    run.log(kind="eval", test_loss_before=before["loss"], test_loss_after=after["loss"],
+            margin_before=before["margin"], margin_after=after["margin"], kl_after=kl["kl"])
+    report_run(run, config, results, source, started)
+    return run
+
+
+def accuracy_metric() -> Any:
+    import torchmetrics  # heavy; the recipe module is imported by `torchbook list`
+
+    return torchmetrics.classification.BinaryAccuracy()
+
+
+def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str, started: float) -> None:
+    from torchbook.plots import line_plot  # matplotlib: imported when a report is drawn
+
+    report = Report("Preference tuning with DPO", NAME, "15", source)
+    how = f"LoRA rank {config.lora_rank}" if config.lora else "full fine-tuning"
+    before, after = results["test_before"], results["test_after"]
+    note = f"{after['pairs']} test pairs; the book prints no figure"
+    report.compare("test DPO loss before (ln 2 = 0.693: the reference)", before["loss"], None, note)
+    report.compare("test DPO loss after", after["loss"], None, how + f", beta {config.beta}")
+    report.compare("test reward margin before", before["margin"], None, "beta x (log-ratio chosen - rejected)")
+    report.compare("test reward margin after", after["margin"], None, "")
+    report.compare("test preference accuracy before", before["accuracy"], None, "0 at the reference (all margins 0)")
+    report.compare("test preference accuracy after", after["accuracy"], None, "chosen reward strictly higher")
+    report.compare("KL to the reference after (nats per answer)", results["kl_after"]["kl"], None,
+                   f"{results['kl_after']['answers']} sampled answers of up to {config.kl_tokens} tokens; "
+                   "0 before (the same model)")
+    report.compare("trainable parameters", results["trainable_parameters"], None, f"of {results['parameters']:,}")
+    report.compare("training time (s)", results["train_time_s"], None,
+                   f"{results['steps']} steps of {config.batch_size} pairs, max_length {config.max_length}")
+    steps = run.metrics("step")
+    if steps:
+        line_plot(run.plots / "dpo_loss.png", {"training": ([r["step"] for r in steps], [r["loss"] for r in steps])},
+                  "DPO loss per step", "step", "loss")
+        report.image("Training loss", run.plots / "dpo_loss.png", run.path)
+    if (run.plots / "learning_curves.png").exists():
+        report.image("Learning curves (validation loss and accuracy per epoch)", run.plots / "learning_curves.png",
+                     run.path)
+    rows = [(a["instruction"][:160].replace("\n", " "), a["before"][:300].replace("\n", " "),
+             a["after"][:300].replace("\n", " ")) for a in results["answers"]]
+    report.table(f"Held-out instructions ({USER_ORIENTED_SOURCE}), answered before and after (greedy)",
+                 ["instruction", "before", "after"], rows)
+    report.text("Model", f"`{config.model}` in the {config.format} format; the run's `model/` folder loads with "
+                         "`torchbook.load`, `torchbook generate --chat` and transformers"
+                + ("; `adapter/` holds the LoRA adapter in PEFT's format." if config.lora else "."))
+    report.write(run.path, time.time() - started)
+
+
+def evaluate(run_dir: RunDir | str | Path) -> dict[str, Any]:
+    """Reload a finished run's model and measure the test pairs' DPO loss, margin and accuracy again (against the
+    reference model the run started from)."""
+    run = RunDir.open(run_dir)
+    config = run.load_config(Config)
+    loaded = torchbook.load(run.path)
+    reference = load_chat_model(config.model, config.seed)
+    splits, _ = load_pairs(config.data)
+    max_length = min(config.max_length, loaded.model.config.max_len)
+    test = PairData(splits["test"][: config.eval_pairs or None], loaded.tokenizer, loaded.meta, config.format,
+                    max_length)
+    pad_id = loaded.tokenizer.token_to_id(loaded.meta.get("eos_token") or "") or 0
+    add_reference_logps(reference.model, test, max(1, config.batch_size), pad_id)
+    return implicit_rewards(loaded.model, test, max(1, config.batch_size), pad_id, config.beta)
+
+
+RECIPE = Recipe(NAME, "15", "Direct preference optimization (DPO) of a chat model on HH-RLHF pairs, full or LoRA",
+                Config, run, evaluate)
