@@ -143,12 +143,22 @@ def test_chat_dpo_smoke_run_lowers_the_loss_and_chats(tmp_path) -> None:  # type
     assert chat_dpo.evaluate(run.path)["loss"] == pytest.approx(after["loss"], abs=1e-4)
 
 
-def test_chat_rlhf_smoke_resumes_exactly(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_chat_rlhf_smoke_run_chats(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run = chat_rlhf.run(build_config(chat_rlhf.Config, "smoke"), tmp_path / "run")
+    results = json.loads((run.path / "results.json").read_text())
+    assert results["updates"] == 2 and math.isfinite(results["after"]["kl"]) and results["after"]["kl"] != 0
+    assert [r["update"] for r in run.metrics("update")] == [1, 2]
+    assert (run.path / "plots" / "reward.png").exists() and (run.path / "plots" / "kl.png").exists()
+    loaded = torchbook.load(run.path)  # what `torchbook generate --chat` does with the folder
+    assert loaded.meta["chat_template"] and answer(loaded.model, loaded, [[{"role": "user", "content": "Hi"}]],
+                                                   "template", 4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_chat_rlhf_resumes_exactly(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     config = build_config(chat_rlhf.Config, "smoke", ["checkpoint_every=1"])
     whole = chat_rlhf.run(config, tmp_path / "whole")
-    results = json.loads((whole.path / "results.json").read_text())
-    assert results["updates"] == 2 and math.isfinite(results["after"]["kl"])
-    assert (whole.path / "plots" / "reward.png").exists() and torchbook.load(whole.path).meta["chat_template"]
     calls = []
     original = chat_rlhf.ppo_update
 
@@ -163,6 +173,7 @@ def test_chat_rlhf_smoke_resumes_exactly(tmp_path, monkeypatch) -> None:  # type
         chat_rlhf.run(build_config(chat_rlhf.Config, "smoke", ["checkpoint_every=1"]), tmp_path / "resumed")
     monkeypatch.setattr(chat_rlhf, "ppo_update", original)
     resumed = chat_rlhf.run(build_config(chat_rlhf.Config, "smoke", ["checkpoint_every=1"]), tmp_path / "resumed")
+    assert [r["update"] for r in resumed.metrics("update")] == [1, 2]
     a, b = torchbook.load(whole.path).model.state_dict(), torchbook.load(resumed.path).model.state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
@@ -179,11 +190,12 @@ def test_settings_are_checked() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_quick_dpo_on_smollm2_learns_the_training_pairs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_quick_dpo_on_smollm2_moves_toward_the_chosen_answers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Measured (13.6 min wall on a busy machine): test loss 0.6931 -> 0.6879, margin 0 -> 0.020, accuracy 28/48."""
     run = chat_dpo.run(build_config(chat_dpo.Config, "quick", ["progress=false"]), tmp_path / "run")
     results = json.loads((run.path / "results.json").read_text())
-    assert results["train_loss"] < math.log(2)
-    assert results["kl_after"]["kl"] > 0
+    assert results["test_after"]["loss"] < results["test_before"]["loss"] and results["test_after"]["margin"] > 0
+    assert results["train_after"]["margin"] > 0 and results["kl_after"]["kl"] > 0
 
 
 @pytest.mark.slow

@@ -138,13 +138,14 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     trainer.fit()
     model.cpu()
     after = implicit_rewards(model, data["test"], eval_batch, pad_id, config.beta)
+    train_after = implicit_rewards(model, data["train"], eval_batch, pad_id, config.beta)
     kl = sampled_kl(model, reference, loaded, kl_prompts, config.format, config.kl_tokens, config.seed)
     if config.lora:
         save_adapter(model, run.path / "adapter", base_model=config.model)
         merge_lora(model)
     answers_after = answer(model, loaded, questions, config.format, config.answer_tokens)
     save_chat_model(model, run.model_dir, loaded)
-    results = {"test_before": before, "test_after": after, "kl_after": kl, "train_loss": trainer.train_loss(),
+    results = {"test_before": before, "test_after": after, "train_after": train_after, "kl_after": kl, "train_loss": trainer.train_loss(),
                "train_time_s": trainer.train_time, "steps": trainer.global_step, "train_pairs": len(data["train"]),
                "parameters": total_params, "trainable_parameters": trainable,
                "answers": [{"instruction": q[0]["content"], "before": b, "after": a}
@@ -175,6 +176,9 @@ def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str
     report.compare("test reward margin after", after["margin"], None, "")
     report.compare("test preference accuracy before", before["accuracy"], None, "0 at the reference (all margins 0)")
     report.compare("test preference accuracy after", after["accuracy"], None, "chosen reward strictly higher")
+    report.compare("training pairs' accuracy after", results["train_after"]["accuracy"], None,
+                   f"{results['train_after']['pairs']} pairs, margin {results['train_after']['margin']:.4f}: "
+                   "what the model learned of the pairs it saw")
     report.compare("KL to the reference after (nats per answer)", results["kl_after"]["kl"], None,
                    f"{results['kl_after']['answers']} sampled answers of up to {config.kl_tokens} tokens; "
                    "0 before (the same model)")

@@ -171,6 +171,13 @@ class PairData(Dataset[PairExample]):
                 self.examples.append(PairExample(c_ids, c_labels, r_ids, r_labels))
         self.dropped = len(pairs) - len(self.examples)
 
+    @classmethod
+    def of(cls, examples: list[PairExample]) -> PairData:
+        """Already encoded examples (benchmarks)."""
+        data = cls([], None, {})
+        data.examples = examples
+        return data
+
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -529,7 +536,7 @@ def ppo_update(policy: GPT, value_head: ValueHead, optimizer: torch.optim.Optimi
                generator: torch.Generator) -> dict[str, float]:
     """PPO epochs over the rollout's answers (`rl.ppo.ppo_loss` on their tokens), advantages whitened per minibatch."""
     device = next(policy.parameters()).device
-    policy.train()
+    policy.eval()  # dropout off: the ratio compares the policy with itself before the update (as TRL's PPO does)
     n = len(batch.inputs)
     counted = batch.labels != IGNORE
     row_of = counted.nonzero()[:, 0]  # the row of each flat answer token
