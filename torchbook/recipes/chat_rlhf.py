@@ -116,7 +116,8 @@ class Config:
         # "love": the rule reward, the book's role tags, 32-token answers, under 3 minutes of training.
         "quick": {"model": PRETRAINED, "format": "book", "word": "love", "prompts": "self-instruct",
                   "max_prompt_tokens": 48, "max_new_tokens": 32, "updates": 40, "batch_size": 16, "lr": 3e-4,
-                  "kl_coef": 0.02, "kl_target": 8.0, "eval_prompts": 64, "answers": 2, "answer_tokens": 32,
+                  "kl_coef": 0.1, "kl_target": 10.0, "kl_horizon": 1000, "eval_prompts": 64, "answers": 2,
+                  "answer_tokens": 32,
                   "time_budget_s": 170.0},
         # SmolLM2 against a reward-model run (`reward=runs/reward-model/<id>`): 100 updates of 16 answers of up to
         # 48 tokens, lr 1e-5, full fine-tuning (hours on 2 cores, not run here); resumable.

@@ -198,8 +198,14 @@ def prompt_text(messages: Conversation, meta: dict[str, Any], fmt: str) -> str:
 
 
 def answer(model: GPT, loaded: Loaded, questions: list[Conversation], fmt: str, max_tokens: int) -> list[str]:
-    """Greedy answers to the first user turn of each conversation."""
-    prompts = [prompt_text(q[:1], loaded.meta, fmt) for q in questions]
+    """Greedy answers to the first user turn of each conversation (a prompt longer than the model's positions leave
+    room for is cut from its start)."""
+    room = max(1, model.config.max_len - max_tokens)
+    prompts = []
+    for q in questions:
+        text = prompt_text(q[:1], loaded.meta, fmt)
+        ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
+        prompts.append(text if len(ids) <= room else loaded.tokenizer.decode(ids[-room:], skip_special_tokens=False))
     stop = ["\n\nHuman:"] if fmt == "book" else []
     completions = generate_text(model.eval(), loaded.tokenizer, prompts, max_tokens, SamplingConfig(temperature=0.0),
                                 end_ids=loaded.meta["end_token_ids"], stop=stop, add_special_tokens=False)
