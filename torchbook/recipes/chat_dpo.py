@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,17 +33,19 @@ from torchbook.nn.lora import apply_lora, merge_lora
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
-from torchbook.train.config import TrainConfig
 from torchbook.train.preference import (
     PairData,
+    PairTrainingConfig,
     add_reference_logps,
     dpo_step,
     implicit_rewards,
     load_pairs,
+    pad_id_of,
     pair_collate,
+    pair_splits,
     sampled_kl,
 )
-from torchbook.train.sft import DEFAULT_MODEL, FORMATS, TINY, answer, load_chat_model, save_chat_model
+from torchbook.train.sft import TINY, answer, load_chat_model, save_chat_model
 from torchbook.train.trainer import Trainer
 
 NAME = "chat-dpo"
@@ -51,32 +53,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Config(TrainConfig):
-    model: str = DEFAULT_MODEL  # smollm2, tiny, or a path / Hub id torchbook.load reads (a chat-sft run)
-    data: str = "hh"  # hh (HH-RLHF harmless-base) or a .jsonl file of prompt/chosen/rejected
-    format: str = "template"  # template (the checkpoint's chat template) or book ("Human: ...\n\nAssistant: ...")
+class Config(PairTrainingConfig):
     beta: float = 0.1  # the book's
-    max_length: int = 512  # tokens per answer with its dialogue (longer: the dialogue's start is cut)
-    limit: int = 0  # train on the first `limit` pairs only (0: all)
-    eval_pairs: int = 0  # validation and test pairs measured (0: all)
     kl_prompts: int = 16  # test prompts whose sampled answers estimate the KL to the reference after training
     kl_tokens: int = 48
     answers: int = 4  # user-oriented instructions answered before and after (greedy)
     answer_tokens: int = 96
-    lora: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["*.attn.q_proj", "*.attn.k_proj", "*.attn.v_proj",
-                                                              "*.attn.out_proj"])
-    epochs: int = 1
     batch_size: int = 4  # pairs per step
     lr: float = 5e-6
-    optimizer: str = "adamw"
-    schedule: str = "constant"
-    grad_clip: float = 1.0
-    restore_best: bool = False
-    log_every: int = 1
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {"model": TINY, "limit": 16, "eval_pairs": 8, "max_length": 64, "answers": 2, "answer_tokens": 8,
@@ -92,15 +76,8 @@ class Config(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.format not in FORMATS:
-            raise UserInputError(f"format={self.format!r}; accepted: {', '.join(FORMATS)}", param="format")
         if self.beta <= 0:
             raise UserInputError(f"beta={self.beta} must be > 0", param="beta")
-        if self.max_length < 16:
-            raise UserInputError(f"max_length={self.max_length} must be at least 16", param="max_length")
-        if self.lora and (self.lora_rank < 1 or self.lora_alpha <= 0):
-            raise UserInputError(f"lora_rank={self.lora_rank} must be >= 1 and lora_alpha={self.lora_alpha} > 0",
-                                 param="lora_rank")
 
 
 def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
@@ -109,23 +86,13 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     run = RunDir.start(run_dir, NAME, config)
     loaded = load_chat_model(config.model, config.seed)
     model: GPT = loaded.model
-    max_length = min(config.max_length, model.config.max_len)
-    splits, source = load_pairs(config.data)
-    train_pairs = splits["train"][: config.limit] if config.limit else splits["train"]
-    cut = slice(0, config.eval_pairs or None)
-    data = {"train": PairData(train_pairs, loaded.tokenizer, loaded.meta, config.format, max_length),
-            "validation": PairData(splits["validation"][cut], loaded.tokenizer, loaded.meta, config.format, max_length),
-            "test": PairData(splits["test"][cut], loaded.tokenizer, loaded.meta, config.format, max_length)}
-    if not len(data["train"]) or not len(data["test"]):
-        raise UserInputError("no training or test pair left after encoding", param="data")
-    run.write_json("split.json", {name: {"pairs": len(d), "cut_to_max_length": d.cut, "dropped": d.dropped}
-                                  for name, d in data.items()} | {"source": source, "max_length": max_length})
-    pad_id = loaded.tokenizer.token_to_id(loaded.meta.get("eos_token") or "") or 0
+    data, test_pairs, source = pair_splits(config, loaded, run)
+    pad_id = pad_id_of(loaded.tokenizer, loaded.meta)
     eval_batch = max(1, config.batch_size)
     for part in data.values():  # the reference: the model before training
         add_reference_logps(model, part, eval_batch, pad_id)
     questions = load_user_oriented()[: config.answers]
-    kl_prompts = [p.prompt for p in splits["test"][: config.kl_prompts]]
+    kl_prompts = [p.prompt for p in test_pairs[: config.kl_prompts]]
     before = implicit_rewards(model, data["test"], eval_batch, pad_id, config.beta)
     answers_before = answer(model, loaded, questions, config.format, config.answer_tokens)
     total_params = sum(p.numel() for p in model.parameters())
@@ -214,7 +181,7 @@ def evaluate(run_dir: RunDir | str | Path) -> dict[str, Any]:
     max_length = min(config.max_length, loaded.model.config.max_len)
     test = PairData(splits["test"][: config.eval_pairs or None], loaded.tokenizer, loaded.meta, config.format,
                     max_length)
-    pad_id = loaded.tokenizer.token_to_id(loaded.meta.get("eos_token") or "") or 0
+    pad_id = pad_id_of(loaded.tokenizer, loaded.meta)
     add_reference_logps(reference.model, test, max(1, config.batch_size), pad_id)
     return implicit_rewards(loaded.model, test, max(1, config.batch_size), pad_id, config.beta)
 

@@ -54,6 +54,7 @@ from torchbook.train.preference import (
     adapters_off,
     labelled_logps,
     load_pairs,
+    pad_id_of,
     pair_collate,
     ppo_update,
     prompt_ids,
@@ -173,7 +174,7 @@ def model_scorer(path: str) -> Scorer:
         raise UserInputError(f"reward={path!r} is not a reward-model run", param="reward")
     reward_model, meta = loaded.model.eval(), reward_meta(loaded.meta)
     fmt = meta["extra"].get("format", "template")
-    pad_id = loaded.tokenizer.token_to_id(meta.get("eos_token") or "") or 0
+    pad_id = pad_id_of(loaded.tokenizer, meta)
 
     @torch.no_grad()
     def score(prompts: list[Conversation], texts: list[str]) -> torch.Tensor:

@@ -15,29 +15,30 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torchbook
-from torchbook.errors import UserInputError
 from torchbook.hub import save_model
 from torchbook.nn.lora import apply_lora, merge_lora
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
-from torchbook.train.config import TrainConfig
 from torchbook.train.preference import (
     PairData,
+    PairTrainingConfig,
     RewardModel,
     accuracy_summary,
     load_pairs,
+    pad_id_of,
     pair_collate,
+    pair_splits,
     reward_margins,
     reward_meta,
     reward_step,
 )
-from torchbook.train.sft import DEFAULT_MODEL, FORMATS, TINY, load_chat_model
+from torchbook.train.sft import TINY, load_chat_model
 from torchbook.train.trainer import Trainer
 
 NAME = "reward-model"
@@ -45,27 +46,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Config(TrainConfig):
-    model: str = DEFAULT_MODEL  # smollm2, tiny, or a path / Hub id torchbook.load reads
-    data: str = "hh"  # hh (HH-RLHF harmless-base) or a .jsonl file of prompt/chosen/rejected
-    format: str = "template"  # template (the checkpoint's chat template) or book ("Human: ...\n\nAssistant: ...")
-    max_length: int = 512  # tokens per answer with its dialogue (longer: the dialogue's start is cut)
-    limit: int = 0  # train on the first `limit` pairs only (0: all)
-    eval_pairs: int = 0  # validation and test pairs measured (0: all)
-    lora: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["*.attn.q_proj", "*.attn.k_proj", "*.attn.v_proj",
-                                                              "*.attn.out_proj"])
-    epochs: int = 1
+class Config(PairTrainingConfig):
     batch_size: int = 8  # pairs per step
     lr: float = 1e-5
-    optimizer: str = "adamw"
-    schedule: str = "constant"
-    grad_clip: float = 1.0
-    restore_best: bool = False
-    log_every: int = 1
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": {"model": TINY, "limit": 16, "eval_pairs": 16, "max_length": 64, "batch_size": 4, "lr": 1e-3,
@@ -78,16 +61,6 @@ class Config(TrainConfig):
         "book": {"checkpoint_every": 10},
     }
 
-    def validate(self) -> None:
-        super().validate()
-        if self.format not in FORMATS:
-            raise UserInputError(f"format={self.format!r}; accepted: {', '.join(FORMATS)}", param="format")
-        if self.max_length < 16:
-            raise UserInputError(f"max_length={self.max_length} must be at least 16", param="max_length")
-        if self.lora and (self.lora_rank < 1 or self.lora_alpha <= 0):
-            raise UserInputError(f"lora_rank={self.lora_rank} must be >= 1 and lora_alpha={self.lora_alpha} > 0",
-                                 param="lora_rank")
-
 
 def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     started = time.time()
@@ -95,18 +68,8 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     run = RunDir.start(run_dir, NAME, config)
     loaded = load_chat_model(config.model, config.seed)
     model = RewardModel.from_backbone(loaded.model)
-    max_length = min(config.max_length, model.config.max_len)
-    splits, source = load_pairs(config.data)
-    train_pairs = splits["train"][: config.limit] if config.limit else splits["train"]
-    cut = slice(0, config.eval_pairs or None)
-    data = {"train": PairData(train_pairs, loaded.tokenizer, loaded.meta, config.format, max_length),
-            "validation": PairData(splits["validation"][cut], loaded.tokenizer, loaded.meta, config.format, max_length),
-            "test": PairData(splits["test"][cut], loaded.tokenizer, loaded.meta, config.format, max_length)}
-    if not len(data["train"]) or not len(data["test"]):
-        raise UserInputError("no training or test pair left after encoding", param="data")
-    run.write_json("split.json", {name: {"pairs": len(d), "cut_to_max_length": d.cut, "dropped": d.dropped}
-                                  for name, d in data.items()} | {"source": source, "max_length": max_length})
-    pad_id = loaded.tokenizer.token_to_id(loaded.meta.get("eos_token") or "") or 0
+    data, _, source = pair_splits(config, loaded, run)
+    pad_id = pad_id_of(loaded.tokenizer, loaded.meta)
     eval_batch = max(1, config.batch_size)
     total_params = sum(p.numel() for p in model.parameters())
     if config.lora:
@@ -149,9 +112,9 @@ def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str
     report = Report("A reward model for RLHF", NAME, "15", source)
     how = f"LoRA rank {config.lora_rank} and the head" if config.lora else "full fine-tuning"
     test, before = results["test"], results["test_before"]
-    report.compare("test preference accuracy before (untrained head)", before["accuracy"], 0.5,
-                   f"{before['correct']}/{before['pairs']}; 0.5: a coin (the book prints no accuracy)")
-    report.compare("test preference accuracy after", test["accuracy"], 0.5,
+    report.compare("test preference accuracy before (untrained head)", before["accuracy"], None,
+                   f"{before['correct']}/{before['pairs']}; the baseline is a coin's 0.5 (the book prints no accuracy)")
+    report.compare("test preference accuracy after", test["accuracy"], None,
                    f"{test['correct']}/{test['pairs']}, 95% interval {test['low']:.3f}-{test['high']:.3f}; {how}")
     report.compare("one-sided binomial p-value against 0.5", test["p_value"], None,
                    "below 0.01: better than chance at the 1% level" if test["p_value"] < 0.01 else
@@ -185,7 +148,7 @@ def evaluate(run_dir: RunDir | str | Path) -> dict[str, Any]:
     splits, _ = load_pairs(config.data)
     test = PairData(splits["test"][: config.eval_pairs or None], loaded.tokenizer, reward_meta(loaded.meta),
                     config.format, min(config.max_length, loaded.model.config.max_len))
-    pad_id = loaded.tokenizer.token_to_id(loaded.meta["extra"].get("eos_token") or "") or 0
+    pad_id = pad_id_of(loaded.tokenizer, reward_meta(loaded.meta))
     margins = reward_margins(loaded.model, test, max(1, config.batch_size), pad_id)
     return accuracy_summary(int((margins > 0).sum()), len(margins))
 

@@ -25,7 +25,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,9 @@ from torchbook.generate.serving import Engine, Request
 from torchbook.models.gpt import GPT, GPTConfig
 from torchbook.nn.lora import lora_layers
 from torchbook.rl.ppo import gae, ppo_loss
-from torchbook.train.sft import IGNORE, encode_conversation, labels_for, prompt_text
+from torchbook.runs import RunDir
+from torchbook.train.config import TrainConfig
+from torchbook.train.sft import DEFAULT_MODEL, FORMATS, IGNORE, encode_conversation, labels_for, prompt_text
 from torchbook.train.trainer import Step
 
 ASSISTANT = "\n\nAssistant:"
@@ -202,6 +204,62 @@ def pair_collate(pad_id: int) -> Callable[[list[PairExample]], tuple[Tensor, Ten
         return inputs, labels, lengths, ref
 
     return collate
+
+
+@dataclass
+class PairTrainingConfig(TrainConfig):
+    """The settings `reward-model` and `chat-dpo` share: the model, the pairs, their encoding and LoRA."""
+
+    model: str = DEFAULT_MODEL  # smollm2, tiny, or a path / Hub id torchbook.load reads (a chat-sft run)
+    data: str = "hh"  # hh (HH-RLHF harmless-base) or a .jsonl file of prompt/chosen/rejected
+    format: str = "template"  # template (the checkpoint's chat template) or book ("Human: ...\n\nAssistant: ...")
+    max_length: int = 512  # tokens per answer with its dialogue (longer: the dialogue's start is cut)
+    limit: int = 0  # train on the first `limit` pairs only (0: all)
+    eval_pairs: int = 0  # validation and test pairs measured (0: all)
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["*.attn.q_proj", "*.attn.k_proj", "*.attn.v_proj",
+                                                              "*.attn.out_proj"])
+    epochs: int = 1
+    optimizer: str = "adamw"
+    schedule: str = "constant"
+    grad_clip: float = 1.0
+    restore_best: bool = False
+    log_every: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.format not in FORMATS:
+            raise UserInputError(f"format={self.format!r}; accepted: {', '.join(FORMATS)}", param="format")
+        if self.max_length < 16:
+            raise UserInputError(f"max_length={self.max_length} must be at least 16", param="max_length")
+        if self.lora and (self.lora_rank < 1 or self.lora_alpha <= 0):
+            raise UserInputError(f"lora_rank={self.lora_rank} must be >= 1 and lora_alpha={self.lora_alpha} > 0",
+                                 param="lora_rank")
+
+
+def pair_splits(config: PairTrainingConfig, loaded: Any, run: RunDir) -> tuple[dict[str, PairData], list[Pair], str]:
+    """The encoded train / validation / test pairs (the first `limit` and `eval_pairs`), written to `split.json`;
+    the test part's raw pairs; the data's source line."""
+    max_length = min(config.max_length, loaded.model.config.max_len)
+    splits, source = load_pairs(config.data)
+    cut = slice(0, config.eval_pairs or None)
+    chosen = {"train": splits["train"][: config.limit or None], "validation": splits["validation"][cut],
+              "test": splits["test"][cut]}
+    data = {name: PairData(pairs, loaded.tokenizer, loaded.meta, config.format, max_length)
+            for name, pairs in chosen.items()}
+    if not len(data["train"]) or not len(data["test"]):
+        raise UserInputError("no training or test pair left after encoding", param="data")
+    run.write_json("split.json", {name: {"pairs": len(d), "cut_to_max_length": d.cut, "dropped": d.dropped}
+                                  for name, d in data.items()} | {"source": source, "max_length": max_length})
+    return data, splits["test"], source
+
+
+def pad_id_of(tokenizer: Any, meta: dict[str, Any]) -> int:
+    """The id padding uses: the end-of-sequence token's (never read: right padding, causal attention)."""
+    return int(tokenizer.token_to_id(meta.get("eos_token") or "") or 0)
 
 
 # -- log-probabilities and DPO --------------------------------------------------------------------------------------
