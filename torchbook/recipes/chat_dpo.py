@@ -34,6 +34,7 @@ from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
 from torchbook.train.preference import (
+    PairAccuracy,
     PairData,
     PairTrainingConfig,
     add_reference_logps,
@@ -101,7 +102,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
         apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer = Trainer(model, config, run, data["train"], data["validation"], step=dpo_step(config.beta),
-                      collate_fn=pair_collate(pad_id), metrics={"accuracy": accuracy_metric})
+                      collate_fn=pair_collate(pad_id), metrics={"accuracy": PairAccuracy})
     trainer.fit()
     model.cpu()
     after = implicit_rewards(model, data["test"], eval_batch, pad_id, config.beta)
@@ -122,12 +123,6 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
             margin_before=before["margin"], margin_after=after["margin"], kl_after=kl["kl"])
     report_run(run, config, results, source, started)
     return run
-
-
-def accuracy_metric() -> Any:
-    import torchmetrics  # heavy; the recipe module is imported by `torchbook list`
-
-    return torchmetrics.classification.BinaryAccuracy()
 
 
 def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str, started: float) -> None:

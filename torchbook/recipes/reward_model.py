@@ -26,6 +26,7 @@ from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
 from torchbook.train.preference import (
+    PairAccuracy,
     PairData,
     PairTrainingConfig,
     RewardModel,
@@ -78,7 +79,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = reward_margins(model, data["test"], eval_batch, pad_id)
     trainer = Trainer(model, config, run, data["train"], data["validation"], step=reward_step,
-                      collate_fn=pair_collate(pad_id), metrics={"accuracy": accuracy_metric})
+                      collate_fn=pair_collate(pad_id), metrics={"accuracy": PairAccuracy})
     trainer.fit()
     model.cpu()
     if config.lora:
@@ -97,12 +98,6 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     run.log(kind="eval", test_accuracy=results["test"]["accuracy"], p_value=results["test"]["p_value"])
     report_run(run, config, results, source, started, margins.tolist())
     return run
-
-
-def accuracy_metric() -> Any:
-    import torchmetrics  # heavy; the recipe module is imported by `torchbook list`
-
-    return torchmetrics.classification.BinaryAccuracy()
 
 
 def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str, started: float,

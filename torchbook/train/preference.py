@@ -334,6 +334,24 @@ def dpo_step(beta: float) -> Callable[[nn.Module, Any], Step]:
     return step
 
 
+class PairAccuracy:
+    """The share of pairs a step's `preds` (1: chosen scored higher) got right; the trainer's metric interface
+    (`to`, `update`, `compute`) without importing torchmetrics for one mean."""
+
+    def __init__(self) -> None:
+        self.right, self.total = 0, 0
+
+    def to(self, device: Any) -> PairAccuracy:
+        return self
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.right += int((preds == target).sum())
+        self.total += len(target)
+
+    def compute(self) -> float:
+        return self.right / max(self.total, 1)
+
+
 @torch.no_grad()
 def pair_logps(model: nn.Module, data: PairData, batch_size: int, pad_id: int,
                device: torch.device | None = None) -> tuple[Tensor, Tensor]:

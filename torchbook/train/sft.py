@@ -11,6 +11,8 @@ the model must learn to emit). Tokens are labelled by their character offsets in
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,11 +171,19 @@ def pack_collate(pad_id: int, length: int) -> Any:
 
 
 # -- the chat model that SFT and preference tuning start from ------------------------------------------------------
+@functools.cache
+def _chat_tokenizer() -> tuple[Any, dict[str, Any], Path]:
+    """SmolLM2's tokenizer and meta, read once per process (parsing the GGUF file's vocabulary takes seconds)."""
+    loaded = load_gguf_tokenizer(default_chat_model())
+    return loaded.tokenizer, loaded.meta, Path(str(loaded.path))
+
+
 def load_chat_model(name: str, seed: int = 0) -> Loaded:
     """The model to fine-tune (float weights) with its tokenizer and meta: `smollm2`, `tiny` (a random 2-layer
     Llama-shaped model with SmolLM2's tokenizer and chat template, for smoke runs), or anything `load` reads."""
     if name == TINY:  # SmolLM2's tokenizer and chat template, without reading its weights
-        loaded = load_gguf_tokenizer(default_chat_model())
+        tokenizer, meta, path = _chat_tokenizer()
+        loaded = Loaded(model=None, tokenizer=tokenizer, path=path, meta=copy.deepcopy(meta))
         torch.manual_seed(seed)
         loaded.model = GPT(GPTConfig(vocab_size=loaded.tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2,
                                      d_model=64, d_ff=128, max_len=1024, norm="rmsnorm", mlp="swiglu",
