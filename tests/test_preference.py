@@ -35,6 +35,19 @@ def test_hh_pairs_split_three_ways_as_sft_does() -> None:
     assert pair.prompt[-1]["role"] == "user" and pair.chosen != pair.rejected
 
 
+def test_anthropic_data_offline_says_what_to_use(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise LocalEntryNotFoundError("cannot reach the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(torchbook.errors.DataUnavailable, match="use data=hh") as error:
+        preference.load_pairs("anthropic")
+    assert error.value.param == "data" and "Anthropic/hh-rlhf" in str(error.value)
+
+
 def trl_rows(pairs: list[preference.Pair]) -> list[dict[str, object]]:
     return [{"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
              "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs]

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 
 from torchbook.data.instructions import HH_SOURCE, Conversation, hh_prompt, hh_split, load_hh, parse_hh
-from torchbook.errors import UserInputError
+from torchbook.errors import DataUnavailable, UserInputError
 from torchbook.generate import SamplingConfig
 from torchbook.generate.serving import Engine, Request
 from torchbook.models.gpt import GPT, GPTConfig
@@ -116,9 +116,35 @@ def load_jsonl_pairs(path: str | Path) -> list[tuple[Pair, str]]:
     return pairs
 
 
+ANTHROPIC_REPO = "Anthropic/hh-rlhf"  # the book's dataset: every part, train and test files (~170k dialogues)
+ANTHROPIC_FILES = [f"{part}/{name}.jsonl.gz" for part in ("harmless-base", "helpful-base", "helpful-online",
+                                                           "helpful-rejection-sampled") for name in ("train", "test")]
+ANTHROPIC_SOURCE = ("Anthropic HH-RLHF (MIT), all of Anthropic/hh-rlhf on the Hugging Face Hub (the book's), re-split "
+                    "by a hash of the dialogue (test: hh_split)")
+
+
+def load_anthropic_hh() -> list[dict[str, str]]:
+    """Every record of the book's `Anthropic/hh-rlhf` (online, or huggingface_hub's cache); offline and not cached:
+    `DataUnavailable` naming the offline alternative."""
+    from huggingface_hub import hf_hub_download  # optional and slow to import: only data=anthropic needs it
+
+    records: list[dict[str, str]] = []
+    for name in ANTHROPIC_FILES:
+        try:
+            path = hf_hub_download(ANTHROPIC_REPO, name, repo_type="dataset")
+        except Exception as error:  # offline or unreachable, and not in the cache
+            reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+            raise DataUnavailable(f"{ANTHROPIC_REPO}/{name} cannot be downloaded ({reason}); offline, use data=hh "
+                                  "(its harmless-base test file, in the shared data mirror)", param="data") from None
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            records.extend(json.loads(line) for line in f if line.strip())
+    return records
+
+
 def load_pairs(data: str) -> tuple[dict[str, list[Pair]], str]:
     """The preference pairs of every split ("train", "validation", "test") and their source line. `data`: "hh" (the
-    HH-RLHF harmless-base file of the shared data) or a .jsonl file of prompt/chosen/rejected."""
+    HH-RLHF harmless-base test file of the shared data), "anthropic" (all of the book's Anthropic/hh-rlhf, online)
+    or a .jsonl file of prompt/chosen/rejected."""
     splits: dict[str, list[Pair]] = {name: [] for name in SPLITS}
     if data == "hh":
         for record in load_hh("all"):
@@ -126,11 +152,18 @@ def load_pairs(data: str) -> tuple[dict[str, list[Pair]], str]:
             if pair is not None:
                 splits[split_of(hh_prompt(record), record)].append(pair)
         return splits, HH_SOURCE + "; split by a hash of the dialogue (test: hh_split, the SFT recipe's)"
+    if data == "anthropic":
+        for record in load_anthropic_hh():
+            pair = hh_pair(record)
+            if pair is not None:
+                splits[split_of(hh_prompt(record), record)].append(pair)
+        return splits, ANTHROPIC_SOURCE
     if data.endswith((".jsonl", ".jsonl.gz")):
         for pair, split in load_jsonl_pairs(data):
             splits[split].append(pair)
         return splits, f"preference pairs from {data}"
-    raise UserInputError(f"data={data!r}; accepted: hh or a .jsonl file of prompt/chosen/rejected", param="data")
+    raise UserInputError(f"data={data!r}; accepted: hh, anthropic (online) or a .jsonl file of prompt/chosen/rejected",
+                         param="data")
 
 
 @dataclass
@@ -211,7 +244,7 @@ class PairTrainingConfig(TrainConfig):
     """The settings `reward-model` and `chat-dpo` share: the model, the pairs, their encoding and LoRA."""
 
     model: str = DEFAULT_MODEL  # smollm2, tiny, or a path / Hub id torchbook.load reads (a chat-sft run)
-    data: str = "hh"  # hh (HH-RLHF harmless-base) or a .jsonl file of prompt/chosen/rejected
+    data: str = "hh"  # hh (HH-RLHF harmless-base test file), anthropic (all of it, online) or a .jsonl file
     format: str = "template"  # template (the checkpoint's chat template) or book ("Human: ...\n\nAssistant: ...")
     max_length: int = 512  # tokens per answer with its dialogue (longer: the dialogue's start is cut)
     limit: int = 0  # train on the first `limit` pairs only (0: all)
