@@ -131,6 +131,28 @@ def test_rlhf_rewards_and_advantages_follow_the_definitions() -> None:
     assert batch.kl.abs().max() < 1e-6  # type: ignore[union-attr]
 
 
+def test_reward_model_equals_transformers_sequence_classification(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Our reward on right-padded rows = transformers' LlamaForSequenceClassification (one label) on the same
+    weights, which also scores each row's last non-padding token."""
+    from transformers import AutoModelForSequenceClassification
+
+    loaded = load_chat_model(TINY, seed=4)
+    model = preference.RewardModel.from_backbone(loaded.model).eval()
+    save_chat_model(model.backbone, tmp_path / "rm", loaded)
+    pad = preference.pad_id_of(loaded.tokenizer, loaded.meta)
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", num_labels=1, pad_token_id=pad).eval()
+    with torch.no_grad():
+        hf.score.weight.copy_(model.score.weight)
+    pairs, _ = preference.load_pairs("hh")
+    data = PairData(pairs["test"][:3], loaded.tokenizer, loaded.meta, "template", 0)
+    inputs, _, lengths, _ = pair_collate(pad)(data.examples)
+    assert len(set(lengths.tolist())) > 1  # rows of different lengths: padding matters
+    with torch.no_grad():
+        ours = model(inputs, lengths)
+        theirs = hf(inputs, attention_mask=(torch.arange(inputs.size(1))[None] < lengths[:, None]).long()).logits
+    torch.testing.assert_close(ours, theirs[:, 0], atol=1e-4, rtol=1e-4)
+
+
 def test_reward_model_smoke_run_reloads(tmp_path) -> None:  # type: ignore[no-untyped-def]
     run = reward_model.run(build_config(reward_model.Config, "smoke"), tmp_path / "run")
     results = json.loads((run.path / "results.json").read_text())
