@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torchbook
 from torchbook.data.instructions import USER_ORIENTED_SOURCE, load_user_oriented
+from torchbook.devices import device_of
 from torchbook.errors import UserInputError
 from torchbook.hub.peft import save_adapter
 from torchbook.models.gpt import GPT
@@ -158,13 +159,14 @@ def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str
     report.write(run.path, time.time() - started)
 
 
-def evaluate(run_dir: RunDir | str | Path) -> dict[str, Any]:
+def evaluate(run_dir: RunDir | str | Path, device: str = "auto") -> dict[str, Any]:
     """Reload a finished run's model and measure the test pairs' DPO loss, margin and accuracy again (against the
     reference model the run started from)."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=device)
     reference = load_chat_model(config.model, config.seed)
+    reference.model.to(device_of(loaded.model))
     splits, _ = load_pairs(config.data)
     max_length = min(config.max_length, loaded.model.config.max_len)
     test = PairData(splits["test"][: config.eval_pairs or None], loaded.tokenizer, loaded.meta, config.format,

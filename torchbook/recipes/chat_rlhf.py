@@ -39,6 +39,7 @@ from torchbook.data.instructions import (
     load_seed_tasks,
     load_user_oriented,
 )
+from torchbook.devices import device_of
 from torchbook.errors import UserInputError
 from torchbook.hub.peft import save_adapter
 from torchbook.models.gpt import GPT
@@ -356,12 +357,13 @@ def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str
     report.write(run.path, time.time() - started)
 
 
-def evaluate(run_dir: RunDir | str | Path) -> dict[str, Any]:
+def evaluate(run_dir: RunDir | str | Path, device: str = "auto") -> dict[str, Any]:
     """Reload a finished run's policy and measure the mean reward and KL on the evaluation prompts again."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=device)
     reference = load_chat_model(run.read_json("results.json")["base_model"], config.seed).model.float().eval()
+    reference.to(device_of(loaded.model))
     scorer = rule_scorer(config.word) if config.reward == "rule" else model_scorer(config.reward)
     _, eval_prompts, _ = training_prompts(config)
     return measure(loaded.model.float(), reference, loaded, eval_prompts, scorer, config)

@@ -129,11 +129,11 @@ def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str
     report.write(run.path, time.time() - started)
 
 
-def evaluate(run_dir: RunDir | str | Path) -> dict[str, Any]:
+def evaluate(run_dir: RunDir | str | Path, device: str = "auto") -> dict[str, Any]:
     """Reload a finished run's reward model and measure its test accuracy again."""
     run = RunDir.open(run_dir)
     config = run.load_config(Config)
-    loaded = torchbook.load(run.path)
+    loaded = torchbook.load(run.path, map_location=device)
     splits, _ = load_pairs(config.data)
     test = PairData(splits["test"][: config.eval_pairs or None], loaded.tokenizer, reward_meta(loaded.meta),
                     config.format, min(config.max_length, loaded.model.config.max_len))
