@@ -35,9 +35,10 @@ MAX_LEN = 1024
 
 
 def tiny_model_folder(folder: Path) -> Path:
-    """A random 2-layer Llama-style GPT over a 2,000-token BPE vocabulary learned from this repository's README
-    (no end-of-turn token: it writes until max_tokens), saved with its tokenizer."""
-    text = (ROOT / "README.md").read_text().splitlines() + (ROOT / "docs" / "DEVELOPING.md").read_text().splitlines()
+    """A random 2-layer Llama-style GPT over a 2,000-token BPE vocabulary learned from the GPL-3's text (Debian's
+    common-licenses: a text that does not change with this repository; no end-of-turn token: it writes until
+    max_tokens), saved with its tokenizer."""
+    text = Path("/usr/share/common-licenses/GPL-3").read_text().splitlines()
     tokenizer = train_bpe(text, vocab_size=2000, prepend_space=False)
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
