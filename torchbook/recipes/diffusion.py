@@ -78,7 +78,7 @@ class Config(TrainConfig):
         "smoke": {"data": "digits", "epochs": 1, "limit": 256, "val_limit": 64, "block_out_channels": [16, 32],
                   "layers_per_block": 1, "ddim_steps": 5, "samples_per_class": 1, "batch_size": 32, "fd_samples": 64},
         "quick": {"epochs": 1, "limit": 9600, "val_limit": 1000, "block_out_channels": [16, 32, 64],
-                  "layers_per_block": 1, "lr": 2e-3, "samples_per_class": 4, "fd_samples": 200},
+                  "layers_per_block": 1, "lr": 2e-3, "ema_decay": 0.995, "samples_per_class": 4, "fd_samples": 200},
         "book": {"ddpm_samples": 16},
     }
 
@@ -324,7 +324,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     report.text("Verdict", f"The U-Net ({results['parameters']:,} parameters, {trainer.global_step} optimizer steps "
                            f"on {len(prep.splits['train']):,} images) {verdict} the per-pixel Gaussian denoiser "
                            f"on validation ({losses['denoising_loss']:.4f} vs {losses['gaussian_baseline_loss']:.4f}).")
-    report.table("Where the time goes: CPU seconds of this process (all threads; the wall-clock time below also counts "
+    report.table("Where the time goes: CPU seconds of this process (all threads; the wall-clock time above also counts "
                  "waiting for a loaded machine)", ["phase", "CPU s"],
                  [[k, f"{v:.1f}"] for k, v in cpu.laps.items()] + [["total", f"{sum(cpu.laps.values()):.1f}"]])
     report.table("Data split", ["split", "images"], [[k, len(v)] for k, v in prep.splits.items()])
