@@ -18,6 +18,8 @@ from torchbook.diffusion.schedulers import DDIM, DDPM, cosine_schedule  # noqa: 
 from torchbook.errors import UserInputError  # noqa: E402
 from torchbook.models.unet import UNet, UNetConfig  # noqa: E402
 from torchbook.recipes import diffusion  # noqa: E402
+from torchbook.train import TrainConfig, Trainer  # noqa: E402
+from torchbook.train.generative import EMAModel, EMAUpdate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 T = 4000
@@ -155,6 +157,33 @@ def test_classifier_free_guidance_combines_conditional_and_unconditional_noise()
         assert torch.allclose(guided_noise(model, x, 500, None, 3.0), free, atol=1e-6)
 
 
+def test_ema_model_averages_the_trained_weights_and_is_left_alone_by_the_optimizer():
+    """EMAModel through the one trainer: after every optimizer step ema = k ema + (1 - k) w with the warm-up
+    k = min(decay, (1 + n) / (10 + n)), computed here by hand from the recorded weights; the average gets no update
+    from the optimizer itself and the state dict (the checkpoints) carries it."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    model = EMAModel(net, decay=0.5)
+    expected = [p.detach().clone() for p in net.parameters()]
+
+    class Record:
+        def on_step_end(self, trainer, loss):  # runs after EMAUpdate: the weights that update() just averaged
+            k = min(0.5, (1 + len(seen) + 1) / (10 + len(seen) + 1))
+            seen.append(k)
+            for e, p in zip(expected, net.parameters(), strict=True):
+                e.mul_(k).add_((1 - k) * p.detach())
+
+    seen: list[float] = []
+    x = torch.randn(64, 3)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    config = TrainConfig(epochs=2, batch_size=8, lr=0.1, optimizer="sgd", progress=False)
+    Trainer(model, config, None, data, criterion=torch.nn.MSELoss(), callbacks=[EMAUpdate(), Record()]).fit()
+    assert len(seen) == 16 and int(model.updates) == 16 and seen[0] == 2 / 11 and seen[-1] == 0.5
+    for e, a, p in zip(expected, model.ema.parameters(), net.parameters(), strict=True):
+        assert torch.allclose(a, e, atol=1e-6) and not torch.allclose(a, p, atol=1e-3) and not a.requires_grad
+    assert {"ema.weight", "ema.bias", "updates"} <= set(model.state_dict())
+
+
 def test_diffusion_smoke_run_reloads_and_samples(tmp_path):
     run = diffusion.run(build_config(diffusion.Config, preset="smoke"), tmp_path / "run")
     for name in ("config.json", "metrics.jsonl", "split.json", "report.md", "results.json", "model/model.safetensors",
@@ -163,6 +192,9 @@ def test_diffusion_smoke_run_reloads_and_samples(tmp_path):
     results = json.loads((run.path / "results.json").read_text())
     assert diffusion.evaluate(run.path)["denoising_loss"] == pytest.approx(results["denoising_loss"], rel=1e-5)
     assert results["denoising_loss"] < results["zero_noise_baseline_loss"]
+    cpu = results["cpu_seconds"]  # where the time goes, per phase (the quick preset's profile in docs/generative.md)
+    assert cpu["training"] > 0 and any(k.startswith("Fréchet samples (64 images") for k in cpu)
+    assert "Where the time goes" in (run.path / "report.md").read_text()
     loaded = torchbook.load(run.path)
     assert isinstance(loaded.model, UNet) and loaded.recipe == "diffusion"
     config = run.load_config(diffusion.Config)

@@ -16,6 +16,7 @@ Data: Fashion-MNIST (the last 5,000 training images validate); offline alternati
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -37,7 +38,7 @@ from torchbook.report import Report
 from torchbook.runs import RunDir
 from torchbook.train import TrainConfig, Trainer
 from torchbook.train.frechet import feature_extractor, frechet_distance
-from torchbook.train.generative import LOSSES, denoising_step, noise_loss, to_model_scale
+from torchbook.train.generative import LOSSES, EMAModel, EMAUpdate, denoising_step, noise_loss, to_model_scale
 
 NAME = "diffusion"
 BOOK_T, BOOK_S, BOOK_DDIM_STEPS, BOOK_ETA = 4000, 0.008, 50, 0.85
@@ -56,6 +57,7 @@ class Config(TrainConfig):
     layers_per_block: int = 2
     norm_num_groups: int = 8
     dropout: float = 0.0
+    ema_decay: float = 0.0  # > 0: evaluate, sample and save an exponential moving average of the weights
     sampler: str = "book"  # book or diffusers (see torchbook.diffusion.schedulers)
     ddim_steps: int = BOOK_DDIM_STEPS
     eta: float = BOOK_ETA
@@ -76,7 +78,7 @@ class Config(TrainConfig):
         "smoke": {"data": "digits", "epochs": 1, "limit": 256, "val_limit": 64, "block_out_channels": [16, 32],
                   "layers_per_block": 1, "ddim_steps": 5, "samples_per_class": 1, "batch_size": 32, "fd_samples": 64},
         "quick": {"epochs": 1, "limit": 9600, "val_limit": 1000, "block_out_channels": [16, 32, 64],
-                  "layers_per_block": 1, "lr": 2e-3, "samples_per_class": 4, "fd_samples": 200},
+                  "layers_per_block": 1, "lr": 2e-3, "ema_decay": 0.995, "samples_per_class": 4, "fd_samples": 200},
         "book": {"ddpm_samples": 16},
     }
 
@@ -90,6 +92,8 @@ class Config(TrainConfig):
             raise UserInputError(f"ddim_steps={self.ddim_steps} must be between 1 and timesteps={self.timesteps}")
         if not 0 <= self.p_uncond <= 1:
             raise UserInputError(f"p_uncond={self.p_uncond} must be a probability")
+        if not 0 <= self.ema_decay < 1:
+            raise UserInputError(f"ema_decay={self.ema_decay} must be in [0, 1) (0: no average)")
         if not 0 <= self.attention_stages <= len(self.block_out_channels):
             raise UserInputError(f"attention_stages={self.attention_stages} must be between 0 and "
                                  f"{len(self.block_out_channels)} (the number of stages)")
@@ -207,6 +211,20 @@ def generate(model: UNet, config: Config, n: int, steps: int | None = None, eta:
     return to_images(x)
 
 
+class CpuClock:
+    """CPU seconds of this process (`time.process_time`, all threads) spent in each phase of a run: unlike the
+    wall-clock time, it does not grow when other processes share the cores."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.last = time.process_time()
+
+    def lap(self, phase: str) -> None:
+        now = time.process_time()
+        self.laps[phase] = round(now - self.last, 2)
+        self.last = now
+
+
 def forward_process_plot(path: Path, image: np.ndarray, schedule: VarianceSchedule, seed: int) -> None:
     """One image noised in one jump at several steps t (the forward process of equation 18-7)."""
     from torchbook.plots import image_grid
@@ -230,6 +248,7 @@ def schedule_plot(path: Path, schedule: VarianceSchedule) -> None:
 
 def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     run = RunDir.start(run_dir, NAME, config)
+    cpu = CpuClock()
     prep = prepare(config)
     data = prep.data
     report = Report(f"Diffusion model (DDPM/DDIM) on {data.name}", NAME, "18", data.source)
@@ -237,16 +256,22 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     image_shape = tuple(data.images.shape[1:])
     schedule = schedule_of(config)
     torch.manual_seed(config.seed)
-    model = UNet(unet_config(config, image_shape, len(data.classes)))  # type: ignore[arg-type]
-    step = denoising_step(schedule.alphas_cumprod, config.loss, config.p_uncond, null_class(model))
-    trainer = Trainer(model, config, run, prep.train, prep.val, step=step)
+    unet = UNet(unet_config(config, image_shape, len(data.classes)))  # type: ignore[arg-type]
+    step = denoising_step(schedule.alphas_cumprod, config.loss, config.p_uncond, null_class(unet))
+    trained: torch.nn.Module = EMAModel(unet, config.ema_decay) if config.ema_decay else unet
+    trainer = Trainer(trained, config, run, prep.train, prep.val, step=step,
+                      callbacks=[EMAUpdate()] if config.ema_decay else [])
+    cpu.lap("data and setup")
     trainer.fit()
+    cpu.lap("training")
+    model: UNet = trainer.model.ema if isinstance(trainer.model, EMAModel) else trainer.model  # type: ignore[assignment]
     model.cpu().eval()
     save_model(model, run.model_dir, extra={"classes": data.classes, "image_shape": list(image_shape)})
 
     losses = denoising_loss(model, prep.val, schedule, config.loss, pixel_stats(prep.train), seed=config.seed)
     results: dict[str, Any] = {**losses, "dataset": data.name, "parameters": sum(p.numel() for p in model.parameters()),
                                "train_images": len(prep.splits["train"]), "optimizer_steps": trainer.global_step}
+    cpu.lap("validation losses")
     n_classes = len(data.classes)
     per_class = config.samples_per_class
     if config.conditional:
@@ -261,20 +286,26 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     what = f"DDIM ({config.sampler} mode), {config.ddim_steps} steps, eta {config.eta}"
     guidance = f", guidance {config.guidance}" if config.conditional else ""
     image_grid(run.plots / "samples_ddim.png", grid, ncols=per_class, row_labels=row_labels, title=what + guidance)
+    cpu.lap(f"sample grid ({len(grid)} images, {config.ddim_steps} DDIM steps)")
     if config.ddpm_samples:
         ddpm = generate(model, config, config.ddpm_samples, ddpm=True, seed=config.seed)
         image_grid(run.plots / "samples_ddpm.png", ddpm, ncols=8, title=f"DDPM, all {schedule.num_steps} steps")
+        cpu.lap(f"DDPM samples ({config.ddpm_samples} images, {schedule.num_steps} steps)")
     if config.fd_samples:
         n_fd = min(config.fd_samples, len(prep.test_images))
         fd_images = generate(model, config, n_fd, guidance=config.fd_guidance, seed=config.seed + 1)
+        cpu.lap(f"Fréchet samples ({n_fd} images, {config.ddim_steps} DDIM steps)")
         extractor = feature_extractor(data.images[prep.classifier_train], data.labels[prep.classifier_train],
                                       n_classes, config.seed, data.name)
         results["frechet_distance"] = frechet_distance(extractor, prep.test_images[:n_fd], fd_images)
         results["frechet_samples"] = n_fd
+        cpu.lap("Fréchet classifier (cached after the first run) and distance")
         report.compare(f"Fréchet distance, {n_fd} DDIM samples vs {n_fd} test images", results["frechet_distance"],
                        None, f"classifier features, not Inception's; guidance {config.fd_guidance}; lower is better")
     forward_process_plot(run.plots / "forward_process.png", data.images[prep.splits["val"][0]], schedule, config.seed)
     schedule_plot(run.plots / "schedule.png", schedule)
+    cpu.lap("plots")
+    results["cpu_seconds"] = cpu.laps
     run.write_json("results.json", results)
     run.log(kind="eval", **results)
 
@@ -286,10 +317,16 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     report.compare("T, s (equation 18-7)", f"{config.timesteps}, {config.cosine_s}", f"{BOOK_T}, {BOOK_S}")
     report.compare("DDIM steps, eta", f"{config.ddim_steps}, {config.eta}", f"{BOOK_DDIM_STEPS}, {BOOK_ETA}",
                    "the book's generate_ddim defaults; its figure uses 500 steps")
+    if config.ema_decay:
+        report.text("Weights", f"Losses and samples use the exponential moving average of the weights (decay "
+                               f"{config.ema_decay}); the learning curves show the trained weights themselves.")
     verdict = "beats" if losses["denoising_loss"] < losses["gaussian_baseline_loss"] else "does NOT beat"
     report.text("Verdict", f"The U-Net ({results['parameters']:,} parameters, {trainer.global_step} optimizer steps "
                            f"on {len(prep.splits['train']):,} images) {verdict} the per-pixel Gaussian denoiser "
                            f"on validation ({losses['denoising_loss']:.4f} vs {losses['gaussian_baseline_loss']:.4f}).")
+    report.table("Where the time goes: CPU seconds of this process (all threads; the wall-clock time above also counts "
+                 "waiting for a loaded machine)", ["phase", "CPU s"],
+                 [[k, f"{v:.1f}"] for k, v in cpu.laps.items()] + [["total", f"{sum(cpu.laps.values()):.1f}"]])
     report.table("Data split", ["split", "images"], [[k, len(v)] for k, v in prep.splits.items()])
     report.image("Learning curves", run.plots / "learning_curves.png", run.path)
     report.image("Samples: " + what + guidance, run.plots / "samples_ddim.png", run.path)

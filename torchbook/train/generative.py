@@ -11,6 +11,7 @@ same t and noise as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -61,6 +62,46 @@ def denoising_step(alphas_cumprod: Tensor, loss: str = "huber", p_uncond: float 
         return Step(noise_loss(pred, noise, loss), count=len(x0))
 
     return step
+
+
+class EMAModel(nn.Module):
+    """A model beside an exponential moving average of its weights, the copy DDPM samples with (Ho et al., 2020).
+
+    `forward` runs the trained model; `update()` (after each optimizer step: the `EMAUpdate` callback) moves the
+    average towards it: ema = k ema + (1 - k) weights, k = min(decay, (1 + n) / (10 + n)) after n updates (the
+    warm-up of diffusers' `EMAModel`, so that a short run is not dominated by its random initial weights). The
+    average is a frozen submodule, so the trainer's optimizer leaves it alone and its checkpoints carry it (exact
+    resume)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        if not 0 < decay < 1:
+            raise ValueError(f"decay={decay} must be between 0 and 1")
+        self.model = model
+        self.ema = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
+        self.updates: Tensor
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates.add_(1)
+        n = int(self.updates)
+        k = min(self.decay, (1 + n) / (10 + n))
+        for average, weight in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            average.lerp_(weight, 1 - k)
+        for average_buffer, buffer in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+            average_buffer.copy_(buffer)
+
+
+class EMAUpdate:
+    """Trainer callback: `update()` the `EMAModel` being trained after every optimizer step."""
+
+    def on_step_end(self, trainer: Any, loss: Any) -> None:
+        trainer.model.update()
 
 
 def kl_sparsity(codings: Tensor, target: float) -> Tensor:
