@@ -9,7 +9,14 @@ SmolLM2's GGUF takes most of a minute here). Ours trains through the one Trainer
 counted); PEFT's model through a plain AdamW loop on `model(input_ids, labels=...).loss`. Both use AdamW on the
 trainable parameters, LoRA rank 8, alpha 16 on the attention projections (q, k, v, o). Printed per setting: peak
 RSS (GB), tokens/s (after one warm-up step), and the gradient + AdamW-state bytes of the trainable parameters.
-PEFT's QLoRA needs bitsandbytes' CUDA kernels and TRL is not installed: neither is measured on this CPU machine.
+PEFT's QLoRA needs bitsandbytes' CUDA kernels: not measured on this CPU machine.
+
+DPO (chapter 15) against TRL's `DPOTrainer`, `--settings ours:dpo,ours:dpo-lora,trl:dpo,trl:dpo-lora`: `--batch`
+pairs per step, each a prompt of seq/2 tokens and two answers of seq/2 (a chosen and a rejected row of `--seq`
+tokens, with the end token), the same token ids on both sides (words of one token each in SmolLM2's vocabulary,
+tokenized by the same tokenizer.json). Ours trains through the Trainer with `dpo_step`, TRL through its trainer;
+both with the reference log-probabilities computed before training (TRL's `precompute_ref_log_probs=True`; not
+timed), so a step is one forward and backward of the policy on 2 x batch rows. Tokens/s counts the rows' tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, max_len=8192,
@@ -30,8 +38,144 @@ SHAPES = {
 TARGETS_OURS = ["*.attn.q_proj", "*.attn.k_proj", "*.attn.v_proj", "*.attn.out_proj"]
 
 
+WORDS = [" the", " cat", " sat", " on", " a", " mat", " and", " dog", " ran", " to", " house", " with", " red",
+         " door", " in", " big", " city", " of", " light", " day"]  # one SmolLM2 token each
+
+
+def dpo_texts(args: argparse.Namespace) -> list[dict[str, str]]:
+    """(steps + 1) x batch pairs of random one-token words: prompt seq/2 - 1 words, answers seq/2 words."""
+    import random
+
+    rng = random.Random(0)
+    half = args.seq // 2
+
+    def words(n: int) -> str:
+        return "".join(rng.choice(WORDS) for _ in range(n))
+
+    return [{"prompt": words(half), "chosen": words(half - 1), "rejected": words(half - 1)}
+            for _ in range(args.batch * (args.steps + 1))]
+
+
+def tokenizer_folder() -> str:
+    """SmolLM2's tokenizer as a Hugging Face folder (tokenizer.json + tokenizer_config.json), made once."""
+    import tempfile
+    from pathlib import Path
+
+    from torchbook.hub.gguf import default_chat_model
+    from torchbook.hub.loading import load_gguf_tokenizer
+    from torchbook.io import atomic_write_json
+
+    folder = Path(tempfile.gettempdir()) / "torchbook-bench-smollm2-tokenizer"
+    if not (folder / "tokenizer_config.json").exists():
+        loaded = load_gguf_tokenizer(default_chat_model())
+        folder.mkdir(exist_ok=True)
+        loaded.tokenizer.save(str(folder / "tokenizer.json"))
+        atomic_write_json(folder / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                             "eos_token": loaded.meta["eos_token"],
+                                                             "pad_token": loaded.meta["eos_token"]})
+    return str(folder)
+
+
+def dpo_child(args: argparse.Namespace) -> dict[str, object]:
+    import torch
+
+    from torchbook.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    texts = dpo_texts(args)
+    lora = args.mode == "dpo-lora"
+    times: list[float] = []
+    tokens = 0
+    if args.impl == "ours":
+        from tokenizers import Tokenizer
+
+        from torchbook.nn.lora import apply_lora
+        from torchbook.train.config import TrainConfig
+        from torchbook.train.preference import PairData, PairExample, add_reference_logps, dpo_step, pair_collate
+        from torchbook.train.trainer import Trainer
+
+        model = GPT(GPTConfig(**SHAPES[args.shape]))  # type: ignore[arg-type]
+        tokenizer = Tokenizer.from_file(args.tokenizer + "/tokenizer.json")
+        eos: int = tokenizer.token_to_id("<|im_end|>")  # type: ignore[assignment]
+
+        def ids(text: str) -> list[int]:
+            return list(tokenizer.encode(text, add_special_tokens=False).ids)
+
+        examples = []
+        for t in texts:
+            prompt = ids(t["prompt"])
+            sides = [ids(t[side]) + [eos] for side in ("chosen", "rejected")]
+            (c_ids, c_labels), (r_ids, r_labels) = [(prompt + s, [-100] * (len(prompt) - 1) + s + [-100]) for s in sides]
+            examples.append(PairExample(c_ids, c_labels, r_ids, r_labels))
+        data = PairData.of(examples)
+        add_reference_logps(model, data, args.batch, eos)
+        if lora:
+            apply_lora(model, 8, 16.0, 0.0, TARGETS_OURS)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        config = TrainConfig(epochs=1, batch_size=args.batch, lr=1e-4, optimizer="adamw", device="cpu",
+                             progress=False, max_steps=args.steps + 1, restore_best=False, log_every=0,
+                             activation_checkpointing=args.checkpointing == "on")
+        trainer = Trainer(model, config, None, data, step=dpo_step(0.1), collate_fn=pair_collate(eos))
+
+        class Clock:
+            def on_step_end(self, trainer: Trainer, loss: float) -> None:
+                times.append(time.perf_counter())
+
+        trainer.callbacks.append(Clock())
+        trainer.fit()
+        tokens = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples[args.batch:])
+    else:
+        from datasets import Dataset
+        from peft import LoraConfig
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+        from trl import DPOConfig, DPOTrainer
+
+        from torchbook.hub.hf import hf_config_dict
+
+        hf_config = hf_config_dict(GPTConfig(**SHAPES[args.shape]))  # type: ignore[arg-type]
+        kind = hf_config.pop("model_type")
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **hf_config))
+        hf_tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        dpo_args = DPOConfig(output_dir=tempfile_dir(), beta=0.1, per_device_train_batch_size=args.batch,
+                             max_steps=args.steps + 1, learning_rate=1e-4, lr_scheduler_type="constant",
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, bf16=False,
+                             max_length=None, precompute_ref_log_probs=True, dataloader_num_workers=0,
+                             gradient_checkpointing=args.checkpointing == "on")
+        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]) if lora else None
+        dpo_trainer: Any = DPOTrainer(model=hf, args=dpo_args, train_dataset=Dataset.from_list(texts),
+                             processing_class=hf_tokenizer, peft_config=peft_config)
+
+        class TrlClock(TrainerCallback):  # type: ignore[misc]
+            def on_step_end(self, *a: object, **k: object) -> None:
+                times.append(time.perf_counter())
+
+        dpo_trainer.add_callback(TrlClock())
+        dpo_trainer.train()
+        trainable = [p for p in dpo_trainer.model.parameters() if p.requires_grad]
+        tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                     for r in list(dpo_trainer.train_dataset)[args.batch:])
+    n_trainable = sum(p.numel() for p in trainable)
+    seconds = times[-1] - times[0]
+    return {"shape": args.shape, "impl": args.impl, "mode": args.mode, "checkpointing": args.checkpointing,
+            "batch": args.batch, "seq": args.seq, "timed_steps": args.steps,
+            "tokens_per_s": tokens / seconds,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "trainable": n_trainable, "grad_and_adam_gb": n_trainable * 4 * 3 / 2**30}
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="torchbook-bench-trl-")
+
+
 def child(args: argparse.Namespace) -> dict[str, object]:
     import torch
+
+    if args.mode.startswith("dpo"):
+        return dpo_child(args)
 
     from torchbook.models.gpt import GPT, GPTConfig
 
@@ -113,17 +257,19 @@ def main() -> None:
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args)))
         return
+    tokenizer = tokenizer_folder() if "dpo" in args.settings else ""
     for shape in args.shapes.split(","):
         for checkpointing in args.checkpointing.split(","):
             for setting in args.settings.split(","):
                 impl, mode = setting.split(":")
                 command = [sys.executable, __file__, "--child", "--shape", shape, "--impl", impl, "--mode", mode,
                            "--checkpointing", checkpointing, "--batch", str(args.batch), "--seq", str(args.seq),
-                           "--steps", str(args.steps), "--threads", str(args.threads)]
+                           "--steps", str(args.steps), "--threads", str(args.threads), "--tokenizer", tokenizer]
                 out = subprocess.run(command, capture_output=True, text=True)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:

