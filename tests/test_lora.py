@@ -3,16 +3,23 @@ the frozen int4 base, gradient checkpointing."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from torchbook.hub.hf import save_hf
 from torchbook.hub.peft import load_adapter, save_adapter
 from torchbook.models.gpt import GPT, GPTConfig
 from torchbook.nn.lora import LoRALinear, apply_lora, lora_layers, lora_state_dict, merge_lora
 from torchbook.nn.quantized import Int4Linear
+from torchbook.train.config import TrainConfig
 from torchbook.train.speed import enable_activation_checkpointing
+from torchbook.train.steps import sft_step
+from torchbook.train.trainer import Trainer
 
 TARGETS = ["*.attn.q_proj", "*.attn.v_proj", "*.mlp.*"]
 
@@ -173,21 +180,12 @@ def test_freed_activations_leave_the_process_with_checkpointing_on_cpu() -> None
     """What set a LoRA step's peak RSS (docs/benchmarks.md): freed activation buffers kept in glibc's heap. With
     `return_freed_buffers` (the trainer's, when checkpointing on CPU) freed 4 MB buffers leave the
     process; without it they stay (measured: 400 MB of 100 freed 4 MB buffers stay)."""
-    import subprocess
-    import sys
-
     kept = {mode: float(subprocess.run([sys.executable, "-c", FRAGMENT, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("default", "fixed")}
     assert kept["default"] > 200 and kept["fixed"] < 20, kept
 
 
 def test_a_lora_step_with_checkpointing_keeps_no_gradient_on_frozen_weights() -> None:
-    from torch.utils.data import TensorDataset
-
-    from torchbook.train.config import TrainConfig
-    from torchbook.train.steps import sft_step
-    from torchbook.train.trainer import Trainer
-
     model = tiny_llama()
     apply_lora(model, rank=4, alpha=8, targets=TARGETS)
     tokens = torch.randint(0, 96, (4, 12))
