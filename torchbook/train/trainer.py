@@ -39,7 +39,7 @@ from torchbook.train.callbacks import TensorBoardLogger, active_extra_callbacks
 from torchbook.train.config import TrainConfig, monitor_mode
 from torchbook.train.optim import PER_EPOCH_SCHEDULES, build_optimizer, build_scheduler
 from torchbook.train.regularization import add_penalty_gradients, apply_max_norm, mc_dropout
-from torchbook.train.speed import Compiled, enable_activation_checkpointing
+from torchbook.train.speed import Compiled, enable_activation_checkpointing, return_freed_buffers
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,8 @@ class Trainer:
         if config.activation_checkpointing:
             inner = self.train_module.module if self.dist.mode == "ddp" else self.train_module
             enable_activation_checkpointing(inner)  # type: ignore[arg-type]
+            if self.device.type == "cpu":  # what checkpointing frees must leave the process (speed.py)
+                return_freed_buffers()
         self.forward_module: Any = Compiled(self.train_module) if config.compile else self.train_module
         self.fitting = False
         # Reading the loss back every step stalls a GPU; on CUDA it is read when a log, a checkpoint, the progress
