@@ -44,6 +44,7 @@ from torchbook.train.preference import (
     pad_id_of,
     pair_collate,
     pair_splits,
+    report_training,
     sampled_kl,
 )
 from torchbook.train.sft import TINY, answer, load_chat_model, save_chat_model
@@ -126,7 +127,6 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
 
 
 def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str, started: float) -> None:
-    from torchbook.plots import line_plot  # matplotlib: imported when a report is drawn
 
     report = Report("Preference tuning with DPO", NAME, "15", source)
     how = f"LoRA rank {config.lora_rank}" if config.lora else "full fine-tuning"
@@ -144,14 +144,7 @@ def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str
     report.compare("KL to the reference after (nats per answer)", results["kl_after"]["kl"], None,
                    f"{results['kl_after']['answers']} sampled answers of up to {config.kl_tokens} tokens; "
                    "0 before (the same model)")
-    report.compare("trainable parameters", results["trainable_parameters"], None, f"of {results['parameters']:,}")
-    report.compare("training time (s)", results["train_time_s"], None,
-                   f"{results['steps']} steps of {config.batch_size} pairs, max_length {config.max_length}")
-    steps = run.metrics("step")
-    if steps:
-        line_plot(run.plots / "dpo_loss.png", {"training": ([r["step"] for r in steps], [r["loss"] for r in steps])},
-                  "DPO loss per step", "step", "loss")
-        report.image("Training loss", run.plots / "dpo_loss.png", run.path)
+    report_training(report, run, config, results, "DPO loss")
     if (run.plots / "learning_curves.png").exists():
         report.image("Learning curves (validation loss and accuracy per epoch)", run.plots / "learning_curves.png",
                      run.path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from tqdm import tqdm
 
 import torchbook
 from torchbook.checkpoint import load_latest, save_checkpoint
@@ -269,6 +271,8 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
             log.info("resumed at update %d", first)
     end_ids = loaded.meta["end_token_ids"]
     update = first
+    bar = tqdm(total=config.updates, initial=first, desc="PPO updates", disable=None if config.progress else True,
+               leave=False, file=sys.stderr)
     for update in range(first, config.updates):
         tick = time.perf_counter()
         torch.manual_seed(config.seed * 100_003 + update)
@@ -285,6 +289,8 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
         run.log(kind="update", update=update + 1, reward=scores.mean().item(), kl=kl, kl_coef=controller.value,
                 answer_tokens=int((batch.labels != IGNORE).sum()) / len(rows), **stats)
         controller.update(kl, len(rows))
+        bar.update(1)
+        bar.set_postfix(reward=f"{scores.mean().item():.3f}", kl=f"{kl:.2f}")
         train_time += time.perf_counter() - tick
         done = update + 1
         budget_out = bool(config.time_budget_s and train_time >= config.time_budget_s)
@@ -296,6 +302,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
         if budget_out:
             log.info("time budget reached after %d updates", done)
             break
+    bar.close()
     after = measure(policy, reference, loaded, eval_prompts, scorer, config)
     policy.cpu()
     if config.lora:

@@ -35,6 +35,7 @@ from torchbook.train.preference import (
     pad_id_of,
     pair_collate,
     pair_splits,
+    report_training,
     reward_margins,
     reward_meta,
     reward_step,
@@ -115,14 +116,7 @@ def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str
                    "below 0.01: better than chance at the 1% level" if test["p_value"] < 0.01 else
                    "not below 0.01: not shown better than chance")
     report.compare("mean test margin r(chosen) - r(rejected)", results["test_mean_margin"], None, "")
-    report.compare("trainable parameters", results["trainable_parameters"], None, f"of {results['parameters']:,}")
-    report.compare("training time (s)", results["train_time_s"], None,
-                   f"{results['steps']} steps of {config.batch_size} pairs, max_length {config.max_length}")
-    steps = run.metrics("step")
-    if steps:
-        line_plot(run.plots / "loss.png", {"training": ([r["step"] for r in steps], [r["loss"] for r in steps])},
-                  "Bradley-Terry loss per step", "step", "loss")
-        report.image("Training loss", run.plots / "loss.png", run.path)
+    report_training(report, run, config, results, "Bradley-Terry loss")
     ordered = sorted(margins)
     line_plot(run.plots / "margins.png", {"test pairs": (list(range(1, len(ordered) + 1)), ordered)},
               "Test margins r(chosen) - r(rejected), sorted (above 0: right)", "pair (sorted)", "margin")

@@ -290,6 +290,20 @@ def pair_splits(config: PairTrainingConfig, loaded: Any, run: RunDir) -> tuple[d
     return data, splits["test"], source
 
 
+def report_training(report: Any, run: RunDir, config: PairTrainingConfig, results: dict[str, Any], loss: str) -> None:
+    """The report rows and plot both pair recipes share: parameters, training time and the loss per step."""
+    from torchbook.plots import line_plot  # matplotlib: imported when a report is drawn
+
+    report.compare("trainable parameters", results["trainable_parameters"], None, f"of {results['parameters']:,}")
+    report.compare("training time (s)", results["train_time_s"], None,
+                   f"{results['steps']} steps of {config.batch_size} pairs, max_length {config.max_length}")
+    steps = run.metrics("step")
+    if steps:
+        line_plot(run.plots / "loss.png", {"training": ([r["step"] for r in steps], [r["loss"] for r in steps])},
+                  f"{loss} per step", "step", "loss")
+        report.image("Training loss", run.plots / "loss.png", run.path)
+
+
 def pad_id_of(tokenizer: Any, meta: dict[str, Any]) -> int:
     """The id padding uses: the end-of-sequence token's (never read: right padding, causal attention)."""
     return int(tokenizer.token_to_id(meta.get("eos_token") or "") or 0)
