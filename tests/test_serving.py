@@ -106,6 +106,20 @@ def test_alone_or_beside_others_joins_and_cancellations(llama: bool) -> None:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
+def test_short_prompts_share_a_steps_prefill_budget() -> None:
+    """`prefill_chunk` is the prompt tokens of one step in all: three prompts of 5, 2 and 9 tokens (16) are all
+    prefilled by the first step of a 16-token budget; with 8, a step prefills 8 and the rest waits."""
+    model = tiny_gpt()
+    ps = prompts()
+    for budget, first_step in ((16, [1, 1, 1]), (8, [1, 1, 0])):
+        engine = Engine(model, slots=3, max_len=96, prefill_chunk=budget)
+        handles = [engine.submit(Request(ps[i], 4, settings(0))) for i in (0, 2, 4)]
+        engine.step()
+        assert [len(h.sequences[0].tokens) for h in handles] == first_step, budget
+        engine.run()
+        assert all(h.result().choices[0].finish_reason == "length" for h in handles)
+
+
 def test_prefix_reuse_equals_a_cold_run() -> None:
     model = tiny_gpt()
     system = prompts()[3]  # a shared "system prompt" of 30 tokens

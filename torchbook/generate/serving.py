@@ -7,8 +7,9 @@
    already holds (an earlier turn of the conversation, a shared system prompt, another of its `n` choices) starts
    from those cached keys and values and prefills only the rest (prefix reuse, as llama.cpp's prompt cache and
    vLLM's prefix caching; the output is the same as a cold run's);
-3. prefills one chunk of at most `prefill_chunk` prompt tokens of one request, so a long prompt never stalls the
-   running requests for more than one chunk's time;
+3. prefills at most `prefill_chunk` prompt tokens in all, oldest request first (several short prompts share a
+   step; a long one is cut into chunks), so a long prompt never stalls the running requests for more than one
+   chunk's time;
 4. decodes one token for every running request together, each row reading only its own cached positions,
    and chooses each row's token with the request's own logits processors and random generator; requests that end
    (an end token, a stop string, `max_tokens`, the cache's `max_len`) leave their slot at once.
@@ -209,7 +210,7 @@ class Engine:
 
     `slots`: requests decoded side by side; `max_len`: positions per slot (prompt + answer; at most the model's
     context); memory `slots * max_len * SlotCache.bytes_per_token(...)`. `max_queue`: requests that may wait.
-    `prefill_chunk`: prompt tokens per step of a long prompt. `prefix_cache`: reuse cached prefixes.
+    `prefill_chunk`: prompt tokens prefilled per step, in all. `prefix_cache`: reuse cached prefixes.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, slots: int = 8, max_len: int = 1024,
@@ -347,7 +348,8 @@ class Engine:
 
     # -- the step -------------------------------------------------------------------------------------------
     def step(self) -> bool:
-        """One scheduling step (evict, admit, one prefill chunk, one decoding step); whether work remains."""
+        """One scheduling step (evict, admit, prefill up to `prefill_chunk` prompt tokens, one decoding step);
+        whether work remains."""
         with self.lock:
             for seq in [*self.waiting, *self.running]:
                 if seq.handle.cancelled:
@@ -357,8 +359,11 @@ class Engine:
                 self._admit(self.waiting.popleft())
         prefilling = [s for s in self.running if s.prefilling]
         decoding = [s for s in self.running if not s.prefilling]
-        if prefilling:
-            self._prefill(prefilling[0])
+        budget = self.prefill_chunk  # prompt tokens per step in all: short prompts share a step, a long one is cut
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            budget -= self._prefill(seq, budget)
         if decoding:
             self._decode(decoding)
         self.steps += 1
@@ -388,15 +393,17 @@ class Engine:
         seq.slot, seq.fed, seq.cached = slot, best_len, best_len
         self.running.append(seq)
 
-    def _prefill(self, seq: _Sequence) -> None:
+    def _prefill(self, seq: _Sequence, budget: int) -> int:
+        """Feed at most `budget` more of `seq`'s prompt; the tokens fed."""
         assert seq.slot is not None
-        chunk = seq.prompt[seq.fed : seq.fed + self.prefill_chunk]
+        chunk = seq.prompt[seq.fed : seq.fed + budget]
         view = self.cache.view([seq.slot], len(chunk))
         logits = self.model.slot_step(torch.tensor([chunk], device=self._device()), view)
         seq.fed += len(chunk)
         self.slot_tokens[seq.slot].extend(chunk)
         if not seq.prefilling:
             self._choose(seq, logits[0])
+        return len(chunk)
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         seqs = sorted(seqs, key=lambda s: s.slot or 0)  # consecutive slots are read in place
