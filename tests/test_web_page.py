@@ -263,6 +263,8 @@ def test_model_output_is_text_never_html(server: Server, browser: Any) -> None:
     browser.screenshots.save("2-html-shown-as-text")
 
 
+@pytest.mark.slow  # chromedriver's click on Stop during a long stream once hung for its 120 s read timeout in CI
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("model", ["scripted", "torchbook-chat"])
 def test_stop_cancels_the_generation_and_frees_the_slot(server: Server, browser: Any, model: str) -> None:
     open_page(browser, server, model=model)
@@ -274,7 +276,7 @@ def test_stop_cancels_the_generation_and_frees_the_slot(server: Server, browser:
     send(browser, "Go on for a long time.")
     wait(lambda: len((last_reply(browser) or {}).get("text", "")) > 300, what="a long reply to start")
     assert server.metric("torchbook_active_slots") == 1
-    browser.find_element("id", "stop").click()
+    js(browser, "document.getElementById('stop').click()")  # a script click: no wait on the busy page
     reply = wait(lambda: finished(browser), what="the stopped reply")
     assert reply["meta"] == "stopped"
     assert browser.find_element("id", "send").is_displayed() and not browser.find_element("id", "stop").is_displayed()
