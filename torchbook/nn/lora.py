@@ -24,6 +24,9 @@ from torch import Tensor, nn
 from torchbook.nn.quantized import Int4Linear
 from torchbook.nn.swap import swap_modules
 
+# The attention projections of torchbook's GPT, LoRA's usual targets (the chat recipes' default).
+ATTENTION_TARGETS = ("*.attn.q_proj", "*.attn.k_proj", "*.attn.v_proj", "*.attn.out_proj")
+
 
 class FrozenInt4(torch.autograd.Function):
     """x W^T for a frozen `Int4Linear` W: the dequantised weight is not saved for backward but rebuilt from the

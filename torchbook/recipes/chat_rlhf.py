@@ -43,7 +43,7 @@ from torchbook.devices import device_of
 from torchbook.errors import UserInputError
 from torchbook.hub.peft import save_adapter
 from torchbook.models.gpt import GPT
-from torchbook.nn.lora import apply_lora, merge_lora
+from torchbook.nn.lora import ATTENTION_TARGETS, apply_lora, merge_lora
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RUNS_ROOT, RunDir
@@ -103,8 +103,7 @@ class Config:
     lora: bool = False
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["*.attn.q_proj", "*.attn.k_proj", "*.attn.v_proj",
-                                                              "*.attn.out_proj"])
+    lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
     checkpoint_every: int = 0  # updates between checkpoints (0: none); resumable when > 0
     keep_checkpoints: int = 2
     time_budget_s: float = 0.0  # stop cleanly after this much training time (0: no limit)

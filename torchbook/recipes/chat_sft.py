@@ -26,7 +26,7 @@ from torchbook.devices import device_of
 from torchbook.errors import CheckpointError, UserInputError
 from torchbook.hub.peft import save_adapter
 from torchbook.models.gpt import GPT
-from torchbook.nn.lora import apply_lora, lora_state_dict, merge_lora
+from torchbook.nn.lora import ATTENTION_TARGETS, apply_lora, lora_state_dict, merge_lora
 from torchbook.recipes import Recipe
 from torchbook.report import Report
 from torchbook.runs import RunDir
@@ -64,8 +64,7 @@ class Config(TrainConfig):
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["*.attn.q_proj", "*.attn.k_proj", "*.attn.v_proj",
-                                                              "*.attn.out_proj"])
+    lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
     qlora: bool = False  # LoRA on int4 base weights (a scale and minimum per 32 inputs, not the book's NF4)
     # The book's settings: batch 4, lr 5e-5, one epoch, max_length 512.
     epochs: int = 1

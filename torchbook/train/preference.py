@@ -40,7 +40,7 @@ from torchbook.errors import DataUnavailable, UserInputError
 from torchbook.generate import SamplingConfig
 from torchbook.generate.serving import Engine, Request
 from torchbook.models.gpt import GPT, GPTConfig
-from torchbook.nn.lora import lora_layers
+from torchbook.nn.lora import ATTENTION_TARGETS, lora_layers
 from torchbook.rl.ppo import gae, ppo_loss
 from torchbook.runs import RunDir
 from torchbook.train.config import TrainConfig
@@ -253,8 +253,7 @@ class PairTrainingConfig(TrainConfig):
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["*.attn.q_proj", "*.attn.k_proj", "*.attn.v_proj",
-                                                              "*.attn.out_proj"])
+    lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
     epochs: int = 1
     optimizer: str = "adamw"
     schedule: str = "constant"
