@@ -36,6 +36,9 @@ def test_smoke_run_folder_loads_everywhere(tmp_path) -> None:  # type: ignore[no
     hf_model = AutoModelForCausalLM.from_pretrained(run.model_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf_model(ids).logits, loaded.model(ids), atol=1e-4, rtol=1e-4)
+    # the special tokens are the tokenizer's own, never transformers' defaults for another vocabulary
+    assert hf_model.config.eos_token_id == hf_tokenizer.convert_tokens_to_ids(loaded.meta["eos_token"])
+    assert hf_model.config.eos_token_id < hf_model.config.vocab_size
     # the PEFT adapter on the base weights gives the merged model's logits
     assert (run.path / "adapter" / "adapter_config.json").exists()
     base = chat_sft.load_base(run.load_config(chat_sft.Config)).model

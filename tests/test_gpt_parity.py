@@ -148,6 +148,12 @@ def test_hugging_face_folders_in_and_out(family, tmp_path):
     back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(tokens).logits, hf(tokens).logits, atol=1e-4, rtol=0)
+    # no special token was given: none is written (transformers' own defaults, GPT-2's 50256 or Llama's 1 and 2, are
+    # ids of other vocabularies: 50256 is past the end of this one's 96)
+    assert back.config.eos_token_id is None and back.config.bos_token_id is None
+    save_hf(ours, tmp_path / "with_ids", bos_token_id=3, eos_token_id=5)
+    config = T.AutoConfig.from_pretrained(tmp_path / "with_ids")
+    assert (config.bos_token_id, config.eos_token_id) == (3, 5)
 
 
 def test_corrupt_hugging_face_folder_is_a_clear_error(tmp_path):

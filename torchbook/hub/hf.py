@@ -186,13 +186,17 @@ def module_name_from_hf(name: str) -> str:
     return f"blocks.{layer}.{ours[rest]}"
 
 
-def hf_config_dict(config: GPTConfig) -> dict[str, Any]:
-    """A transformers config.json for our config (GPT-2 or the Llama family)."""
+def hf_config_dict(config: GPTConfig, bos_token_id: int | None = None,
+                   eos_token_id: int | None = None) -> dict[str, Any]:
+    """A transformers config.json for our config (GPT-2 or the Llama family). The special token ids are written
+    even when unknown (None): left out, transformers fills in GPT-2's 50256 or Llama's 1 and 2, which may not exist
+    in the model's vocabulary."""
+    special = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
     if config.positions == "learned":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
                 "n_embd": config.d_model, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": config.d_ff,
                 "n_positions": config.max_len, "layer_norm_epsilon": config.norm_eps, "activation_function": "gelu_new",
-                "tie_word_embeddings": True}
+                "tie_word_embeddings": True, **special}
     kind = "mixtral" if config.n_experts else "mistral" if config.sliding_window else "qwen2" if config.qkv_bias else "llama"
     out: dict[str, Any] = {
         "model_type": kind, "architectures": [f"{kind.capitalize() if kind != 'qwen2' else 'Qwen2'}ForCausalLM"],
@@ -201,7 +205,7 @@ def hf_config_dict(config: GPTConfig) -> dict[str, Any]:
         "head_dim": config.head_dim or config.d_model // config.n_head, "max_position_embeddings": config.max_len,
         "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
         "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default", **config.rope_scaling},
-        "attention_bias": config.out_bias, "mlp_bias": config.mlp_bias,
+        "attention_bias": config.out_bias, "mlp_bias": config.mlp_bias, **special,
     }
     if config.sliding_window:
         out["sliding_window"] = config.sliding_window
@@ -210,12 +214,14 @@ def hf_config_dict(config: GPTConfig) -> dict[str, Any]:
     return out
 
 
-def save_hf(model: GPT, folder: str | Path, tokenizer: Any = None) -> Path:
-    """Write `model` as a Hugging Face folder (config.json + model.safetensors [+ tokenizer.json])."""
+def save_hf(model: GPT, folder: str | Path, tokenizer: Any = None, bos_token_id: int | None = None,
+            eos_token_id: int | None = None) -> Path:
+    """Write `model` as a Hugging Face folder (config.json + model.safetensors [+ tokenizer.json]); the special
+    token ids go into config.json (None where the model has none)."""
     check_savable(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = hf_config_dict(model.config)
+    config = hf_config_dict(model.config, bos_token_id, eos_token_id)
     tensors = state_dict_to_hf(model, config["model_type"])
     payload = save(tensors, metadata={"format": "pt"})
     atomic_write(folder / "model.safetensors", lambda f: f.write(payload))

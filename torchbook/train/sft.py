@@ -224,8 +224,10 @@ def answer(model: GPT, loaded: Loaded, questions: list[Conversation], fmt: str, 
 
 def save_chat_model(model: GPT, folder: Path, loaded: Loaded) -> None:
     """A Hugging Face folder with the chat template and special tokens beside the weights."""
-    save_hf(model, folder, loaded.tokenizer)
     meta = loaded.meta
+    special = {name: loaded.tokenizer.token_to_id(meta[name]) if meta.get(name) else None
+               for name in ("bos_token", "eos_token")}
+    save_hf(model, folder, loaded.tokenizer, special["bos_token"], special["eos_token"])
     atomic_write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": meta.get("chat_template"),
         "bos_token": meta.get("bos_token"), "eos_token": meta.get("eos_token"),
