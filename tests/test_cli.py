@@ -82,6 +82,23 @@ def test_resume_refuses_another_recipes_run(tmp_path, capsys):
     assert "is a run of 'regression-mlp', not 'image-classifier'" in capsys.readouterr().err
 
 
+def test_resume_may_change_how_a_run_computes_but_not_what_it_learns(tmp_path, monkeypatch, capsys):
+    """After running out of memory a run resumes with activation checkpointing on; its learning settings are fixed."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "image-classifier", "--preset", "smoke", "--run-dir", "r"]) == 0
+    (tmp_path / "r" / "report.md").unlink()  # as if it had been killed before the end
+    assert main(["run", "image-classifier", "--resume", "r", "lr=0.5", "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "only device, num_workers, progress, compile, activation_checkpointing may change" in err
+    assert "drop lr=0.5" in err and "progress" not in err.split("drop")[1]
+    assert main(["run", "image-classifier", "--resume", "r", "activation_checkpointing=true", "progress=false"]) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert config["activation_checkpointing"] is True and config["progress"] is False
+    events = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert {"activation_checkpointing": True, "progress": False} in [e["changed"] for e in events if e["kind"] == "resume"]
+    assert (tmp_path / "r" / "report.md").exists()
+
+
 def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])

@@ -32,6 +32,15 @@ from torchbook.io import (
 )
 
 RUNS_ROOT = Path("runs")
+# Settings that change how a run computes, not what it learns: a resumed run may change them (more memory-frugal
+# activation checkpointing after running out of memory, another device, no progress bar). Everything else must
+# match the run's config.json, or the resumed run would be a different one.
+RESUME_SETTINGS = ("device", "num_workers", "progress", "compile", "activation_checkpointing")
+
+
+def _what_it_learns(record: dict[str, Any]) -> Any:
+    config = {k: v for k, v in record.get("config", {}).items() if k not in RESUME_SETTINGS}
+    return to_jsonable({**record, "config": config})
 
 
 def new_run_id() -> str:
@@ -82,8 +91,11 @@ class RunDir:
                             "empty folder for the run")
         if rd.config_path.exists() and not overwrite:
             old = rd.read_json("config.json")
-            if to_jsonable(old) != to_jsonable(record):
+            if _what_it_learns(old) != _what_it_learns(record):
                 raise RunExists(f"run folder {str(path)!r} already holds a run with another recipe or config")
+            changed = {k: v for k, v in record["config"].items() if old.get("config", {}).get(k) != v}
+            if changed:
+                rd.log(kind="resume", changed=changed)
             if rd.finished:
                 raise RunFinished(f"run folder {str(path)!r} holds a finished run (its report.md is written); "
                                   "nothing to resume")

@@ -77,20 +77,24 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from torchbook.config import build_config, load_config_file
     from torchbook.recipes import get_recipe
-    from torchbook.runs import RunDir
+    from torchbook.runs import RESUME_SETTINGS, RunDir
 
     recipe = get_recipe(args.recipe)
     if args.resume:
         run = RunDir.open(args.resume)
         if run.recipe != recipe.name:
             raise UserInputError(f"{args.resume!r} is a run of {run.recipe!r}, not {recipe.name!r}")
-        if args.overrides or args.preset or args.config:
-            raise UserInputError("--resume continues a run with its own config.json; drop key=value, --preset and --config")
+        if args.preset or args.config:
+            raise UserInputError("--resume continues a run with its own config.json; drop --preset and --config")
+        fixed = [item for item in args.overrides if item.split("=", 1)[0] not in RESUME_SETTINGS]
+        if fixed:
+            raise UserInputError(f"--resume continues a run with its own config.json; only {', '.join(RESUME_SETTINGS)} "
+                                 f"may change (how it computes, not what it learns): drop {' '.join(fixed)}")
         if run.finished:
             print(f"torchbook: {run.path} is a finished run (report.md is written); nothing to resume. "
                   f"Its report: torchbook report {run.path}", file=sys.stderr)
             return 0
-        config: Any = build_config(recipe.config, base=run.config_values())
+        config: Any = build_config(recipe.config, base=run.config_values(), overrides=args.overrides)
     else:
         base = load_config_file(args.config) if args.config else None
         config = build_config(recipe.config, preset=args.preset, overrides=args.overrides, base=base)
@@ -205,7 +209,9 @@ def build_parser() -> Parser:
     p.add_argument("recipe", help="recipe name (see `torchbook list`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, parsed by the field's type")
     p.add_argument("--preset", help=f"named settings: {PRESET_NAMES_DOC}")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last good checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last good checkpoint; key=value may change only "
+                   "device, num_workers, progress, compile and activation_checkpointing (e.g. "
+                   "activation_checkpointing=true after running out of memory)")
     p.add_argument("--config", metavar="FILE", help="start from a config.json written by an earlier run")
     p.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/RECIPE/TIMESTAMP)")
     p.add_argument("--overwrite", action="store_true", help="replace --run-dir if it already holds a run")
