@@ -93,12 +93,13 @@ class RunDir:
             old = rd.read_json("config.json")
             if _what_it_learns(old) != _what_it_learns(record):
                 raise RunExists(f"run folder {str(path)!r} already holds a run with another recipe or config")
-            changed = {k: v for k, v in record["config"].items() if old.get("config", {}).get(k) != v}
-            if changed:
-                rd.log(kind="resume", changed=changed)
             if rd.finished:
                 raise RunFinished(f"run folder {str(path)!r} holds a finished run (its report.md is written); "
                                   "nothing to resume")
+            before, after = to_jsonable(old).get("config", {}), to_jsonable(record)["config"]
+            changed = {k: v for k, v in after.items() if before.get(k) != v}
+            if changed:
+                rd.log(kind="resume", changed=changed)
         elif overwrite and rd.config_path.exists():
             shutil.rmtree(path)  # a torchbook run (checked above), replaced on request
         path.mkdir(parents=True, exist_ok=True)
