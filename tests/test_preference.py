@@ -153,7 +153,7 @@ def test_reward_model_equals_transformers_sequence_classification(tmp_path) -> N
     torch.testing.assert_close(ours, theirs[:, 0], atol=1e-4, rtol=1e-4)
 
 
-def test_reward_model_smoke_run_reloads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_reward_model_smoke_run_reloads(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     run = reward_model.run(build_config(reward_model.Config, "smoke"), tmp_path / "run")
     results = json.loads((run.path / "results.json").read_text())
     assert results["test"]["pairs"] == 16 and 0 <= results["test"]["p_value"] <= 1
@@ -162,9 +162,17 @@ def test_reward_model_smoke_run_reloads(tmp_path) -> None:  # type: ignore[no-un
     assert isinstance(loaded.model, preference.RewardModel)
     assert reward_model.evaluate(run.path) == results["test"]
     assert "binomial" in (run.path / "report.md").read_text()
+    # resumed (killed before the end): the evaluation before training is read back, not repeated
+    (run.path / "report.md").unlink()
+    calls = []
+    original = reward_model.reward_margins
+    monkeypatch.setattr(reward_model, "reward_margins", lambda *a, **k: calls.append(1) or original(*a, **k))
+    reward_model.run(build_config(reward_model.Config, "smoke"), run.path)
+    assert len(calls) == 1  # the evaluation after training only
+    assert json.loads((run.path / "results.json").read_text())["test_before"] == results["test_before"]
 
 
-def test_chat_dpo_smoke_run_lowers_the_loss_and_chats(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_chat_dpo_smoke_run_lowers_the_loss_and_chats(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     run = chat_dpo.run(build_config(chat_dpo.Config, "smoke"), tmp_path / "run")
     results = json.loads((run.path / "results.json").read_text())
     before, after = results["test_before"], results["test_after"]
@@ -176,6 +184,11 @@ def test_chat_dpo_smoke_run_lowers_the_loss_and_chats(tmp_path) -> None:  # type
     assert loaded.meta["chat_template"] and loaded.meta["end_token_ids"]
     assert answer(loaded.model, loaded, [[{"role": "user", "content": "Hi"}]], "template", 4)
     assert chat_dpo.evaluate(run.path)["loss"] == pytest.approx(after["loss"], abs=1e-4)
+    # resumed (killed before the end): the reference log-probabilities and the "before" figures are read back
+    (run.path / "report.md").unlink()
+    monkeypatch.setattr(chat_dpo, "pair_logps", lambda *a, **k: pytest.fail("reference recomputed on resume"))
+    chat_dpo.run(build_config(chat_dpo.Config, "smoke"), run.path)
+    assert json.loads((run.path / "results.json").read_text())["test_before"] == before
 
 
 def test_chat_rlhf_smoke_run_chats(tmp_path) -> None:  # type: ignore[no-untyped-def]

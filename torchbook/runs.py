@@ -17,6 +17,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,16 @@ class RunDir:
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text())
+
+    def once(self, name: str, compute: Callable[[], Any]) -> Any:
+        """`compute()`'s JSON result, written to `name` in the run folder the first time and read back when the run
+        is resumed, so work done before training (a baseline evaluation, reference log-probabilities) is not
+        repeated by every resume."""
+        if self.has(name):
+            return self.read_json(name)
+        value = to_jsonable(compute())
+        self.write_json(name, value)
+        return value
 
     def has(self, name: str) -> bool:
         return (self.path / name).exists()

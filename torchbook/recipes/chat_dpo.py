@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,9 +45,11 @@ from torchbook.train.preference import (
     load_pairs,
     pad_id_of,
     pair_collate,
+    pair_logps,
     pair_splits,
     report_training,
     sampled_kl,
+    set_reference_logps,
 )
 from torchbook.train.sft import TINY, answer, load_chat_model, save_chat_model
 from torchbook.train.trainer import Trainer
@@ -92,12 +95,16 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     data, test_pairs, source = pair_splits(config, loaded, run)
     pad_id = pad_id_of(loaded.tokenizer, loaded.meta)
     eval_batch = max(1, config.batch_size)
-    for part in data.values():  # the reference: the model before training
-        add_reference_logps(model, part, eval_batch, pad_id)
+    def reference_logps(part: PairData) -> list[list[float]]:
+        return [t.tolist() for t in pair_logps(model, part, eval_batch, pad_id)]
+
+    for name, part in data.items():  # the reference: the model before training (kept in the run for a resume)
+        set_reference_logps(part, *run.once(f"reference_logps_{name}.json", partial(reference_logps, part)))
     questions = load_user_oriented()[: config.answers]
     kl_prompts = [p.prompt for p in test_pairs[: config.kl_prompts]]
-    before = implicit_rewards(model, data["test"], eval_batch, pad_id, config.beta)
-    answers_before = answer(model, loaded, questions, config.format, config.answer_tokens)
+    before = run.once("test_before.json", lambda: implicit_rewards(model, data["test"], eval_batch, pad_id, config.beta))
+    answers_before = run.once("answers_before.json",
+                              lambda: answer(model, loaded, questions, config.format, config.answer_tokens))
     total_params = sum(p.numel() for p in model.parameters())
     reference = None if config.lora else load_chat_model(config.model, config.seed).model  # KL after training
     if config.lora:

@@ -78,7 +78,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
         apply_lora(model.backbone, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
         model.score.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    before = reward_margins(model, data["test"], eval_batch, pad_id)
+    before = run.once("test_margins_before.json", lambda: reward_margins(model, data["test"], eval_batch, pad_id).tolist())
     trainer = Trainer(model, config, run, data["train"], data["validation"], step=reward_step,
                       collate_fn=pair_collate(pad_id), metrics={"accuracy": PairAccuracy})
     trainer.fit()
@@ -90,7 +90,7 @@ def run(config: Config, run_dir: RunDir | str | None = None) -> RunDir:
     save_model(model, run.model_dir, extra={"format": config.format, "chat_template": meta.get("chat_template"),
                                             "bos_token": meta.get("bos_token"), "eos_token": meta.get("eos_token")})
     loaded.tokenizer.save(str(run.model_dir / "tokenizer.json"))
-    results: dict[str, Any] = {"test_before": accuracy_summary(int((before > 0).sum()), len(before)),
+    results: dict[str, Any] = {"test_before": accuracy_summary(sum(m > 0 for m in before), len(before)),
                "test": accuracy_summary(int((margins > 0).sum()), len(margins)),
                "test_mean_margin": margins.mean().item(), "train_loss": trainer.train_loss(),
                "train_time_s": trainer.train_time, "steps": trainer.global_step, "train_pairs": len(data["train"]),

@@ -420,8 +420,12 @@ def pair_logps(model: nn.Module, data: PairData, batch_size: int, pad_id: int,
 
 def add_reference_logps(model: nn.Module, data: PairData, batch_size: int, pad_id: int) -> None:
     """Fill each example's reference log-probabilities with `model`'s (the policy before training)."""
-    chosen, rejected = pair_logps(model, data, batch_size, pad_id)
-    for example, c, r in zip(data.examples, chosen.tolist(), rejected.tolist()):
+    set_reference_logps(data, *pair_logps(model, data, batch_size, pad_id))
+
+
+def set_reference_logps(data: PairData, chosen: Sequence[float] | Tensor, rejected: Sequence[float] | Tensor) -> None:
+    """Fill each example's reference log-probabilities (chosen, rejected: one per example)."""
+    for example, c, r in zip(data.examples, torch.as_tensor(chosen).tolist(), torch.as_tensor(rejected).tolist()):
         example.ref_chosen, example.ref_rejected = c, r
 
 
