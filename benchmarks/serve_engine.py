@@ -6,8 +6,13 @@ one request at a time, time to first token under Poisson arrivals, and prefix re
 Workload (seeded): `--requests` requests; prompt lengths uniform in `--prompt-range` (default [32, 160]) tokens
 (real text: this file's paragraph, repeated and cut), answer lengths uniform in `--answer-range` (default [16, 64]); greedy, no end token (each answer has
 exactly its length). Measures, per dtype:
-- throughput: completion tokens / wall-clock for all requests submitted at once, on an engine with `--slots`
-  slots, against the same requests one after the other (an engine with 1 slot);
+- throughput: completion tokens / wall-clock for all requests submitted at once (a burst: the batch fills, then
+  drains to one row as the answers end), on an engine with `--slots` slots, against the same requests one after
+  the other (an engine with 1 slot);
+- throughput with `--requests` clients in a closed loop (each submits its next request when its last one ends;
+  `--closed-requests` in all, a second seeded workload): the engine kept at that many requests in flight, as a
+  busy server is, against the same requests one after the other (`--separate`: both throughputs also with a
+  separate forward per prompt chunk, the engine before mixed steps);
 - time to first token (TTFT) p50/p95 with the requests arriving as a Poisson process at half the batched
   engine's measured capacity (requests/s), for the batched engine and for the one-slot engine under the same
   arrivals, against a lone request's (each request alone on an idle engine: mean);
@@ -49,12 +54,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_closed(model: Any, work: list[tuple[list[int], int]], slots: int) -> float:
+def run_closed(model: Any, work: list[tuple[list[int], int]], slots: int, prefill_chunk: int = 128,
+               packed: bool = True) -> float:
     """All requests at once; tokens/s."""
     from torchbook.generate.sampling import SamplingConfig
     from torchbook.generate.serving import Engine, Request
 
-    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work))
+    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk)
+    engine.packed = packed
     start = time.perf_counter()
     for prompt, n in work:
         engine.submit(Request(prompt, n, SamplingConfig(temperature=0.0), end_ids=[]))
@@ -62,13 +69,36 @@ def run_closed(model: Any, work: list[tuple[list[int], int]], slots: int) -> flo
     return sum(n for _, n in work) / (time.perf_counter() - start)
 
 
-def run_poisson(model: Any, work: list[tuple[list[int], int]], slots: int, rate: float, seed: int = 1) -> list[float]:
+def run_clients(model: Any, work: list[tuple[list[int], int]], clients: int, slots: int,
+                prefill_chunk: int = 128, packed: bool = True) -> float:
+    """`clients` clients in a closed loop: each submits its next request when its last one ends, until `work` is
+    done (so `clients` requests are in flight until the last ones); tokens/s."""
+    from torchbook.generate.sampling import SamplingConfig
+    from torchbook.generate.serving import Engine, Request
+
+    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk)
+    engine.packed = packed
+    pending = list(work)
+    submit = lambda: engine.submit(Request(*pending.pop(0), SamplingConfig(temperature=0.0), end_ids=[]))  # noqa: E731
+    start = time.perf_counter()
+    live = [submit() for _ in range(min(clients, len(pending)))]
+    while live:
+        engine.step()
+        for handle in [h for h in live if h.done.is_set()]:
+            live.remove(handle)
+            if pending:
+                live.append(submit())
+    return sum(n for _, n in work) / (time.perf_counter() - start)
+
+
+def run_poisson(model: Any, work: list[tuple[list[int], int]], slots: int, rate: float, seed: int = 1,
+                prefill_chunk: int = 128) -> list[float]:
     """Requests arriving at `rate` per second (Poisson) on the engine thread; each request's TTFT."""
     from torchbook.generate.sampling import SamplingConfig
     from torchbook.generate.serving import Engine, Request
 
     rng = random.Random(seed)
-    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work)).start()
+    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk).start()
     handles = []
     next_at = time.perf_counter()
     for prompt, n in work:
@@ -125,6 +155,12 @@ def main() -> None:
     parser.add_argument("--prompt-range", type=int, nargs=2, default=[32, 160])
     parser.add_argument("--answer-range", type=int, nargs=2, default=[16, 64])
     parser.add_argument("--turn-tokens", type=int, default=16, help="answer length of each conversation turn")
+    parser.add_argument("--closed-requests", type=int, default=64,
+                        help="requests of the closed loop (--requests clients, each sends its next when one ends)")
+    parser.add_argument("--separate", action="store_true",
+                        help="also measure the 16-slot throughputs with a separate forward per prompt chunk (the "
+                             "engine before mixed steps)")
+    parser.add_argument("--prefill-chunk", type=int, default=128, help="the engine's prompt tokens per step")
     args = parser.parse_args()
 
     import torchbook
@@ -136,14 +172,30 @@ def main() -> None:
         loaded = torchbook.load(str(default_chat_model()), quantize=None if dtype == "float32" else dtype)
         work = workload(loaded.tokenizer, args.requests, args.prompt_range, args.answer_range)
         run_closed(loaded.model, work[:2], 2)  # warm-up
+        chunk = args.prefill_chunk
         serial = run_closed(loaded.model, work, 1)
-        batched = run_closed(loaded.model, work, args.slots)
-        print(f"{dtype}: throughput one-at-a-time {serial:.1f} tok/s, {args.slots} slots {batched:.1f} tok/s, "
-              f"ratio {batched / serial:.2f}x", flush=True)
+        batched = run_closed(loaded.model, work, args.slots, chunk)
+        print(f"{dtype}: throughput, {args.requests} requests at once: one-at-a-time {serial:.1f} tok/s, "
+              f"{args.slots} slots {batched:.1f} tok/s, ratio {batched / serial:.2f}x", flush=True)
+        if args.separate:
+            apart = run_closed(loaded.model, work, args.slots, chunk, packed=False)
+            print(f"{dtype}: {args.slots} slots, a separate forward per prompt chunk: {apart:.1f} tok/s, ratio "
+                  f"{apart / serial:.2f}x", flush=True)
+        if args.closed_requests:
+            loop = workload(loaded.tokenizer, args.closed_requests, args.prompt_range, args.answer_range, seed=2)
+            loop_serial = run_closed(loaded.model, loop, 1)
+            loop_batched = run_clients(loaded.model, loop, args.requests, args.slots, chunk)
+            print(f"{dtype}: throughput, {args.requests} clients in a closed loop, {len(loop)} requests: "
+                  f"one-at-a-time {loop_serial:.1f} tok/s, {args.slots} slots {loop_batched:.1f} tok/s, ratio "
+                  f"{loop_batched / loop_serial:.2f}x", flush=True)
+            if args.separate:
+                apart = run_clients(loaded.model, loop, args.requests, args.slots, chunk, packed=False)
+                print(f"{dtype}: closed loop, a separate forward per prompt chunk: {apart:.1f} tok/s, ratio "
+                      f"{apart / loop_serial:.2f}x", flush=True)
         mean_answer = statistics.mean(n for _, n in work)
         rate = 0.5 * batched / mean_answer  # half the batched engine's capacity, in requests/s
         lone = lone_ttft(loaded.model, work)
-        ttft_batched = run_poisson(loaded.model, work, args.slots, rate)
+        ttft_batched = run_poisson(loaded.model, work, args.slots, rate, prefill_chunk=chunk)
         ttft_serial = run_poisson(loaded.model, work, 1, rate)
         p50, p95 = percentile(ttft_batched, 0.5), percentile(ttft_batched, 0.95)
         s50, s95 = percentile(ttft_serial, 0.5), percentile(ttft_serial, 0.95)
