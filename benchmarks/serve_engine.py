@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import resource
 import statistics
 import sys
 import time
@@ -49,30 +50,50 @@ def workload(tokenizer: Any, n: int, prompts: tuple[int, int], answers: tuple[in
     return out
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads): a measure that a machine shared with other jobs slows less
+    than the wall clock."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Rate:
+    """Completion tokens per wall-clock second and per CPU second of one run."""
+
+    def __init__(self, tokens: int, wall: float, cpu: float):
+        self.wall, self.cpu = tokens / wall, tokens / cpu
+
+    def __str__(self) -> str:
+        return f"{self.wall:.1f} tok/s ({self.cpu:.1f} per CPU s)"
+
+    def ratio(self, other: Rate) -> str:
+        return f"{self.wall / other.wall:.2f}x (per CPU s {self.cpu / other.cpu:.2f}x)"
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run_closed(model: Any, work: list[tuple[list[int], int]], slots: int, prefill_chunk: int = 128,
-               packed: bool = True) -> float:
-    """All requests at once; tokens/s."""
+               packed: bool = True) -> Rate:
+    """All requests at once."""
     from torchbook.generate.sampling import SamplingConfig
     from torchbook.generate.serving import Engine, Request
 
     engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk)
     engine.packed = packed
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for prompt, n in work:
         engine.submit(Request(prompt, n, SamplingConfig(temperature=0.0), end_ids=[]))
     engine.run()
-    return sum(n for _, n in work) / (time.perf_counter() - start)
+    return Rate(sum(n for _, n in work), time.perf_counter() - start, cpu_seconds() - cpu)
 
 
 def run_clients(model: Any, work: list[tuple[list[int], int]], clients: int, slots: int,
-                prefill_chunk: int = 128, packed: bool = True) -> float:
+                prefill_chunk: int = 128, packed: bool = True) -> Rate:
     """`clients` clients in a closed loop: each submits its next request when its last one ends, until `work` is
-    done (so `clients` requests are in flight until the last ones); tokens/s."""
+    done (so `clients` requests are in flight until the last ones)."""
     from torchbook.generate.sampling import SamplingConfig
     from torchbook.generate.serving import Engine, Request
 
@@ -80,7 +101,7 @@ def run_clients(model: Any, work: list[tuple[list[int], int]], clients: int, slo
     engine.packed = packed
     pending = list(work)
     submit = lambda: engine.submit(Request(*pending.pop(0), SamplingConfig(temperature=0.0), end_ids=[]))  # noqa: E731
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     live = [submit() for _ in range(min(clients, len(pending)))]
     while live:
         engine.step()
@@ -88,7 +109,7 @@ def run_clients(model: Any, work: list[tuple[list[int], int]], clients: int, slo
             live.remove(handle)
             if pending:
                 live.append(submit())
-    return sum(n for _, n in work) / (time.perf_counter() - start)
+    return Rate(sum(n for _, n in work), time.perf_counter() - start, cpu_seconds() - cpu)
 
 
 def run_poisson(model: Any, work: list[tuple[list[int], int]], slots: int, rate: float, seed: int = 1,
@@ -160,6 +181,9 @@ def main() -> None:
     parser.add_argument("--separate", action="store_true",
                         help="also measure the 16-slot throughputs with a separate forward per prompt chunk (the "
                              "engine before mixed steps)")
+    parser.add_argument("--phases", nargs="+", default=["ttft", "serial-ttft", "chat"],
+                        help="what to measure after the throughputs: ttft (Poisson arrivals on the batched engine, "
+                             "against a lone request), serial-ttft (the same arrivals one at a time), chat")
     parser.add_argument("--prefill-chunk", type=int, default=128, help="the engine's prompt tokens per step")
     args = parser.parse_args()
 
@@ -175,37 +199,40 @@ def main() -> None:
         chunk = args.prefill_chunk
         serial = run_closed(loaded.model, work, 1)
         batched = run_closed(loaded.model, work, args.slots, chunk)
-        print(f"{dtype}: throughput, {args.requests} requests at once: one-at-a-time {serial:.1f} tok/s, "
-              f"{args.slots} slots {batched:.1f} tok/s, ratio {batched / serial:.2f}x", flush=True)
+        print(f"{dtype}: throughput, {args.requests} requests at once: one-at-a-time {serial}, {args.slots} slots "
+              f"{batched}, ratio {batched.ratio(serial)}", flush=True)
         if args.separate:
             apart = run_closed(loaded.model, work, args.slots, chunk, packed=False)
-            print(f"{dtype}: {args.slots} slots, a separate forward per prompt chunk: {apart:.1f} tok/s, ratio "
-                  f"{apart / serial:.2f}x", flush=True)
+            print(f"{dtype}: {args.slots} slots, a separate forward per prompt chunk: {apart}, ratio "
+                  f"{apart.ratio(serial)}", flush=True)
         if args.closed_requests:
             loop = workload(loaded.tokenizer, args.closed_requests, args.prompt_range, args.answer_range, seed=2)
             loop_serial = run_closed(loaded.model, loop, 1)
             loop_batched = run_clients(loaded.model, loop, args.requests, args.slots, chunk)
             print(f"{dtype}: throughput, {args.requests} clients in a closed loop, {len(loop)} requests: "
-                  f"one-at-a-time {loop_serial:.1f} tok/s, {args.slots} slots {loop_batched:.1f} tok/s, ratio "
-                  f"{loop_batched / loop_serial:.2f}x", flush=True)
+                  f"one-at-a-time {loop_serial}, {args.slots} slots {loop_batched}, ratio "
+                  f"{loop_batched.ratio(loop_serial)}", flush=True)
             if args.separate:
                 apart = run_clients(loaded.model, loop, args.requests, args.slots, chunk, packed=False)
-                print(f"{dtype}: closed loop, a separate forward per prompt chunk: {apart:.1f} tok/s, ratio "
-                      f"{apart / loop_serial:.2f}x", flush=True)
+                print(f"{dtype}: closed loop, a separate forward per prompt chunk: {apart}, ratio "
+                      f"{apart.ratio(loop_serial)}", flush=True)
         mean_answer = statistics.mean(n for _, n in work)
-        rate = 0.5 * batched / mean_answer  # half the batched engine's capacity, in requests/s
-        lone = lone_ttft(loaded.model, work)
-        ttft_batched = run_poisson(loaded.model, work, args.slots, rate, prefill_chunk=chunk)
-        ttft_serial = run_poisson(loaded.model, work, 1, rate)
-        p50, p95 = percentile(ttft_batched, 0.5), percentile(ttft_batched, 0.95)
-        s50, s95 = percentile(ttft_serial, 0.5), percentile(ttft_serial, 0.95)
-        print(f"{dtype}: Poisson {rate:.2f} req/s; TTFT lone {lone * 1e3:.0f} ms; batched p50 {p50 * 1e3:.0f} ms "
-              f"p95 {p95 * 1e3:.0f} ms; one-at-a-time p50 {s50 * 1e3:.0f} ms p95 {s95 * 1e3:.0f} ms; "
-              f"p95/lone {p95 / lone:.2f}, p95 batched/one-at-a-time {p95 / s95:.2f}", flush=True)
-        warm, cold, length, cached = conversation_ttft(loaded, answer=args.turn_tokens)
-        print(f"{dtype}: 10-turn conversation, last prompt {length} tokens ({cached} cached): TTFT with reuse "
-              f"{warm * 1e3:.0f} ms, cold {cold * 1e3:.0f} ms, ratio {cold / warm:.1f}x", flush=True)
-
+        rate = 0.5 * batched.wall / mean_answer  # half the batched engine's capacity, in requests/s
+        if "ttft" in args.phases:
+            lone = lone_ttft(loaded.model, work)
+            ttft = run_poisson(loaded.model, work, args.slots, rate, prefill_chunk=chunk)
+            p50, p95 = percentile(ttft, 0.5), percentile(ttft, 0.95)
+            print(f"{dtype}: Poisson {rate:.2f} req/s; TTFT lone {lone * 1e3:.0f} ms; {args.slots} slots p50 "
+                  f"{p50 * 1e3:.0f} ms p95 {p95 * 1e3:.0f} ms; p95/lone {p95 / lone:.2f}", flush=True)
+            if "serial-ttft" in args.phases:
+                serial_ttft = run_poisson(loaded.model, work, 1, rate)
+                s50, s95 = percentile(serial_ttft, 0.5), percentile(serial_ttft, 0.95)
+                print(f"{dtype}: the same arrivals one at a time: p50 {s50 * 1e3:.0f} ms p95 {s95 * 1e3:.0f} ms; "
+                      f"p95 {args.slots} slots/one-at-a-time {p95 / s95:.2f}", flush=True)
+        if "chat" in args.phases:
+            warm, cold, length, cached = conversation_ttft(loaded, answer=args.turn_tokens)
+            print(f"{dtype}: 10-turn conversation, last prompt {length} tokens ({cached} cached): TTFT with reuse "
+                  f"{warm * 1e3:.0f} ms, cold {cold * 1e3:.0f} ms, ratio {cold / warm:.1f}x", flush=True)
 
 if __name__ == "__main__":
     main()
