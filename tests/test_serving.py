@@ -122,9 +122,9 @@ def test_short_prompts_share_a_steps_prefill_budget() -> None:
 
 
 def test_a_packed_step_equals_the_plain_forward() -> None:
-    """One packed forward (`SlotCache.view(rows, counts)`) of two one-token decoding rows of different cached
-    lengths, a fresh prompt and a prompt's second chunk gives each row the logits of the plain forward pass over its
-    whole sequence; `all_positions` every new token's."""
+    """One packed forward (`SlotCache.view(rows, counts)`) of three one-token decoding rows of different cached
+    lengths (two in consecutive slots, one apart) and a fresh prompt gives each row the logits of the plain forward
+    pass over its whole sequence; `all_positions` every new token's (two tokens of one row, a prompt's next one)."""
     for llama in (True, False):
         model = tiny_gpt(llama)
         g = torch.Generator().manual_seed(0)
@@ -134,16 +134,16 @@ def test_a_packed_step_equals_the_plain_forward() -> None:
         cache = model.new_slot_cache(5, 96)
         for row, seq, n in ((0, seqs[0], 15), (1, seqs[1], 6), (4, seqs[3], 3)):
             model.slot_step(torch.tensor([seq[:n]]), cache.view([row], n))
-        view = cache.view([0, 1, 3, 4], [1, 1, 10, 9])
-        assert [(group.rows, group.count) for group in view.groups] == [([0, 1], 1), ([3], 10), ([4], 9)]
-        tokens = [seqs[0][15], seqs[1][6], *seqs[2][:10], *seqs[3][3:12]]
+        view = cache.view([0, 1, 4, 3], [1, 1, 1, 10])  # groups: rows of one count in consecutive slots
+        assert [(group.rows, group.count) for group in view.groups] == [([0, 1], 1), ([4], 1), ([3], 10)]
+        tokens = [seqs[0][15], seqs[1][6], seqs[3][3], *seqs[2][:10]]
         logits = model.slot_step(torch.tensor([tokens]), view)
-        expected = torch.stack([full[0][15], full[1][6], full[2][9], full[3][11]])
+        expected = torch.stack([full[0][15], full[1][6], full[3][3], full[2][9]])
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-5)
         every = model.slot_step(torch.tensor([seqs[0][16:18] + seqs[2][10:11]]), cache.view([0, 3], [2, 1]),
                                 all_positions=True)
         torch.testing.assert_close(every, torch.cat([full[0][16:18], full[2][10:11]]), atol=1e-4, rtol=1e-5)
-        assert cache.lengths[:5] == [18, 7, 0, 11, 12]
+        assert cache.lengths[:5] == [18, 7, 0, 11, 4]
 
 
 class CountingGPT(GPT):

@@ -205,7 +205,9 @@ class MultiHeadAttention(nn.Module):
             rows = len(group.rows)
             queries = q[0, :, group.first : group.first + rows * group.count]  # (H, rows * count, D)
             queries = queries.unflatten(1, (rows, group.count)).transpose(0, 1)  # (rows, H, count, D)
-            mask = combine_masks(rows, group.count, group.key_len, q.device, q.dtype, attn_mask=group.allowed)
-            out = scaled_dot_product_attention(queries, keys, values, mask)  # (rows, H, count, D)
+            if group.mask is None or group.mask.dtype != q.dtype:  # the same for every layer
+                group.mask = combine_masks(rows, group.count, group.key_len, q.device, q.dtype,
+                                           attn_mask=group.allowed)
+            out = scaled_dot_product_attention(queries, keys, values, group.mask)  # (rows, H, count, D)
             parts.append(out.permute(0, 2, 1, 3).reshape(rows * group.count, self.n_heads * self.head_dim))
         return torch.cat(parts)[None] if len(parts) > 1 else parts[0][None]
