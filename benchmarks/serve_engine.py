@@ -11,8 +11,8 @@ exactly its length). Measures, per dtype:
   the other (an engine with 1 slot);
 - throughput with `--requests` clients in a closed loop (each submits its next request when its last one ends;
   `--closed-requests` in all, a second seeded workload): the engine kept at that many requests in flight, as a
-  busy server is, against the same requests one after the other (`--separate`: both throughputs also with a
-  separate forward per prompt chunk, the engine before mixed steps);
+  busy server is, against the same requests one after the other (and, unless `--no-separate`, both throughputs
+  also with a separate forward per prompt chunk: the engine before mixed steps);
 - time to first token (TTFT) p50/p95 with the requests arriving as a Poisson process at half the batched
   engine's measured capacity (requests/s), for the batched engine and for the one-slot engine under the same
   arrivals, against a lone request's (each request alone on an idle engine: mean);
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--turn-tokens", type=int, default=16, help="answer length of each conversation turn")
     parser.add_argument("--closed-requests", type=int, default=64,
                         help="requests of the closed loop (--requests clients, each sends its next when one ends)")
-    parser.add_argument("--separate", action="store_true",
+    parser.add_argument("--separate", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure the 16-slot throughputs with a separate forward per prompt chunk (the "
                              "engine before mixed steps)")
     parser.add_argument("--phases", nargs="+", default=["ttft", "serial-ttft", "chat"],
