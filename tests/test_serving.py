@@ -162,9 +162,10 @@ class CountingGPT(GPT):
 
 def test_mixed_steps_join_while_others_decode() -> None:
     """Newcomers join while two requests decode: each step is one forward carrying the decoding rows and the
-    newcomers' prompt tokens (at most `prefill_chunk`); a newcomer whose whole prompt fits gets its first token
-    from that step, a longer one from the step of its last chunk; every request's logits and tokens (greedy and
-    seeded) are its lone run's, and the same as with a separate forward per prompt chunk (`packed=False`)."""
+    newcomers' prompt tokens (at most `prefill_chunk`); a prompt longer than that is cut into chunks and gets its
+    first token from the step of its last one, a shorter one is never cut: it waits for the step with room for it
+    all and gets its first token from that step; every request's logits and tokens (greedy and seeded) are its lone
+    run's, and the same as with a separate forward per prompt chunk (`packed=False`)."""
     model = CountingGPT(tiny_gpt())
     ps = prompts()
     order, lengths = (0, 2, 3, 1), (12, 7, 9, 6)  # prompts of 5 and 2 tokens decode; 30 and 17 tokens join
@@ -183,14 +184,14 @@ def test_mixed_steps_join_while_others_decode() -> None:
         model.steps.clear()
         engine.step()  # the 30-token prompt's first 20 tokens beside the two decoding rows
         assert [len(handles[i].sequences[0].tokens) for i in order] == [3, 3, 0, 0]
-        engine.step()  # its last 10 and the 17-token prompt's first 10: its first token
+        engine.step()  # its last 10 tokens: its first token; the 17-token prompt fits in no 10 tokens: it waits
         assert [len(handles[i].sequences[0].tokens) for i in order] == [4, 4, 1, 0]
-        engine.step()  # the 17-token prompt's last 7 tokens: its first token
+        engine.step()  # the 17-token prompt whole: its first token
         assert [len(handles[i].sequences[0].tokens) for i in order] == [5, 5, 2, 1]
         if packed:
-            assert model.steps == [[1, 1, 20], [1, 1, 10, 10], [1, 1, 1, 7]]
+            assert model.steps == [[1, 1, 20], [1, 1, 10], [1, 1, 1, 17]]
         else:
-            assert model.steps == [[1, 1], [20], [1, 1], [10], [10], [1, 1, 1], [7]]
+            assert model.steps == [[1, 1], [20], [1, 1], [10], [1, 1, 1], [17]]
         engine.run()
         outputs.append({i: handles[i].result().choices[0].tokens for i in order})
         for i in order:

@@ -9,9 +9,11 @@
    vLLM's prefix caching; the output is the same as a cold run's);
 3. runs one forward (a *mixed step*, the chunked prefill of vLLM and SGLang) that carries the next token of
    every running request and at most `prefill_chunk` prompt tokens in all of the requests still prefilling,
-   oldest first (several short prompts share a step; a long one is cut into chunks, so it never stalls the running
-   requests for more than one chunk's time); the weights are read once for all of them, and a newcomer whose
-   whole prompt fits in the step's budget gets its first token out of that same step;
+   oldest first (several short prompts share a step; a prompt longer than `prefill_chunk` is cut into chunks, so
+   it never stalls the running requests for more than one chunk's time; a shorter one is never cut: it waits for
+   the first step with room for all of it, and a younger one that fits in what is left may go first); the weights
+   are read once for all of them, and a newcomer gets its first token out of the step that takes the rest of its
+   prompt;
 4. chooses each row's token with the request's own logits processors and random generator; requests that end
    (an end token, a stop string, `max_tokens`, the cache's `max_len`) leave their slot at once.
 
@@ -368,10 +370,13 @@ class Engine:
         chunks = []  # (sequence, prompt tokens fed this step), oldest first
         budget = self.prefill_chunk  # prompt tokens per step in all: short prompts share a step, a long one is cut
         for seq in (s for s in self.running if s.prefilling):
-            if budget <= 0:
-                break
+            rest = len(seq.prompt) - seq.fed
+            if rest > budget and rest <= self.prefill_chunk:
+                continue  # it fits whole in the next step: not cut, so its first token comes from that step
             chunks.append((seq, seq.prompt[seq.fed : seq.fed + budget]))
             budget -= len(chunks[-1][1])
+            if budget <= 0:
+                break
         if decoding or chunks:
             self._forward(decoding, chunks)
         self.steps += 1
