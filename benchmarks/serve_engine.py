@@ -15,7 +15,8 @@ exactly its length). Measures, per dtype:
   also with a separate forward per prompt chunk: the engine before mixed steps);
 - time to first token (TTFT) p50/p95 with the requests arriving as a Poisson process at half the batched
   engine's measured capacity (requests/s), for the batched engine and for the one-slot engine under the same
-  arrivals, against a lone request's (each request alone on an idle engine: mean);
+  arrivals, against a lone request's (each request alone on an idle engine: the mean of a pass before and a pass
+  after the batched engine's arrivals);
 - prefix reuse: a 10-turn conversation (chat template; each turn adds the answer and a new user message), the
   time to first token of the last turn with the earlier turns cached and cold (prefix_cache=False).
 Ratios are from the same run.
@@ -219,10 +220,13 @@ def main() -> None:
         mean_answer = statistics.mean(n for _, n in work)
         rate = 0.5 * batched.wall / mean_answer  # half the batched engine's capacity, in requests/s
         if "ttft" in args.phases:
-            lone = lone_ttft(loaded.model, work)
+            before = lone_ttft(loaded.model, work)
             ttft = run_poisson(loaded.model, work, args.slots, rate, prefill_chunk=chunk)
+            after = lone_ttft(loaded.model, work)  # before and after: a machine's load that changes between phases
+            lone = (before + after) / 2  # biases the ratio less
             p50, p95 = percentile(ttft, 0.5), percentile(ttft, 0.95)
-            print(f"{dtype}: Poisson {rate:.2f} req/s; TTFT lone {lone * 1e3:.0f} ms; {args.slots} slots p50 "
+            print(f"{dtype}: Poisson {rate:.2f} req/s; TTFT lone {lone * 1e3:.0f} ms (before {before * 1e3:.0f}, "
+                  f"after {after * 1e3:.0f}); {args.slots} slots p50 "
                   f"{p50 * 1e3:.0f} ms p95 {p95 * 1e3:.0f} ms; p95/lone {p95 / lone:.2f}", flush=True)
             if "serial-ttft" in args.phases:
                 serial_ttft = run_poisson(loaded.model, work, 1, rate)
