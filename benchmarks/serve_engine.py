@@ -6,11 +6,17 @@ one request at a time, time to first token under Poisson arrivals, and prefix re
 Workload (seeded): `--requests` requests; prompt lengths uniform in `--prompt-range` (default [32, 160]) tokens
 (real text: this file's paragraph, repeated and cut), answer lengths uniform in `--answer-range` (default [16, 64]); greedy, no end token (each answer has
 exactly its length). Measures, per dtype:
-- throughput: completion tokens / wall-clock for all requests submitted at once, on an engine with `--slots`
-  slots, against the same requests one after the other (an engine with 1 slot);
+- throughput: completion tokens / wall-clock for all requests submitted at once (a burst: the batch fills, then
+  drains to one row as the answers end), on an engine with `--slots` slots, against the same requests one after
+  the other (an engine with 1 slot);
+- throughput with `--requests` clients in a closed loop (each submits its next request when its last one ends;
+  `--closed-requests` in all, a second seeded workload): the engine kept at that many requests in flight, as a
+  busy server is, against the same requests one after the other (and, unless `--no-separate`, both throughputs
+  also with a separate forward per prompt chunk: the engine before mixed steps);
 - time to first token (TTFT) p50/p95 with the requests arriving as a Poisson process at half the batched
   engine's measured capacity (requests/s), for the batched engine and for the one-slot engine under the same
-  arrivals, against a lone request's (each request alone on an idle engine: mean);
+  arrivals, against a lone request's (each request alone on an idle engine: the mean of a pass before and a pass
+  after the batched engine's arrivals);
 - prefix reuse: a 10-turn conversation (chat template; each turn adds the answer and a new user message), the
   time to first token of the last turn with the earlier turns cached and cold (prefix_cache=False).
 Ratios are from the same run.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import resource
 import statistics
 import sys
 import time
@@ -44,31 +51,76 @@ def workload(tokenizer: Any, n: int, prompts: tuple[int, int], answers: tuple[in
     return out
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads): a measure that a machine shared with other jobs slows less
+    than the wall clock."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Rate:
+    """Completion tokens per wall-clock second and per CPU second of one run."""
+
+    def __init__(self, tokens: int, wall: float, cpu: float):
+        self.wall, self.cpu = tokens / wall, tokens / cpu
+
+    def __str__(self) -> str:
+        return f"{self.wall:.1f} tok/s ({self.cpu:.1f} per CPU s)"
+
+    def ratio(self, other: Rate) -> str:
+        return f"{self.wall / other.wall:.2f}x (per CPU s {self.cpu / other.cpu:.2f}x)"
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_closed(model: Any, work: list[tuple[list[int], int]], slots: int) -> float:
-    """All requests at once; tokens/s."""
+def run_closed(model: Any, work: list[tuple[list[int], int]], slots: int, prefill_chunk: int = 128,
+               packed: bool = True) -> Rate:
+    """All requests at once."""
     from torchbook.generate.sampling import SamplingConfig
     from torchbook.generate.serving import Engine, Request
 
-    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work))
-    start = time.perf_counter()
+    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk)
+    engine.packed = packed
+    start, cpu = time.perf_counter(), cpu_seconds()
     for prompt, n in work:
         engine.submit(Request(prompt, n, SamplingConfig(temperature=0.0), end_ids=[]))
     engine.run()
-    return sum(n for _, n in work) / (time.perf_counter() - start)
+    return Rate(sum(n for _, n in work), time.perf_counter() - start, cpu_seconds() - cpu)
 
 
-def run_poisson(model: Any, work: list[tuple[list[int], int]], slots: int, rate: float, seed: int = 1) -> list[float]:
+def run_clients(model: Any, work: list[tuple[list[int], int]], clients: int, slots: int,
+                prefill_chunk: int = 128, packed: bool = True) -> Rate:
+    """`clients` clients in a closed loop: each submits its next request when its last one ends, until `work` is
+    done (so `clients` requests are in flight until the last ones)."""
+    from torchbook.generate.sampling import SamplingConfig
+    from torchbook.generate.serving import Engine, Request
+
+    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk)
+    engine.packed = packed
+    pending = list(work)
+    submit = lambda: engine.submit(Request(*pending.pop(0), SamplingConfig(temperature=0.0), end_ids=[]))  # noqa: E731
+    start, cpu = time.perf_counter(), cpu_seconds()
+    live = [submit() for _ in range(min(clients, len(pending)))]
+    while live:
+        engine.step()
+        for handle in [h for h in live if h.done.is_set()]:
+            live.remove(handle)
+            if pending:
+                live.append(submit())
+    return Rate(sum(n for _, n in work), time.perf_counter() - start, cpu_seconds() - cpu)
+
+
+def run_poisson(model: Any, work: list[tuple[list[int], int]], slots: int, rate: float, seed: int = 1,
+                prefill_chunk: int = 128) -> list[float]:
     """Requests arriving at `rate` per second (Poisson) on the engine thread; each request's TTFT."""
     from torchbook.generate.sampling import SamplingConfig
     from torchbook.generate.serving import Engine, Request
 
     rng = random.Random(seed)
-    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work)).start()
+    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk).start()
     handles = []
     next_at = time.perf_counter()
     for prompt, n in work:
@@ -125,6 +177,15 @@ def main() -> None:
     parser.add_argument("--prompt-range", type=int, nargs=2, default=[32, 160])
     parser.add_argument("--answer-range", type=int, nargs=2, default=[16, 64])
     parser.add_argument("--turn-tokens", type=int, default=16, help="answer length of each conversation turn")
+    parser.add_argument("--closed-requests", type=int, default=64,
+                        help="requests of the closed loop (--requests clients, each sends its next when one ends)")
+    parser.add_argument("--separate", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the 16-slot throughputs with a separate forward per prompt chunk (the "
+                             "engine before mixed steps)")
+    parser.add_argument("--phases", nargs="+", default=["ttft", "serial-ttft", "chat"],
+                        help="what to measure after the throughputs: ttft (Poisson arrivals on the batched engine, "
+                             "against a lone request), serial-ttft (the same arrivals one at a time), chat")
+    parser.add_argument("--prefill-chunk", type=int, default=128, help="the engine's prompt tokens per step")
     args = parser.parse_args()
 
     import torchbook
@@ -136,24 +197,46 @@ def main() -> None:
         loaded = torchbook.load(str(default_chat_model()), quantize=None if dtype == "float32" else dtype)
         work = workload(loaded.tokenizer, args.requests, args.prompt_range, args.answer_range)
         run_closed(loaded.model, work[:2], 2)  # warm-up
+        chunk = args.prefill_chunk
         serial = run_closed(loaded.model, work, 1)
-        batched = run_closed(loaded.model, work, args.slots)
-        print(f"{dtype}: throughput one-at-a-time {serial:.1f} tok/s, {args.slots} slots {batched:.1f} tok/s, "
-              f"ratio {batched / serial:.2f}x", flush=True)
+        batched = run_closed(loaded.model, work, args.slots, chunk)
+        print(f"{dtype}: throughput, {args.requests} requests at once: one-at-a-time {serial}, {args.slots} slots "
+              f"{batched}, ratio {batched.ratio(serial)}", flush=True)
+        if args.separate:
+            apart = run_closed(loaded.model, work, args.slots, chunk, packed=False)
+            print(f"{dtype}: {args.slots} slots, a separate forward per prompt chunk: {apart}, ratio "
+                  f"{apart.ratio(serial)}", flush=True)
+        if args.closed_requests:
+            loop = workload(loaded.tokenizer, args.closed_requests, args.prompt_range, args.answer_range, seed=2)
+            loop_serial = run_closed(loaded.model, loop, 1)
+            loop_batched = run_clients(loaded.model, loop, args.requests, args.slots, chunk)
+            print(f"{dtype}: throughput, {args.requests} clients in a closed loop, {len(loop)} requests: "
+                  f"one-at-a-time {loop_serial}, {args.slots} slots {loop_batched}, ratio "
+                  f"{loop_batched.ratio(loop_serial)}", flush=True)
+            if args.separate:
+                apart = run_clients(loaded.model, loop, args.requests, args.slots, chunk, packed=False)
+                print(f"{dtype}: closed loop, a separate forward per prompt chunk: {apart}, ratio "
+                      f"{apart.ratio(loop_serial)}", flush=True)
         mean_answer = statistics.mean(n for _, n in work)
-        rate = 0.5 * batched / mean_answer  # half the batched engine's capacity, in requests/s
-        lone = lone_ttft(loaded.model, work)
-        ttft_batched = run_poisson(loaded.model, work, args.slots, rate)
-        ttft_serial = run_poisson(loaded.model, work, 1, rate)
-        p50, p95 = percentile(ttft_batched, 0.5), percentile(ttft_batched, 0.95)
-        s50, s95 = percentile(ttft_serial, 0.5), percentile(ttft_serial, 0.95)
-        print(f"{dtype}: Poisson {rate:.2f} req/s; TTFT lone {lone * 1e3:.0f} ms; batched p50 {p50 * 1e3:.0f} ms "
-              f"p95 {p95 * 1e3:.0f} ms; one-at-a-time p50 {s50 * 1e3:.0f} ms p95 {s95 * 1e3:.0f} ms; "
-              f"p95/lone {p95 / lone:.2f}, p95 batched/one-at-a-time {p95 / s95:.2f}", flush=True)
-        warm, cold, length, cached = conversation_ttft(loaded, answer=args.turn_tokens)
-        print(f"{dtype}: 10-turn conversation, last prompt {length} tokens ({cached} cached): TTFT with reuse "
-              f"{warm * 1e3:.0f} ms, cold {cold * 1e3:.0f} ms, ratio {cold / warm:.1f}x", flush=True)
-
+        rate = 0.5 * batched.wall / mean_answer  # half the batched engine's capacity, in requests/s
+        if "ttft" in args.phases:
+            before = lone_ttft(loaded.model, work)
+            ttft = run_poisson(loaded.model, work, args.slots, rate, prefill_chunk=chunk)
+            after = lone_ttft(loaded.model, work)  # before and after: a machine's load that changes between phases
+            lone = (before + after) / 2  # biases the ratio less
+            p50, p95 = percentile(ttft, 0.5), percentile(ttft, 0.95)
+            print(f"{dtype}: Poisson {rate:.2f} req/s; TTFT lone {lone * 1e3:.0f} ms (before {before * 1e3:.0f}, "
+                  f"after {after * 1e3:.0f}); {args.slots} slots p50 "
+                  f"{p50 * 1e3:.0f} ms p95 {p95 * 1e3:.0f} ms; p95/lone {p95 / lone:.2f}", flush=True)
+            if "serial-ttft" in args.phases:
+                serial_ttft = run_poisson(loaded.model, work, 1, rate)
+                s50, s95 = percentile(serial_ttft, 0.5), percentile(serial_ttft, 0.95)
+                print(f"{dtype}: the same arrivals one at a time: p50 {s50 * 1e3:.0f} ms p95 {s95 * 1e3:.0f} ms; "
+                      f"p95 {args.slots} slots/one-at-a-time {p95 / s95:.2f}", flush=True)
+        if "chat" in args.phases:
+            warm, cold, length, cached = conversation_ttft(loaded, answer=args.turn_tokens)
+            print(f"{dtype}: 10-turn conversation, last prompt {length} tokens ({cached} cached): TTFT with reuse "
+                  f"{warm * 1e3:.0f} ms, cold {cold * 1e3:.0f} ms, ratio {cold / warm:.1f}x", flush=True)
 
 if __name__ == "__main__":
     main()

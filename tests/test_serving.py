@@ -16,6 +16,7 @@ from torchbook.errors import UserInputError
 from torchbook.generate.sampling import SamplingConfig
 from torchbook.generate.serving import Busy, Engine, Request
 from torchbook.models.gpt import GPT, GPTConfig
+from torchbook.nn.kv_cache import SlotView
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,6 +119,87 @@ def test_short_prompts_share_a_steps_prefill_budget() -> None:
         assert [len(h.sequences[0].tokens) for h in handles] == first_step, budget
         engine.run()
         assert all(h.result().choices[0].finish_reason == "length" for h in handles)
+
+
+def test_a_packed_step_equals_the_plain_forward() -> None:
+    """One packed forward (`SlotCache.view(rows, counts)`) of three one-token decoding rows of different cached
+    lengths (two in consecutive slots, one apart) and a fresh prompt gives each row the logits of the plain forward
+    pass over its whole sequence; `all_positions` every new token's (two tokens of one row, a prompt's next one)."""
+    for llama in (True, False):
+        model = tiny_gpt(llama)
+        g = torch.Generator().manual_seed(0)
+        seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (20, 7, 33, 12)]
+        with torch.no_grad():
+            full = [model(torch.tensor([s]))[0] for s in seqs]
+        cache = model.new_slot_cache(5, 96)
+        for row, seq, n in ((0, seqs[0], 15), (1, seqs[1], 6), (4, seqs[3], 3)):
+            model.slot_step(torch.tensor([seq[:n]]), cache.view([row], n))
+        view = cache.view([0, 1, 4, 3], [1, 1, 1, 10])  # groups: rows of one count in consecutive slots
+        assert [(group.rows, group.count) for group in view.groups] == [([0, 1], 1), ([4], 1), ([3], 10)]
+        tokens = [seqs[0][15], seqs[1][6], seqs[3][3], *seqs[2][:10]]
+        logits = model.slot_step(torch.tensor([tokens]), view)
+        expected = torch.stack([full[0][15], full[1][6], full[3][3], full[2][9]])
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-5)
+        every = model.slot_step(torch.tensor([seqs[0][16:18] + seqs[2][10:11]]), cache.view([0, 3], [2, 1]),
+                                all_positions=True)
+        torch.testing.assert_close(every, torch.cat([full[0][16:18], full[2][10:11]]), atol=1e-4, rtol=1e-5)
+        assert cache.lengths[:5] == [18, 7, 0, 11, 4]
+
+
+class CountingGPT(GPT):
+    """Keeps each forward's new tokens per row."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__(model.config)
+        self.load_state_dict(model.state_dict())
+        self.eval()
+        self.steps: list[list[int]] = []
+
+    def slot_step(self, tokens: Tensor, view: SlotView, all_positions: bool = False) -> Tensor:
+        self.steps.append(list(view.counts))
+        return super().slot_step(tokens, view, all_positions)
+
+
+def test_mixed_steps_join_while_others_decode() -> None:
+    """Newcomers join while two requests decode: each step is one forward carrying the decoding rows and the
+    newcomers' prompt tokens (at most `prefill_chunk`); a prompt longer than that is cut into chunks and gets its
+    first token from the step of its last one, a shorter one is never cut: it waits for the step with room for it
+    all and gets its first token from that step; every request's logits and tokens (greedy and seeded) are its lone
+    run's, and the same as with a separate forward per prompt chunk (`packed=False`)."""
+    model = CountingGPT(tiny_gpt())
+    ps = prompts()
+    order, lengths = (0, 2, 3, 1), (12, 7, 9, 6)  # prompts of 5 and 2 tokens decode; 30 and 17 tokens join
+    reference = {i: alone(model, ps[i], i, n) for i, n in zip(order, lengths)}
+    outputs = []
+    for packed in (True, False):
+        engine = Engine(model, slots=4, max_len=96, prefill_chunk=20)
+        engine.packed = packed
+        recorders = {i: Recorder() for i in order}
+        handles = {}
+        for k, (i, n) in enumerate(zip(order, lengths)):
+            if k == 2:  # two steps later
+                engine.step()
+                engine.step()
+            handles[i] = engine.submit(Request(ps[i], n, settings(i), processors=[recorders[i]]))
+        model.steps.clear()
+        engine.step()  # the 30-token prompt's first 20 tokens beside the two decoding rows
+        assert [len(handles[i].sequences[0].tokens) for i in order] == [3, 3, 0, 0]
+        engine.step()  # its last 10 tokens: its first token; the 17-token prompt fits in no 10 tokens: it waits
+        assert [len(handles[i].sequences[0].tokens) for i in order] == [4, 4, 1, 0]
+        engine.step()  # the 17-token prompt whole: its first token
+        assert [len(handles[i].sequences[0].tokens) for i in order] == [5, 5, 2, 1]
+        if packed:
+            assert model.steps == [[1, 1, 20], [1, 1, 10], [1, 1, 1, 17]]
+        else:
+            assert model.steps == [[1, 1], [20], [1, 1], [10], [1, 1, 1], [17]]
+        engine.run()
+        outputs.append({i: handles[i].result().choices[0].tokens for i in order})
+        for i in order:
+            assert outputs[-1][i] == reference[i][0], (packed, i)
+            assert len(recorders[i].seen) == len(reference[i][1])
+            for a, b in zip(recorders[i].seen, reference[i][1]):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert outputs[0] == outputs[1]
 
 
 def test_prefix_reuse_equals_a_cold_run() -> None:

@@ -294,6 +294,8 @@ class GPT(nn.Module):
         """Whether `slot_step` serves this model (a sliding window's mask assumes rows of one length)."""
         return self.config.sliding_window is None
 
+    supports_packed_steps = True  # slot_step takes a packed view: prompt chunks and decoding rows in one forward
+
     def new_slot_cache(self, slots: int, max_len: int) -> SlotCache:
         """A `SlotCache` of `slots` rows of `max_len` positions for this model's layers."""
         head_dim = self.config.head_dim or self.config.d_model // self.config.n_head
@@ -302,14 +304,19 @@ class GPT(nn.Module):
                          head_dim, weight.dtype, weight.device)
 
     def slot_step(self, tokens: Tensor, view: SlotView, all_positions: bool = False) -> Tensor:
-        """tokens (B, T) for the rows of `view` (T > 1: a prompt chunk, of one row or rows of one length) ->
-        the (B, vocab) logits of each row's last new position, or with `all_positions` the (B, T, vocab) logits of
-        every new position (speculative decoding verifies T draft tokens in one pass). Each row reads only its own
-        cached positions."""
+        """tokens (B, T) for the rows of `view` (T > 1: a prompt chunk, of one row or rows of one length), or
+        (1, N) for a packed view (each row's new tokens one after the other: prompt chunks beside one-token
+        decoding rows, in one forward) -> the (B, vocab) logits of each row's last new position, or with
+        `all_positions` the logits of every new position, (B, T, vocab) or packed (N, vocab) (speculative decoding
+        verifies T draft tokens in one pass). Each row reads only its own cached positions."""
         with torch.inference_mode():
-            positions = view.starts[:, None] + torch.arange(tokens.size(1), device=tokens.device)[None]
-            logits = self(tokens, positions=positions, cache=view, padding=view.padding, last_only=not all_positions)
-            if not all_positions:
-                logits = logits[:, -1]
+            if view.packed:
+                hidden = self(tokens, positions=view.positions, cache=view, hidden_only=True)[0]
+                logits = self.lm_head(hidden if all_positions else hidden[view.last])
+            else:
+                logits = self(tokens, positions=view.positions, cache=view, padding=view.padding,
+                              last_only=not all_positions)
+                if not all_positions:
+                    logits = logits[:, -1]
         view.commit()
         return logits.clone()

@@ -173,6 +173,8 @@ class MultiHeadAttention(nn.Module):
             if rotary is not None:
                 cos, sin = rotary
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if isinstance(cache, SlotView) and cache.packed:
+                return self.out_proj(self._attend_packed(q, k, v, cache, layer))
             if cache is not None:
                 if static_kv and isinstance(cache, KVCache):
                     cache.set(layer, k, v)
@@ -190,3 +192,22 @@ class MultiHeadAttention(nn.Module):
         out = scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, query_len, self.n_heads * self.head_dim)
         return self.out_proj(out)
+
+    def _attend_packed(self, q: Tensor, k: Tensor, v: Tensor, view: SlotView, layer: int) -> Tensor:
+        """A packed serving step (`SlotView.packed`): q, k, v (1, H|Hkv, N, D) hold several rows' new tokens one
+        after the other (prompt chunks and one-token decoding rows). The new keys and values go into the slot
+        cache; each group of rows with as many new tokens attends as one batch to its own rows' keys, under each
+        row's causal mask (its cached positions, then its new tokens up to itself). Returns (1, N, H * D)."""
+        view.write(layer, k, v)
+        parts = []
+        for group in view.groups:
+            keys, values = view.read(layer, group.rows, group.index, group.key_len)
+            rows = len(group.rows)
+            queries = q[0, :, group.first : group.first + rows * group.count]  # (H, rows * count, D)
+            queries = queries.unflatten(1, (rows, group.count)).transpose(0, 1)  # (rows, H, count, D)
+            if group.mask is None or group.mask.dtype != q.dtype:  # the same for every layer
+                group.mask = combine_masks(rows, group.count, group.key_len, q.device, q.dtype,
+                                           attn_mask=group.allowed)
+            out = scaled_dot_product_attention(queries, keys, values, group.mask)  # (rows, H, count, D)
+            parts.append(out.permute(0, 2, 1, 3).reshape(rows * group.count, self.n_heads * self.head_dim))
+        return torch.cat(parts)[None] if len(parts) > 1 else parts[0][None]

@@ -64,9 +64,10 @@ class MeteredEngine(Engine):
         super().__init__(*args, **kwargs)
         self.metrics = metrics
 
-    def _decode(self, seqs: list[Any]) -> None:
-        self.metrics.decode_step(len(seqs))
-        super()._decode(seqs)
+    def _forward(self, decoding: list[Any], chunks: list[Any]) -> None:
+        if decoding:
+            self.metrics.decode_step(len(decoding))
+        super()._forward(decoding, chunks)
 
 
 class LanguageModel:
