@@ -281,7 +281,9 @@ def test_stop_strings_end_tokens_logprobs_and_penalties() -> None:
     assert len(full) == 12
     stop = full[3:5]
     end = result.tokens[6]
-    handles = [engine.submit(Request("abc", 12, stop=[stop])), engine.submit(Request("abc", 12, end_ids=[end]))]
+    other_end = next(t for t in range(tokenizer.get_vocab_size()) if t not in result.tokens)
+    handles = [engine.submit(Request("abc", 12, stop=[stop])),
+               engine.submit(Request("abc", 12, end_ids=[other_end, end]))]
     # A large logit bias forces a token; presence and frequency penalties push repeated tokens down.
     forced = tokenizer.token_to_id("z") if tokenizer.token_to_id("z") is not None else 0
     biased = engine.submit(Request("abc", 5, SamplingConfig(temperature=0.0, logit_bias={forced: 100.0})))
@@ -292,6 +294,7 @@ def test_stop_strings_end_tokens_logprobs_and_penalties() -> None:
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
     ended = handles[1].result().choices[0]
     assert ended.tokens == result.tokens[: result.tokens.index(end)] and ended.finish_reason == "stop"
+    assert ended.end_token == end and cut.end_token is None and result.end_token is None  # which end token, if any
     assert biased.result().choices[0].tokens == [forced] * 5
     repeats = lambda tokens: len(tokens) - len(set(tokens))  # noqa: E731
     assert repeats(penalised.result().choices[0].tokens) < repeats(result.tokens)

@@ -106,6 +106,7 @@ class Choice:
     finish_reason: str  # "stop", "length" or "cancelled"
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    end_token: int | None = None  # the end token that stopped the choice (not in `tokens`), if one did
 
 
 @dataclass
@@ -205,7 +206,8 @@ class Handle:
             raise self.error
         choices = [Choice(s.index, s.stream.text if s.stream else "", self.engine._visible(s), s.finish_reason or "",
                           s.logprobs if self.request.logprobs else None,
-                          s.top_logprobs if self.request.top_logprobs else None) for s in self.sequences]
+                          s.top_logprobs if self.request.top_logprobs else None,
+                          s.tokens[-1] if s.tokens and s.tokens[-1] in s.ends else None) for s in self.sequences]
         usage = Usage(len(self.prompt), sum(len(s.tokens) for s in self.sequences),
                       max((s.cached for s in self.sequences), default=0))
         first = (self.first_token_at or self.submitted_at) - self.submitted_at

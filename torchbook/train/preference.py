@@ -588,8 +588,8 @@ def rollout(policy: GPT, tokenizer: Any, prompts: list[list[int]], max_new_token
     for prompt, handle in zip(prompts, handles):
         choice = handle.result().choices[0]
         answer = list(choice.tokens)
-        if choice.finish_reason == "stop" and end_ids and len(answer) < max_new_tokens and not stop:
-            answer.append(end_ids[0])
+        if choice.end_token is not None and not stop:
+            answer.append(choice.end_token)  # the end token sampled (of several, the one it was)
         if not answer:  # an immediate end without an end token to keep: the end token is the answer
             answer = [end_ids[0]] if end_ids else [prompt[-1]]
         rows.append((prompt, answer))
