@@ -4,6 +4,7 @@ than importing each other's. Later objectives (DPO) join them here."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -56,14 +57,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if want_w else None
         grad_b = torch.zeros_like(bias) if want_b and bias is not None else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        # Probabilities far below float32's normal range (logits about 70 or more under the largest) would be
+        # computed and multiplied as subnormal numbers, which the CPU handles many times more slowly: with torch's
+        # default embedding initialisation (tied to the output layer) a quarter of them were, and the output
+        # layer's backward took 15x as long (docs/benchmarks.md). Shifted logits are floored at `floor` before exp
+        # and those probabilities set to 0: each below V n e^(floor) < 1e-29, every product stays normal.
+        floor = math.log(torch.finfo(torch.float32).tiny) + math.log(weight.size(0)) + math.log(max(n, 1)) + 1.0
+        cut = math.exp(floor) * 1.5
         for start in range(0, n, chunk):
             h, y = hidden[start : start + chunk], targets[start : start + chunk]
             logits = F.linear(h, weight, bias).float()
-            top = logits.logsumexp(-1)
-            total += (top - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            g = logits.sub_(top[:, None]).exp_()  # softmax, in place
-            g[torch.arange(len(y), device=g.device), y] -= 1.0
-            g = g.div_(n).to(hidden.dtype)
+            picked = logits.gather(1, y[:, None]).squeeze(1)
+            top = logits.amax(-1, keepdim=True)
+            e = logits.sub_(top).clamp_(min=floor).exp_()  # in place: exp(logit - max)
+            sums = e.sum(-1)
+            total += (top.squeeze(1) + sums.log() - picked).sum()
+            F.threshold(e, cut, 0.0, inplace=True)
+            g = e.mul_((1.0 / (sums * n))[:, None])  # softmax / N
+            g[torch.arange(len(y), device=g.device), y] -= 1.0 / n
+            g = g.to(hidden.dtype)
             if grad_h is not None:
                 torch.mm(g, weight, out=grad_h[start : start + chunk])
             if grad_w is not None:
