@@ -192,9 +192,10 @@ def hf_like_init(model: Any) -> None:
                 module.bias.zero_()
 
 
-def cpu_seconds() -> float:
+def cpu_seconds() -> tuple[float, float]:
+    """(user + system, system) CPU seconds of this process so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime, usage.ru_stime
 
 
 def child(args: argparse.Namespace) -> dict[str, object]:
@@ -210,7 +211,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     model = GPT(GPTConfig(**SHAPES[args.shape]))  # type: ignore[arg-type]
     hf_like_init(model)
     tokens = torch.randint(0, model.config.vocab_size, (args.batch * (args.steps + 1), args.seq))
-    clocks: list[float] = []
+    clocks: list[tuple[float, float]] = []
     if args.impl == "ours":
         from torch.utils.data import TensorDataset
 
@@ -225,7 +226,8 @@ def child(args: argparse.Namespace) -> dict[str, object]:
         trainable = [p for p in model.parameters() if p.requires_grad]
         config = TrainConfig(epochs=1, batch_size=args.batch, lr=1e-4, optimizer="adamw", device="cpu",
                              progress=False, max_steps=args.steps + 1, restore_best=False, log_every=0,
-                             activation_checkpointing=args.checkpointing == "on")
+                             activation_checkpointing=args.checkpointing == "on",
+                             release_memory=args.release_memory == "on")
         data = TensorDataset(tokens, tokens.roll(-1, dims=1))
         trainer = Trainer(model, config, None, data, step=sft_step)
         times: list[float] = []
@@ -271,7 +273,10 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     return {"shape": args.shape, "impl": args.impl, "mode": args.mode, "checkpointing": args.checkpointing,
             "batch": args.batch, "seq": args.seq, "timed_steps": args.steps,
             "tokens_per_s": args.steps * args.batch * args.seq / seconds,
-            "tokens_per_cpu_s": args.steps * args.batch * args.seq / (clocks[-1] - clocks[0]),
+            "tokens_per_cpu_s": args.steps * args.batch * args.seq / (clocks[-1][0] - clocks[0][0]),
+            "cpu_s_per_step": (clocks[-1][0] - clocks[0][0]) / args.steps,
+            "sys_s_per_step": (clocks[-1][1] - clocks[0][1]) / args.steps,
+            "release_memory": args.release_memory if args.impl == "ours" else "-",
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "trainable": n_trainable, "grad_and_adam_gb": n_trainable * 4 * 3 / 2**30}
 
@@ -286,6 +291,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", default="on,off")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="run the settings' list this many times")
+    parser.add_argument("--release-memory", default="on", choices=["on", "off"],
+                        help="ours: TrainConfig.release_memory (freed buffers returned at once: lower peak, page faults)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
@@ -302,7 +309,8 @@ def main() -> None:
                 impl, mode = setting.split(":")
                 command = [sys.executable, __file__, "--child", "--shape", shape, "--impl", impl, "--mode", mode,
                            "--checkpointing", checkpointing, "--batch", str(args.batch), "--seq", str(args.seq),
-                           "--steps", str(args.steps), "--threads", str(args.threads), "--tokenizer", tokenizer]
+                           "--steps", str(args.steps), "--threads", str(args.threads), "--tokenizer", tokenizer,
+                           "--release-memory", args.release_memory]
                 out = subprocess.run(command, capture_output=True, text=True)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
