@@ -4,11 +4,17 @@ transformers, each setting in a fresh process (peak RSS is per process).
     python benchmarks/finetune.py                       # SmolLM2-135M and GPT-2-124M shapes, batch 8 x 256
     python benchmarks/finetune.py --shapes smollm2 --batch 2 --seq 128 --steps 2 --checkpointing on
 
-Models have the checkpoints' shapes with random weights (memory and speed do not depend on the values; loading
-SmolLM2's GGUF takes most of a minute here). Ours trains through the one Trainer with `sft_step` (every token
+Models have the checkpoints' shapes with random weights drawn alike on both sides (`hf_like_init`: normal(0, 0.02)
+for every linear and embedding weight, as transformers initialises them; loading SmolLM2's GGUF takes most of a
+minute here). Speed depends on the weights' scale: with torch's default initialisation (embeddings normal(0, 1), tied
+to the output layer) the logits spread so widely that the softmax's gradient fills with subnormal numbers, which
+the CPU multiplies many times more slowly. Ours trains through the one Trainer with `sft_step` (every token
 counted); PEFT's model through a plain AdamW loop on `model(input_ids, labels=...).loss`. Both use AdamW on the
 trainable parameters, LoRA rank 8, alpha 16 on the attention projections (q, k, v, o). Printed per setting: peak
-RSS (GB), tokens/s (after one warm-up step), and the gradient + AdamW-state bytes of the trainable parameters.
+RSS (GB), tokens/s (after one warm-up step), tokens per CPU-second (user + system time of the process over the
+timed steps: on a loaded machine the ratio of these is the comparison to read, with `--threads 1`), and the
+gradient + AdamW-state bytes of the trainable parameters. `--repeats N` runs the list of settings N times, one
+process after the other (ours and the peer's alternate when the list alternates).
 PEFT's QLoRA needs bitsandbytes' CUDA kernels: not measured on this CPU machine.
 
 DPO (chapter 15) against TRL's `DPOTrainer`, `--settings ours:dpo,ours:dpo-lora,trl:dpo,trl:dpo-lora`: `--batch`
@@ -96,6 +102,7 @@ def dpo_child(args: argparse.Namespace) -> dict[str, object]:
         from torchbook.train.trainer import Trainer
 
         model = GPT(GPTConfig(**SHAPES[args.shape]))  # type: ignore[arg-type]
+        hf_like_init(model)
         tokenizer = Tokenizer.from_file(args.tokenizer + "/tokenizer.json")
         eos: int = tokenizer.token_to_id("<|im_end|>")  # type: ignore[assignment]
 
@@ -171,6 +178,26 @@ def tempfile_dir() -> str:
     return tempfile.mkdtemp(prefix="torchbook-bench-trl-")
 
 
+def hf_like_init(model: Any) -> None:
+    """transformers' initialisation for Llama and GPT-2 (initializer_range 0.02): every linear and embedding weight
+    normal(0, 0.02), biases 0; norms keep their ones."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, 0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(user + system, system) CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, usage.ru_stime
+
+
 def child(args: argparse.Namespace) -> dict[str, object]:
     import torch
 
@@ -182,7 +209,9 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     model = GPT(GPTConfig(**SHAPES[args.shape]))  # type: ignore[arg-type]
+    hf_like_init(model)
     tokens = torch.randint(0, model.config.vocab_size, (args.batch * (args.steps + 1), args.seq))
+    clocks: list[tuple[float, float]] = []
     if args.impl == "ours":
         from torch.utils.data import TensorDataset
 
@@ -197,7 +226,8 @@ def child(args: argparse.Namespace) -> dict[str, object]:
         trainable = [p for p in model.parameters() if p.requires_grad]
         config = TrainConfig(epochs=1, batch_size=args.batch, lr=1e-4, optimizer="adamw", device="cpu",
                              progress=False, max_steps=args.steps + 1, restore_best=False, log_every=0,
-                             activation_checkpointing=args.checkpointing == "on")
+                             activation_checkpointing=args.checkpointing == "on",
+                             release_memory=args.release_memory == "on")
         data = TensorDataset(tokens, tokens.roll(-1, dims=1))
         trainer = Trainer(model, config, None, data, step=sft_step)
         times: list[float] = []
@@ -205,6 +235,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
         class Clock:
             def on_step_end(self, trainer: Trainer, loss: float) -> None:
                 times.append(time.perf_counter())
+                clocks.append(cpu_seconds())
 
         trainer.callbacks.append(Clock())
         trainer.fit()
@@ -217,7 +248,8 @@ def child(args: argparse.Namespace) -> dict[str, object]:
         hf_config = hf_config_dict(model.config)
         del model
         kind = hf_config.pop("model_type")
-        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **hf_config))
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **hf_config))  # initialised as hf_like_init
         if args.checkpointing == "on":
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             hf.enable_input_require_grads()
@@ -235,11 +267,16 @@ def child(args: argparse.Namespace) -> dict[str, object]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter())
+            clocks.append(cpu_seconds())
     n_trainable = sum(p.numel() for p in trainable)
     seconds = times[-1] - times[0]
     return {"shape": args.shape, "impl": args.impl, "mode": args.mode, "checkpointing": args.checkpointing,
             "batch": args.batch, "seq": args.seq, "timed_steps": args.steps,
             "tokens_per_s": args.steps * args.batch * args.seq / seconds,
+            "tokens_per_cpu_s": args.steps * args.batch * args.seq / (clocks[-1][0] - clocks[0][0]),
+            "cpu_s_per_step": (clocks[-1][0] - clocks[0][0]) / args.steps,
+            "sys_s_per_step": (clocks[-1][1] - clocks[0][1]) / args.steps,
+            "release_memory": args.release_memory if args.impl == "ours" else "-",
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "trainable": n_trainable, "grad_and_adam_gb": n_trainable * 4 * 3 / 2**30}
 
@@ -253,6 +290,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     parser.add_argument("--checkpointing", default="on,off")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="run the settings' list this many times")
+    parser.add_argument("--release-memory", default="on", choices=["on", "off"],
+                        help="ours: TrainConfig.release_memory (freed buffers returned at once: lower peak, page faults)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
@@ -265,11 +305,12 @@ def main() -> None:
     tokenizer = tokenizer_folder() if "dpo" in args.settings else ""
     for shape in args.shapes.split(","):
         for checkpointing in args.checkpointing.split(","):
-            for setting in args.settings.split(","):
+            for setting in args.settings.split(",") * args.repeats:
                 impl, mode = setting.split(":")
                 command = [sys.executable, __file__, "--child", "--shape", shape, "--impl", impl, "--mode", mode,
                            "--checkpointing", checkpointing, "--batch", str(args.batch), "--seq", str(args.seq),
-                           "--steps", str(args.steps), "--threads", str(args.threads), "--tokenizer", tokenizer]
+                           "--steps", str(args.steps), "--threads", str(args.threads), "--tokenizer", tokenizer,
+                           "--release-memory", args.release_memory]
                 out = subprocess.run(command, capture_output=True, text=True)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:

@@ -197,3 +197,19 @@ def test_a_lora_step_with_checkpointing_keeps_no_gradient_on_frozen_weights() ->
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and all(model.get_parameter(n).grad is None for n in frozen)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
+
+
+def test_release_memory_switches_the_allocator_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`release_memory=false` keeps glibc's default allocator under checkpointing on the CPU: the fixed 1 MiB mmap
+    threshold costs page faults (about 6.5 s of system time per 13 s step at SmolLM2's shape, batch 8 x 256,
+    docs/benchmarks.md); the default (true) applies it."""
+    import torchbook.train.trainer as trainer_module
+
+    calls: list[int] = []
+    monkeypatch.setattr(trainer_module, "return_freed_buffers", lambda: calls.append(1) or True)
+    tokens = torch.randint(0, 96, (4, 12))
+    for release in (True, False):
+        config = TrainConfig(epochs=1, batch_size=2, device="cpu", progress=False, activation_checkpointing=True,
+                             release_memory=release)
+        Trainer(tiny_llama(), config, None, TensorDataset(tokens, tokens.roll(-1, 1)), step=sft_step)
+    assert calls == [1]

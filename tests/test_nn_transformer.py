@@ -91,3 +91,21 @@ def test_rnn_attention_weights_ignore_padding_and_sum_to_one() -> None:
     luong = LuongAttention(6, 8)
     scores = torch.einsum("btq,qk,bsk->bts", query, luong.key_proj.weight, keys)
     torch.testing.assert_close(luong(query, keys)[1], scores.softmax(-1))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_causal_attention_without_masks_equals_the_masked_path(kv_heads: int) -> None:
+    """Causal self-attention with no other mask runs SDPA's own causal mode (is_causal, blocks above the diagonal
+    skipped); outputs and gradients equal those with the same causal mask given explicitly (the additive-mask
+    path), multi-head and grouped-query."""
+    from torchbook.nn.attention import causal_mask
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4, kv_heads)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    fast = mha(x, causal=True)
+    masked = mha(x, attn_mask=causal_mask(9, 9))
+    torch.testing.assert_close(fast, masked, atol=1e-6, rtol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), [x, mha.q_proj.weight]) for out in (fast, masked)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -177,3 +177,32 @@ def test_chunked_loss_equals_the_loss_over_full_logits() -> None:
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
     model.zero_grad()
     torch.testing.assert_close(sft_step(model, (inputs, labels)).loss, reference, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["frozen head with bias", "not a plain Linear (recomputed)", "float64", "wide logits"])
+def test_chunked_loss_paths_equal_full_logits(case: str) -> None:
+    """`chunked_cross_entropy`'s paths against F.cross_entropy over the full logits, loss and gradients 1e-6: the
+    fused one (gradients computed chunk by chunk in the forward pass) with a frozen head that has a bias (LoRA:
+    only the hidden states get a gradient), the recomputed one for any other head, float64, and logits spread
+    wide enough that most probabilities fall below float32's normal range (flushed to 0 by the fused path); chunks
+    that do not divide the rows; no gradient kept under no_grad."""
+    from torchbook.train.steps import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    head: torch.nn.Module = torch.nn.Linear(16, 50, bias=case != "float64", dtype=dtype)
+    if case == "frozen head with bias":
+        head.weight.requires_grad_(False)
+    if case == "not a plain Linear (recomputed)":
+        head = torch.nn.Sequential(head)
+    hidden = ((40 if case == "wide logits" else 3) * torch.randn(23, 16, dtype=dtype)).requires_grad_()
+    targets = torch.randint(0, 50, (23,))
+    reference = torch.nn.functional.cross_entropy(head(hidden).float(), targets)
+    params = [hidden] + [p for p in head.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(reference, params)
+    loss = chunked_cross_entropy(head, hidden, targets, chunk=5)
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, params), expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_cross_entropy(head, hidden, targets, chunk=7), reference.detach())

@@ -70,17 +70,19 @@ def combine_masks(
 
 
 def scaled_dot_product_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0, scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0, scale: float | None = None,
+    is_causal: bool = False,
 ) -> Tensor:
     """q: (B, H, Tq, D), k and v: (B, Hkv, Tk, D) with H a multiple of Hkv (grouped-query attention).
 
-    Returns (B, H, Tq, D). `mask` is additive (see `combine_masks`).
+    Returns (B, H, Tq, D). `mask` is additive (see `combine_masks`); `is_causal` (with no mask, Tq == Tk): query i
+    sees keys 0..i, which the kernels apply blockwise, skipping the blocks above the diagonal.
     """
     # Grouped-query attention: each group of H/Hkv query heads shares one key/value head. `enable_gqa` lets the
     # kernel read the shared heads in place instead of copying the keys and values H/Hkv times (the whole cache,
     # every decoding step).
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
-                                          enable_gqa=q.size(1) != k.size(1))
+                                          is_causal=is_causal, enable_gqa=q.size(1) != k.size(1))
 
 
 class MultiHeadAttention(nn.Module):
@@ -183,6 +185,11 @@ class MultiHeadAttention(nn.Module):
         key_len = k.size(2)
         # A single new query attends to every cached key anyway: skip building a causal mask then.
         needs_causal = causal and not (query_len == 1 and window is None)
+        if needs_causal and query_len == key_len and window is None and key_padding_mask is None and attn_mask is None:
+            # Causal and nothing else (training, a prompt without padding): the kernel's own causal mode, which
+            # skips the blocks above the diagonal (half the scores) instead of adding a (Tq, Tk) mask to all.
+            out = scaled_dot_product_attention(q, k, v, None, self.dropout if self.training else 0.0, is_causal=True)
+            return self.out_proj(out.transpose(1, 2).reshape(batch, query_len, self.n_heads * self.head_dim))
         mask = combine_masks(
             batch, query_len, key_len, x.device, q.dtype, needs_causal, window if causal else None,
             key_padding_mask, attn_mask,

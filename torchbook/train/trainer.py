@@ -165,7 +165,7 @@ class Trainer:
         if config.activation_checkpointing:
             inner = self.train_module.module if self.dist.mode == "ddp" else self.train_module
             enable_activation_checkpointing(inner)  # type: ignore[arg-type]
-            if self.device.type == "cpu":  # what checkpointing frees must leave the process (speed.py)
+            if self.device.type == "cpu" and config.release_memory:  # what checkpointing frees leaves (speed.py)
                 return_freed_buffers()
         self.forward_module: Any = Compiled(self.train_module) if config.compile else self.train_module
         self.fitting = False
