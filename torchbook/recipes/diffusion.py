@@ -80,6 +80,10 @@ class Config(TrainConfig):
                   "layers_per_block": 1, "ddim_steps": 5, "samples_per_class": 1, "batch_size": 32, "fd_samples": 64},
         "quick": {"epochs": 1, "limit": 9600, "val_limit": 1000, "block_out_channels": [16, 32, 64],
                   "layers_per_block": 1, "lr": 2e-3, "ema_decay": 0.995, "samples_per_class": 4, "fd_samples": 200},
+        # DDIM's Fréchet distance against the VAE's (tests/test_diffusion.py, slow): ~15 CPU minutes of one thread
+        "gate": {"epochs": 3, "max_steps": 1800, "restore_best": False, "val_limit": 1000,
+                 "block_out_channels": [16, 32, 64], "layers_per_block": 1, "lr": 2e-3, "ema_decay": 0.995,
+                 "samples_per_class": 4, "fd_samples": 500, "checkpoint_every": 600, "keep_checkpoints": 3},
         "book": {"ddpm_samples": 16},
     }
 
