@@ -13,7 +13,7 @@ steadier figure on a shared machine.
 
 `--quality` also trains both networks from the same initial weights for `--quality-steps` steps each (same data
 order, same budget) and gives the Fréchet distance (`torchbook.train.frechet`) of `--fd-samples` DDIM samples of
-each against as many test images.
+each against as many test images, once per `--seeds` seed (seed 0 is the earlier single comparison).
 """
 
 from __future__ import annotations
@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--quality-steps", type=int, default=150)
     parser.add_argument("--fd-samples", type=int, default=500)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="--quality: one comparison per seed (initial weights, data order, t and noise draws)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import diffusers
@@ -179,17 +181,23 @@ def main() -> None:
                          args.train_steps * args.batch))
         print(ratio_line(f"DDIM sampling ({args.sample_steps} steps)", draw["ours"], draw["peer"], args.batch))
     if args.quality:
-        ours, peer = models(config, 0)
-        train_ours(ours, images, args.quality_steps, args.batch, 0)
-        train_peer(peer, images, args.quality_steps, args.batch, 0)
         whole = len(images)
         features = feature_extractor(data.images[:whole], data.labels[:whole], len(data.classes), 0, data.name)
         test = data.test_images if data.test_images is not None else data.images
         n = min(args.fd_samples, len(test))
-        fd_ours = frechet_distance(features, test[:n], to_images(sample_ours(ours, n, args.sample_steps, 1)[1]))
-        fd_peer = frechet_distance(features, test[:n], to_images(sample_peer(peer, n, args.sample_steps, 1)[1]))
-        print(f"Fréchet distance after {args.quality_steps} steps each, {n} DDIM samples: ours {fd_ours:.2f}, "
-              f"diffusers {fd_peer:.2f}, ours / diffusers {fd_ours / fd_peer:.3f}")
+        ratios = []
+        for seed in args.seeds:
+            ours, peer = models(config, seed)
+            train_ours(ours, images, args.quality_steps, args.batch, seed)
+            train_peer(peer, images, args.quality_steps, args.batch, seed)
+            fd_ours = frechet_distance(features, test[:n], to_images(sample_ours(ours, n, args.sample_steps, seed + 1)[1]))
+            fd_peer = frechet_distance(features, test[:n], to_images(sample_peer(peer, n, args.sample_steps, seed + 1)[1]))
+            ratios.append(fd_ours / fd_peer)
+            print(f"seed {seed}: Fréchet distance after {args.quality_steps} steps each, {n} DDIM samples: ours "
+                  f"{fd_ours:.2f}, diffusers {fd_peer:.2f}, ours / diffusers {fd_ours / fd_peer:.3f}", flush=True)
+        if len(ratios) > 1:
+            print(f"ours / diffusers over {len(ratios)} seeds: median {statistics.median(ratios):.3f}, "
+                  f"range {min(ratios):.3f} .. {max(ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from torchbook.diffusion.sampling import guided_noise, sample  # noqa: E402
 from torchbook.diffusion.schedulers import DDIM, DDPM, cosine_schedule  # noqa: E402
 from torchbook.errors import UserInputError  # noqa: E402
 from torchbook.models.unet import UNet, UNetConfig  # noqa: E402
-from torchbook.recipes import diffusion  # noqa: E402
+from torchbook.recipes import autoencoders, diffusion  # noqa: E402
 from torchbook.train import TrainConfig, Trainer  # noqa: E402
 from torchbook.train.generative import EMAModel, EMAUpdate  # noqa: E402
 
@@ -128,6 +128,30 @@ def test_ddim_book_mode_agrees_with_diffusers_at_eta_0_and_differs_in_variance()
         DDIM(schedule, 50, mode="boook")
 
 
+def test_book_ddim_first_step_amplifies_the_models_error_unless_the_clean_image_is_clamped():
+    """The book's grid starts at t = T - 1, where alpha_bar = 1.5e-10: a noise estimate off by 0.02 predicts a clean
+    image off by ~1,600 and the next x off by ~50, far outside what the network saw in training, so it cannot undo
+    it (the recipe's samples were saturated speckle: x reached a std of 9,000). Data: one image c; the noise
+    estimator: the exact one, (x - sqrt(a) c) / sqrt(1 - a), bounded as a network trained on unit noise is
+    (|eps| <= 5), plus an error of 0.02."""
+    schedule = cosine_schedule(T)
+    assert float(schedule.alphas_cumprod[-1]) < 1e-9
+    clean = torch.linspace(-0.9, 0.9, 16).view(1, 1, 4, 4)
+    generator = torch.Generator().manual_seed(0)
+    results = {}
+    for clip in (None, 1.0):
+        ddim = DDIM(schedule, 50, 0.0, mode="book", clip_sample=clip)
+        x = torch.randn((4, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+        for t, t_prev in ddim.pairs():
+            a = schedule.alphas_cumprod[t]
+            exact = (x - a**0.5 * clean) / (1 - a) ** 0.5
+            eps = exact.clamp(-5, 5) + 0.02 * torch.randn(x.shape, generator=generator)
+            x = ddim.step(eps, t, t_prev, x)
+        results[clip] = (x - clean).abs().max().item()
+    assert results[None] > 10  # the defect: the sample is the first step's error, blown up
+    assert results[1.0] < 0.05  # clamped: the image, up to the small error of the last steps
+
+
 @pytest.mark.parametrize("classes", [None, 11])
 def test_unet_equals_diffusers_unet2dmodel(classes):
     config = UNetConfig(sample_size=16, in_channels=3, out_channels=3, block_out_channels=[16, 32, 32],
@@ -218,6 +242,20 @@ def test_diffusion_quick_beats_the_per_pixel_gaussian_denoiser(tmp_path):
     run = diffusion.run(build_config(diffusion.Config, preset="quick"), tmp_path / "run")
     results = json.loads((run.path / "results.json").read_text())
     assert results["denoising_loss"] < 0.75 * results["gaussian_baseline_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_diffusion_gate_ddim_beats_the_vae_frechet_distance(tmp_path):
+    """The issue's gate: DDIM samples of the `gate` preset (1,800 steps of 64, EMA, ~15 CPU minutes) have a lower
+    Fréchet distance than the VAE's (autoencoders `quick`), both 500 samples against the same 500 test images and
+    the same cached feature classifier."""
+    run = diffusion.run(build_config(diffusion.Config, preset="gate"), tmp_path / "diffusion")
+    ddim = json.loads((run.path / "results.json").read_text())
+    vae_config = build_config(autoencoders.Config, preset="quick", overrides=["kind=vae", "fd_samples=500", "labels=0"])
+    vae = json.loads((autoencoders.run(vae_config, tmp_path / "vae").path / "results.json").read_text())
+    assert ddim["frechet_samples"] == vae["frechet_samples"] == 500
+    assert ddim["frechet_distance"] < vae["frechet_distance"], (ddim["frechet_distance"], vae["frechet_distance"])
 
 
 @pytest.mark.parametrize("scheduler_kind", ["ddpm", "ddim"])

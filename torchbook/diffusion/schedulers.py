@@ -162,17 +162,20 @@ class DDPM:
 class DDIM:
     """DDIM (equation 18-9): the same trained model sampled in `steps` jumps, `eta` setting how random each is
     (0: deterministic). `spacing` picks the timesteps: `book` (equal jumps from step T-1 to the clean image, the
-    default in book mode) or diffusers' `leading` (its default), `trailing` or `linspace`."""
+    default in book mode) or diffusers' `leading` (its default), `trailing` or `linspace`. `clip_sample` clamps
+    each step's predicted clean image to [-clip_sample, clip_sample]: in book mode needed with the book's grid and
+    cosine schedule, whose first step divides the model's error by sqrt(alpha_bar_T-1) = 1.2e-5 (see `step`)."""
 
     def __init__(self, schedule: VarianceSchedule, steps: int = 50, eta: float = 0.85, mode: str = "book",
                  spacing: str | None = None, clip_sample: float | None = None, final_alpha_one: bool = True,
                  steps_offset: int = 0):
         self.schedule = schedule
-        # diffusers mode only: clip_sample (clamp the predicted clean image), set_alpha_to_one (False: the jump after
+        # clip_sample: clamp the predicted clean image to [-clip, clip] (in book mode the noise estimate is then
+        # recomputed from the clamped image, see `step`). diffusers mode only: set_alpha_to_one (False: the jump after
         # the last step ends at alpha_bar_0 instead of 1) and steps_offset (added to leading timesteps).
-        if mode == "book" and (clip_sample is not None or not final_alpha_one or steps_offset):
-            raise UserInputError("clip_sample, set_alpha_to_one=False and steps_offset are diffusers options; the "
-                                 "book's DDIM has none: use mode=diffusers")
+        if mode == "book" and (not final_alpha_one or steps_offset):
+            raise UserInputError("set_alpha_to_one=False and steps_offset are diffusers options; the book's DDIM has "
+                                 "neither: use mode=diffusers")
         self.clip_sample = clip_sample
         self.final_alpha = torch.tensor(1.0) if final_alpha_one else schedule.alphas_cumprod[0]
         self.steps_offset = steps_offset
@@ -220,6 +223,12 @@ class DDIM:
         beta_prod_t = 1 - alpha_prod_t
         x0 = (x - beta_prod_t ** (0.5) * eps) / alpha_prod_t ** (0.5)
         if self.mode == "book":
+            if self.clip_sample is not None:
+                # The book's grid starts at t = T - 1, where the cosine schedule's alpha_bar is 1.5e-10: x0 above is
+                # the model's error times 1 / sqrt(alpha_bar) = 81,000, and unclamped it swamps the whole sample.
+                # Clamp it to the data's range and keep the update consistent: the noise that x and this x0 imply.
+                x0 = x0.clamp(-self.clip_sample, self.clip_sample)
+                eps = (x - alpha_prod_t**0.5 * x0) / beta_prod_t**0.5
             var = self.variance(t, t_prev)
             prev = alpha_prod_t_prev**0.5 * x0 + (1 - alpha_prod_t_prev - var) ** 0.5 * eps
             return prev + var**0.5 * noise_like(x, generator) if self.eta > 0 else prev

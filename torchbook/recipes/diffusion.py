@@ -61,6 +61,7 @@ class Config(TrainConfig):
     sampler: str = "book"  # book or diffusers (see torchbook.diffusion.schedulers)
     ddim_steps: int = BOOK_DDIM_STEPS
     eta: float = BOOK_ETA
+    clip_sample: float = 1.0  # clamp DDIM's predicted clean image to [-1, 1], the data's range (0: off, see DDIM)
     guidance: float = 2.0  # classifier-free guidance scale of the report's class-conditional grid
     samples_per_class: int = 8
     ddpm_samples: int = 0  # images sampled with the full T-step DDPM (T model calls each batch: slow on CPU)
@@ -79,6 +80,10 @@ class Config(TrainConfig):
                   "layers_per_block": 1, "ddim_steps": 5, "samples_per_class": 1, "batch_size": 32, "fd_samples": 64},
         "quick": {"epochs": 1, "limit": 9600, "val_limit": 1000, "block_out_channels": [16, 32, 64],
                   "layers_per_block": 1, "lr": 2e-3, "ema_decay": 0.995, "samples_per_class": 4, "fd_samples": 200},
+        # DDIM's Fréchet distance against the VAE's (tests/test_diffusion.py, slow): ~15 CPU minutes of one thread
+        "gate": {"epochs": 3, "max_steps": 1800, "restore_best": False, "val_limit": 1000,
+                 "block_out_channels": [16, 32, 64], "layers_per_block": 1, "lr": 2e-3, "ema_decay": 0.995,
+                 "samples_per_class": 4, "fd_samples": 500, "checkpoint_every": 600, "keep_checkpoints": 3},
         "book": {"ddpm_samples": 16},
     }
 
@@ -92,6 +97,8 @@ class Config(TrainConfig):
             raise UserInputError(f"ddim_steps={self.ddim_steps} must be between 1 and timesteps={self.timesteps}")
         if not 0 <= self.p_uncond <= 1:
             raise UserInputError(f"p_uncond={self.p_uncond} must be a probability")
+        if self.clip_sample < 0:
+            raise UserInputError(f"clip_sample={self.clip_sample} must be positive (the clamp's bound) or 0 (off)")
         if not 0 <= self.ema_decay < 1:
             raise UserInputError(f"ema_decay={self.ema_decay} must be in [0, 1) (0: no average)")
         if not 0 <= self.attention_stages <= len(self.block_out_channels):
@@ -193,7 +200,8 @@ def generate(model: UNet, config: Config, n: int, steps: int | None = None, eta:
     `labels`, or random classes) with classifier-free guidance `guidance` (default: the config's)."""
     schedule = schedule_of(config)
     scheduler: DDPM | DDIM = (DDPM(schedule, config.sampler) if ddpm else
-                              DDIM(schedule, steps or config.ddim_steps, config.eta if eta is None else eta, config.sampler))
+                              DDIM(schedule, steps or config.ddim_steps, config.eta if eta is None else eta, config.sampler,
+                                   clip_sample=config.clip_sample or None))
     n_classes = null_class(model)
     generator = torch.Generator().manual_seed(seed)
     if n_classes is not None and labels is None:
