@@ -38,6 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from generate import TEXT  # noqa: E402  (benchmarks/generate.py: the same paragraph of real text)
 
+PREFILL_FIRST = False  # --prefill-first: every engine of the run gives a step with prompt tokens to them alone
+
 
 def workload(tokenizer: Any, n: int, prompts: tuple[int, int], answers: tuple[int, int],
              seed: int = 0) -> list[tuple[list[int], int]]:
@@ -82,7 +84,8 @@ def run_closed(model: Any, work: list[tuple[list[int], int]], slots: int, prefil
     from torchbook.generate.sampling import SamplingConfig
     from torchbook.generate.serving import Engine, Request
 
-    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk)
+    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk,
+                    prefill_first=PREFILL_FIRST)
     engine.packed = packed
     start, cpu = time.perf_counter(), cpu_seconds()
     for prompt, n in work:
@@ -98,7 +101,8 @@ def run_clients(model: Any, work: list[tuple[list[int], int]], clients: int, slo
     from torchbook.generate.sampling import SamplingConfig
     from torchbook.generate.serving import Engine, Request
 
-    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk)
+    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk,
+                    prefill_first=PREFILL_FIRST)
     engine.packed = packed
     pending = list(work)
     submit = lambda: engine.submit(Request(*pending.pop(0), SamplingConfig(temperature=0.0), end_ids=[]))  # noqa: E731
@@ -120,7 +124,8 @@ def run_poisson(model: Any, work: list[tuple[list[int], int]], slots: int, rate:
     from torchbook.generate.serving import Engine, Request
 
     rng = random.Random(seed)
-    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk).start()
+    engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk,
+                    prefill_first=PREFILL_FIRST).start()
     handles = []
     next_at = time.perf_counter()
     for prompt, n in work:
@@ -186,7 +191,11 @@ def main() -> None:
                         help="what to measure after the throughputs: ttft (Poisson arrivals on the batched engine, "
                              "against a lone request), serial-ttft (the same arrivals one at a time), chat")
     parser.add_argument("--prefill-chunk", type=int, default=128, help="the engine's prompt tokens per step")
+    parser.add_argument("--prefill-first", action="store_true",
+                        help="Engine(prefill_first=True): a step with prompt tokens carries no decoding rows")
     args = parser.parse_args()
+    global PREFILL_FIRST
+    PREFILL_FIRST = args.prefill_first
 
     import torchbook
     from torchbook.hub.gguf import default_chat_model

@@ -202,6 +202,28 @@ def test_mixed_steps_join_while_others_decode() -> None:
     assert outputs[0] == outputs[1]
 
 
+def test_prefill_first_steps_carry_prompts_alone() -> None:
+    """`prefill_first=True`: a step with prompt tokens to prefill carries no decoding row (the newcomer's first token
+    costs its prefill alone); the decoding rows go on once no prompt waits; every request's tokens are its lone run's."""
+    model = CountingGPT(tiny_gpt())
+    ps = prompts()
+    order, lengths = (0, 2, 3, 1), (12, 7, 9, 6)
+    reference = {i: alone(model, ps[i], i, n)[0] for i, n in zip(order, lengths)}
+    engine = Engine(model, slots=4, max_len=96, prefill_chunk=20, prefill_first=True)
+    handles = {i: engine.submit(Request(ps[i], n, settings(i))) for i, n in zip(order[:2], lengths[:2])}
+    engine.step()  # both short prompts together, alone
+    engine.step()  # the two decoding rows
+    for i, n in zip(order[2:], lengths[2:]):
+        handles[i] = engine.submit(Request(ps[i], n, settings(i)))
+    model.steps.clear()
+    for _ in range(4):
+        engine.step()
+    # 20 of the 30-token prompt, its last 10, the 17-token prompt whole: no decoding row beside them; then decoding
+    assert model.steps == [[20], [10], [17], [1, 1, 1, 1]]
+    engine.run()
+    assert {i: handles[i].result().choices[0].tokens for i in order} == reference
+
+
 def test_prefix_reuse_equals_a_cold_run() -> None:
     model = tiny_gpt()
     system = prompts()[3]  # a shared "system prompt" of 30 tokens

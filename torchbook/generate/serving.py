@@ -220,12 +220,14 @@ class Engine:
     `slots`: requests decoded side by side; `max_len`: positions per slot (prompt + answer; at most the model's
     context); memory `slots * max_len * SlotCache.bytes_per_token(...)`. `max_queue`: requests that may wait.
     `prefill_chunk`: prompt tokens prefilled per step, in all, beside the decoding rows (the step's prompt-token
-    budget). `prefix_cache`: reuse cached prefixes.
+    budget). `prefix_cache`: reuse cached prefixes. `prefill_first`: a step that has prompt tokens to prefill
+    carries only those (the decoding rows wait one step), so a newcomer's first token costs its prefill alone, at
+    the price of the running requests' time between tokens and of one more pass over the weights per prompt.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, slots: int = 8, max_len: int = 1024,
                  max_queue: int = 64, prefill_chunk: int = 128, prefix_cache: bool = True,
-                 end_ids: Sequence[int] = ()):
+                 end_ids: Sequence[int] = (), prefill_first: bool = False):
         if not getattr(model, "supports_slots", False):
             raise UserInputError(f"{type(model).__name__} cannot be served by the engine (it needs a decoder-only "
                                  "model without a sliding window)", param="model")
@@ -237,6 +239,7 @@ class Engine:
         self.max_len = self.cache.max_len
         self.vocab = model.config.vocab_size
         self.max_queue, self.prefill_chunk, self.prefix_cache = max_queue, prefill_chunk, prefix_cache
+        self.prefill_first = prefill_first
         self.packed = getattr(model, "supports_packed_steps", False)  # prefill and decoding in one forward
         self.end_ids = list(end_ids)
         self.waiting: deque[_Sequence] = deque()
@@ -379,6 +382,8 @@ class Engine:
             budget -= len(chunks[-1][1])
             if budget <= 0:
                 break
+        if chunks and self.prefill_first:
+            decoding = []
         if decoding or chunks:
             self._forward(decoding, chunks)
         self.steps += 1
