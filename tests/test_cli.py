@@ -89,7 +89,7 @@ def test_resume_may_change_how_a_run_computes_but_not_what_it_learns(tmp_path, m
     (tmp_path / "r" / "report.md").unlink()  # as if it had been killed before the end
     assert main(["run", "image-classifier", "--resume", "r", "lr=0.5", "progress=false"]) == 2
     err = capsys.readouterr().err
-    assert "only device, num_workers, progress, compile, activation_checkpointing may change" in err
+    assert "only device, num_workers, progress, compile, activation_checkpointing, release_memory may change" in err
     assert "drop lr=0.5" in err and "progress" not in err.split("drop")[1]
     assert main(["run", "image-classifier", "--resume", "r", "activation_checkpointing=true", "progress=false"]) == 0
     config = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
@@ -97,6 +97,12 @@ def test_resume_may_change_how_a_run_computes_but_not_what_it_learns(tmp_path, m
     events = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert {"activation_checkpointing": True, "progress": False} in [e["changed"] for e in events if e["kind"] == "resume"]
     assert (tmp_path / "r" / "report.md").exists()
+    # a run made before a config key existed (config.json without it) resumes, the key at its default
+    record = json.loads((tmp_path / "r" / "config.json").read_text())
+    del record["config"]["tensorboard"]
+    (tmp_path / "r" / "config.json").write_text(json.dumps(record))
+    (tmp_path / "r" / "report.md").unlink()
+    assert main(["run", "image-classifier", "--resume", "r"]) == 0
 
 
 def test_help_lists_commands(capsys):

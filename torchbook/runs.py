@@ -36,11 +36,13 @@ RUNS_ROOT = Path("runs")
 # Settings that change how a run computes, not what it learns: a resumed run may change them (more memory-frugal
 # activation checkpointing after running out of memory, another device, no progress bar). Everything else must
 # match the run's config.json, or the resumed run would be a different one.
-RESUME_SETTINGS = ("device", "num_workers", "progress", "compile", "activation_checkpointing")
+RESUME_SETTINGS = ("device", "num_workers", "progress", "compile", "activation_checkpointing", "release_memory")
 
 
-def _what_it_learns(record: dict[str, Any]) -> Any:
-    config = {k: v for k, v in record.get("config", {}).items() if k not in RESUME_SETTINGS}
+def _what_it_learns(record: dict[str, Any], keys: Any = None) -> Any:
+    """The record without the settings a resume may change (and, given `keys`, only those config keys)."""
+    config = {k: v for k, v in record.get("config", {}).items()
+              if k not in RESUME_SETTINGS and (keys is None or k in keys)}
     return to_jsonable({**record, "config": config})
 
 
@@ -92,7 +94,9 @@ class RunDir:
                             "empty folder for the run")
         if rd.config_path.exists() and not overwrite:
             old = rd.read_json("config.json")
-            if _what_it_learns(old) != _what_it_learns(record):
+            # A key the run's config.json lacks is newer than the run: it takes its default (a new setting's default
+            # is the behaviour from before it existed), so the run still resumes.
+            if _what_it_learns(old) != _what_it_learns(record, keys=old.get("config", {}).keys()):
                 raise RunExists(f"run folder {str(path)!r} already holds a run with another recipe or config")
             if rd.finished:
                 raise RunFinished(f"run folder {str(path)!r} holds a finished run (its report.md is written); "

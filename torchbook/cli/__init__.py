@@ -210,7 +210,7 @@ def build_parser() -> Parser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, parsed by the field's type")
     p.add_argument("--preset", help=f"named settings: {PRESET_NAMES_DOC}")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last good checkpoint; key=value may change only "
-                   "device, num_workers, progress, compile and activation_checkpointing (e.g. "
+                   "device, num_workers, progress, compile, activation_checkpointing and release_memory (e.g. "
                    "activation_checkpointing=true after running out of memory)")
     p.add_argument("--config", metavar="FILE", help="start from a config.json written by an earlier run")
     p.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/RECIPE/TIMESTAMP)")
