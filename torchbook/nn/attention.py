@@ -185,18 +185,20 @@ class MultiHeadAttention(nn.Module):
         key_len = k.size(2)
         # A single new query attends to every cached key anyway: skip building a causal mask then.
         needs_causal = causal and not (query_len == 1 and window is None)
-        if needs_causal and query_len == key_len and window is None and key_padding_mask is None and attn_mask is None:
-            # Causal and nothing else (training, a prompt without padding): the kernel's own causal mode, which
-            # skips the blocks above the diagonal (half the scores) instead of adding a (Tq, Tk) mask to all.
-            out = scaled_dot_product_attention(q, k, v, None, self.dropout if self.training else 0.0, is_causal=True)
-            return self.out_proj(out.transpose(1, 2).reshape(batch, query_len, self.n_heads * self.head_dim))
-        mask = combine_masks(
-            batch, query_len, key_len, x.device, q.dtype, needs_causal, window if causal else None,
-            key_padding_mask, attn_mask,
-        )
+        # Causal and nothing else (training, a prompt without padding): the kernel's own causal mode, which skips
+        # the blocks above the diagonal (half the scores) instead of adding a (Tq, Tk) mask to all.
+        kernel_causal = (needs_causal and query_len == key_len and window is None and key_padding_mask is None
+                         and attn_mask is None)
+        mask = None
+        if not kernel_causal:
+            mask = combine_masks(
+                batch, query_len, key_len, x.device, q.dtype, needs_causal, window if causal else None,
+                key_padding_mask, attn_mask,
+            )
         if causal and window is not None and query_len == 1 and key_len > window:
             mask = combine_masks(batch, 1, key_len, x.device, q.dtype, True, window, key_padding_mask, attn_mask)
-        out = scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        out = scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0,
+                                           is_causal=kernel_causal)
         out = out.transpose(1, 2).reshape(batch, query_len, self.n_heads * self.head_dim)
         return self.out_proj(out)
 

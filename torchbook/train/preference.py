@@ -420,12 +420,13 @@ def pair_logps(model: nn.Module, data: PairData, batch_size: int, pad_id: int,
 
 def add_reference_logps(model: nn.Module, data: PairData, batch_size: int, pad_id: int) -> None:
     """Fill each example's reference log-probabilities with `model`'s (the policy before training)."""
-    set_reference_logps(data, *pair_logps(model, data, batch_size, pad_id))
+    chosen, rejected = pair_logps(model, data, batch_size, pad_id)
+    set_reference_logps(data, chosen.tolist(), rejected.tolist())
 
 
-def set_reference_logps(data: PairData, chosen: Sequence[float] | Tensor, rejected: Sequence[float] | Tensor) -> None:
+def set_reference_logps(data: PairData, chosen: Sequence[float], rejected: Sequence[float]) -> None:
     """Fill each example's reference log-probabilities (chosen, rejected: one per example)."""
-    for example, c, r in zip(data.examples, torch.as_tensor(chosen).tolist(), torch.as_tensor(rejected).tolist()):
+    for example, c, r in zip(data.examples, chosen, rejected):
         example.ref_chosen, example.ref_rejected = c, r
 
 
