@@ -35,6 +35,7 @@ install: $(VENV)/.installed check-torch
 # Debian packages the tests read (one place: .ci/run calls this before `make test`). Present ones are skipped.
 DEBIAN_PACKAGES := dataset-fashion-mnist
 DEBIAN_PACKAGES += chromium chromium-driver  # the web page's browser tests (#25)
+DEBIAN_PACKAGES += libjemalloc2  # the allocator the torchbook command runs on (torchbook/allocator.py)
 system-deps:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

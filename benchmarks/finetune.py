@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 from typing import Any
+
+from torchbook.allocator import allocator_in_use, with_faster_allocator
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, max_len=8192,
@@ -276,7 +279,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
             "tokens_per_cpu_s": args.steps * args.batch * args.seq / (clocks[-1][0] - clocks[0][0]),
             "cpu_s_per_step": (clocks[-1][0] - clocks[0][0]) / args.steps,
             "sys_s_per_step": (clocks[-1][1] - clocks[0][1]) / args.steps,
-            "release_memory": args.release_memory if args.impl == "ours" else "-",
+            "release_memory": args.release_memory if args.impl == "ours" else "-", "allocator": allocator_in_use(),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "trainable": n_trainable, "grad_and_adam_gb": n_trainable * 4 * 3 / 2**30}
 
@@ -293,6 +296,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="run the settings' list this many times")
     parser.add_argument("--release-memory", default="on", choices=["on", "off"],
                         help="ours: TrainConfig.release_memory (freed buffers returned at once: lower peak, page faults)")
+    parser.add_argument("--allocator", default="cli", choices=["cli", "system"],
+                        help="ours: the allocator the torchbook command runs on (cli: jemalloc when installed, "
+                             "torchbook.allocator) or the C library's (system)")
+    parser.add_argument("--peer-allocator", default="system", choices=["system", "jemalloc"],
+                        help="the peers' processes: the C library's allocator (what their users get) or jemalloc")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
@@ -303,6 +311,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args)))
         return
     tokenizer = tokenizer_folder() if "dpo" in args.settings else ""
+    system_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
     for shape in args.shapes.split(","):
         for checkpointing in args.checkpointing.split(","):
             for setting in args.settings.split(",") * args.repeats:
@@ -311,7 +320,9 @@ def main() -> None:
                            "--checkpointing", checkpointing, "--batch", str(args.batch), "--seq", str(args.seq),
                            "--steps", str(args.steps), "--threads", str(args.threads), "--tokenizer", tokenizer,
                            "--release-memory", args.release_memory]
-                out = subprocess.run(command, capture_output=True, text=True)
+                faster = args.allocator == "cli" if impl == "ours" else args.peer_allocator == "jemalloc"
+                env = (with_faster_allocator(system_env) or system_env) if faster else system_env
+                out = subprocess.run(command, capture_output=True, text=True, env=env)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
                     print(json.dumps({"shape": shape, "setting": setting, "checkpointing": checkpointing,

@@ -2,6 +2,6 @@
 
 import sys
 
-from torchbook.cli import main
+from torchbook.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from torchbook import __version__
+from torchbook.allocator import allocator_in_use, reexec_with_faster_allocator
 from torchbook.errors import RunExists, RunFinished, TorchbookError, UserInputError
 
 EXIT_USAGE = 2
@@ -188,7 +189,8 @@ class RecipeHelp(argparse.Action):
 
 def build_parser() -> Parser:
     parser = Parser(prog="torchbook", description="Run, study and use every system of the book.")
-    parser.add_argument("--version", action="version", version=f"torchbook {__version__}")
+    parser.add_argument("--version", action="version", version=f"torchbook {__version__} (memory allocator: {allocator_in_use()})",
+                        help="show the version and the memory allocator this process runs on, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
@@ -255,6 +257,17 @@ def set_threads(threads: int | None) -> None:
         import torch  # only when asked: the number of threads of an already-imported torch is set here
 
         torch.set_num_threads(threads)
+
+
+def console_main() -> int:
+    """The `torchbook` command (and `python -m torchbook`): re-executes itself once on jemalloc when it is installed
+    (`torchbook.allocator`: CPU training's peak memory without the kernel's page zeroing), then `main()`."""
+    try:
+        reexec_with_faster_allocator()
+    except UserInputError as e:
+        print(f"torchbook: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return main()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

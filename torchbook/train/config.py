@@ -48,8 +48,9 @@ class TrainConfig:
     # Training at scale (chapters 11 and 17, appendix B); the defaults keep plain single-process fp32 training.
     compile: bool = False  # torch.compile the training forward (falls back to eager, with a message, if it cannot)
     activation_checkpointing: bool = False  # recompute the blocks' activations in backward (less memory, more time)
-    release_memory: bool = True  # CPU + activation_checkpointing: freed buffers of 1 MiB+ return to the system at once
-    # (train/speed.py::return_freed_buffers): a lower peak RSS, paid in page faults (docs/benchmarks.md, fine-tuning)
+    release_memory: bool = True  # CPU + activation_checkpointing on glibc's malloc: freed buffers of 1 MiB+ return to
+    # the system at once (train/speed.py::return_freed_buffers): a lower peak RSS, paid in page faults; not needed
+    # under jemalloc, which the `torchbook` command runs on when installed (torchbook.allocator; docs/benchmarks.md)
     parallel: str = "none"  # none, ddp (DistributedDataParallel), fsdp (FSDP2 fully_shard); launch with torchrun
     tensorboard: bool = False  # TensorBoard events in <run>/tensorboard: scalars, lr, weight histograms
     # Regularization (chapter 11): L1/L2 penalties on the weights parameter group (not biases or norm scales),

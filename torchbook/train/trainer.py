@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from tqdm import tqdm
 
+from torchbook.allocator import allocator_in_use
 from torchbook.checkpoint import load_latest, save_checkpoint
 from torchbook.devices import choose_device
 from torchbook.errors import TrainingDiverged
@@ -165,7 +166,9 @@ class Trainer:
         if config.activation_checkpointing:
             inner = self.train_module.module if self.dist.mode == "ddp" else self.train_module
             enable_activation_checkpointing(inner)  # type: ignore[arg-type]
-            if self.device.type == "cpu" and config.release_memory:  # what checkpointing frees leaves (speed.py)
+            # What checkpointing frees: glibc's heap keeps it, fragmented (speed.py); jemalloc, which the
+            # `torchbook` command runs on when installed (torchbook.allocator), reuses it without that.
+            if self.device.type == "cpu" and config.release_memory and allocator_in_use() == "system":
                 return_freed_buffers()
         self.forward_module: Any = Compiled(self.train_module) if config.compile else self.train_module
         self.fitting = False
