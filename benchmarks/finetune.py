@@ -15,7 +15,10 @@ RSS (GB), tokens/s (after one warm-up step), tokens per CPU-second (user + syste
 timed steps: on a loaded machine the ratio of these is the comparison to read, with `--threads 1`), and the
 gradient + AdamW-state bytes of the trainable parameters. `--repeats N` runs the list of settings N times, one
 process after the other (ours and the peer's alternate when the list alternates).
-PEFT's QLoRA needs bitsandbytes' CUDA kernels: not measured on this CPU machine.
+PEFT's QLoRA needs bitsandbytes' CUDA kernels: not measured on this CPU machine. TRL's `SFTTrainer`
+(`--settings trl:full,trl:lora`) trains the same transformers model on the same token rows, pre-tokenized.
+Our processes start on the allocator the `torchbook` command runs on (`--allocator cli`: jemalloc when installed),
+the peers' on the C library's (`--peer-allocator jemalloc` for theirs on jemalloc too).
 
 DPO (chapter 15) against TRL's `DPOTrainer`, `--settings ours:dpo,ours:dpo-lora,trl:dpo,trl:dpo-lora`: `--batch`
 pairs per step, each a prompt of seq/2 tokens and two answers of seq/2 (a chosen and a rejected row of `--seq`
@@ -175,6 +178,47 @@ def dpo_child(args: argparse.Namespace) -> dict[str, object]:
             "trainable": n_trainable, "grad_and_adam_gb": n_trainable * 4 * 3 / 2**30}
 
 
+def trl_sft(args: argparse.Namespace, hf: Any, tokens: Any, clocks: list[tuple[float, float]]) -> dict[str, object]:
+    """TRL's `SFTTrainer` on the same model and token rows (pre-tokenized: no template, every token counted, no
+    packing), AdamW at lr 1e-4 without a schedule, LoRA through its `peft_config`."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    gpt2 = hf.config.model_type == "gpt2"
+    modules = ["attn.c_attn", "attn.c_proj"] if gpt2 else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    sft_args = SFTConfig(output_dir=tempfile_dir(), per_device_train_batch_size=args.batch, max_steps=args.steps + 1,
+                         learning_rate=1e-4, lr_scheduler_type="constant", optim="adamw_torch", report_to=[],
+                         save_strategy="no", logging_strategy="no", use_cpu=True, bf16=False, max_length=args.seq,
+                         packing=False, dataloader_num_workers=0, gradient_checkpointing=args.checkpointing == "on",
+                         gradient_checkpointing_kwargs={"use_reentrant": False}, pad_to_multiple_of=None)
+    peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=modules,
+                             fan_in_fan_out=gpt2) if args.mode == "lora" else None
+    rows = Dataset.from_list([{"input_ids": row.tolist()} for row in tokens])
+    trainer: Any = SFTTrainer(model=hf, args=sft_args, train_dataset=rows, peft_config=peft_config,
+                              processing_class=AutoTokenizer.from_pretrained(tokenizer_folder()))
+    times: list[float] = []
+
+    class Clock(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, *a: object, **k: object) -> None:
+            times.append(time.perf_counter())
+            clocks.append(cpu_seconds())
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {"shape": args.shape, "impl": args.impl, "mode": args.mode, "checkpointing": args.checkpointing,
+            "batch": args.batch, "seq": args.seq, "timed_steps": args.steps,
+            "tokens_per_s": args.steps * args.batch * args.seq / (times[-1] - times[0]),
+            "tokens_per_cpu_s": args.steps * args.batch * args.seq / (clocks[-1][0] - clocks[0][0]),
+            "cpu_s_per_step": (clocks[-1][0] - clocks[0][0]) / args.steps,
+            "sys_s_per_step": (clocks[-1][1] - clocks[0][1]) / args.steps,
+            "release_memory": "-", "allocator": allocator_in_use(),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "trainable": n_trainable, "grad_and_adam_gb": n_trainable * 4 * 3 / 2**30}
+
+
 def tempfile_dir() -> str:
     import tempfile
 
@@ -256,10 +300,13 @@ def child(args: argparse.Namespace) -> dict[str, object]:
         if args.checkpointing == "on":
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             hf.enable_input_require_grads()
-        if args.mode == "lora":
-            modules = ["q_proj", "k_proj", "v_proj", "o_proj"] if kind != "gpt2" else ["attn.c_attn", "attn.c_proj"]
-            hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=modules,
-                                               fan_in_fan_out=kind == "gpt2"))
+        modules = ["q_proj", "k_proj", "v_proj", "o_proj"] if kind != "gpt2" else ["attn.c_attn", "attn.c_proj"]
+        lora_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=modules,
+                                 fan_in_fan_out=kind == "gpt2")
+        if args.mode == "lora" and args.impl == "peft":
+            hf = get_peft_model(hf, lora_config)
+        if args.impl == "trl":
+            return trl_sft(args, hf, tokens, clocks)
         hf.train()
         trainable = [p for p in hf.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)
