@@ -178,3 +178,17 @@ def test_a_kill_between_an_epochs_record_and_its_checkpoint_logs_the_epoch_once(
     save_checkpoint(run.checkpoints, 12, state)
     Trainer(torch.nn.Linear(3, 1), config, run, data, criterion=torch.nn.MSELoss()).fit()
     assert [r["epoch"] for r in run.metrics("epoch")] == [1, 2, 3]
+
+
+def test_train_loss_after_fit_is_the_last_epochs_not_zero(tmp_path: Path):
+    """Recipes read `trainer.train_loss()` after `fit()` (the reward-model book run reported 0.0): it is the last
+    epoch's mean, as logged in its record."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    run = RunDir.start(tmp_path / "run", "test", {"x": 1})
+    trainer = Trainer(torch.nn.Linear(3, 1), TrainConfig(epochs=2, batch_size=8, progress=False), run,
+                      torch.utils.data.TensorDataset(x, y), criterion=torch.nn.MSELoss())
+    trainer.fit()
+    last = run.metrics("epoch")[-1]["train_loss"]
+    assert last > 0.1
+    assert trainer.train_loss() == pytest.approx(last)

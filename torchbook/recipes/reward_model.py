@@ -124,7 +124,7 @@ def report_run(run: RunDir, config: Config, results: dict[str, Any], source: str
     if (run.plots / "learning_curves.png").exists():
         report.image("Learning curves", run.plots / "learning_curves.png", run.path)
     report.text("Model", f"`{config.model}` with a scalar head, in the {config.format} format; `torchbook.load` on "
-                         "the run folder gives the reward model back (`RewardModel`), `chat-rlhf model_reward=<run>` "
+                         "the run folder gives the reward model back (`RewardModel`), `torchbook run chat-rlhf reward=<run>` "
                          "trains a policy against it.")
     report.write(run.path, time.time() - started)
 

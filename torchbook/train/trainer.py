@@ -192,6 +192,7 @@ class Trainer:
         self.global_step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        self.finished_epoch_loss: float | None = None  # the last finished epoch's mean (train_loss between epochs)
         self.epoch_loss_sum = 0.0
         self.epoch_count = 0
         self.best_value: float | None = None
@@ -515,6 +516,7 @@ class Trainer:
             # The live bar (loss, lr, rate, ETA) vanishes at the epoch's end; this line with the metrics stays.
             summary = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k == "train_loss" or k.startswith("val_"))
             log.info("epoch %s/%s  %s", record["epoch"], self.config.epochs, summary)
+        self.finished_epoch_loss = record["train_loss"]
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_loss_sum = 0.0
@@ -522,8 +524,11 @@ class Trainer:
         return record
 
     def train_loss(self) -> float:
-        """The epoch's mean training loss so far (over all processes)."""
+        """The epoch's mean training loss so far (over all processes); between epochs (after `fit()`, say), the
+        finished epoch's, not the 0 of an epoch with no batch yet."""
         loss_sum, count = distributed.all_reduce_sum([self.epoch_loss_sum, float(self.epoch_count)], self.dist)
+        if count == 0 and self.finished_epoch_loss is not None:
+            return self.finished_epoch_loss
         return loss_sum / max(1.0, count)
 
     def improved(self, record: dict[str, Any]) -> bool:
