@@ -4,8 +4,8 @@ On Linux, glibc's `malloc` fits CPU training badly: activation checkpointing fre
 large buffers block by block, and glibc either keeps them in a fragmented heap that never shrinks (SmolLM2, batch
 8 x 256, LoRA: 3.2 GB peak RSS) or, with a low mmap threshold (`train/speed.py::return_freed_buffers`), returns
 each one to the kernel, which zeroes it page by page when it comes back (1.4 GB, but 35-50% more CPU time).
-jemalloc reuses freed buffers by size class without returning them: the low peak at full speed
-(docs/benchmarks.md, "Fine-tuning memory and speed").
+jemalloc reuses freed buffers by size class and returns idle pages after a delay: the low peak at 0.9x the
+speed of glibc's heap, against 0.7x (docs/benchmarks.md, "Fine-tuning memory and speed").
 
 So the `torchbook` command, when jemalloc is installed (Debian: `libjemalloc2`), re-executes itself once with it
 preloaded (`LD_PRELOAD`, as Intel's `ipexrun` launcher does); `TORCHBOOK_ALLOCATOR=system` keeps the C library's,
@@ -26,9 +26,10 @@ from torchbook.errors import UserInputError
 
 ENV = "TORCHBOOK_ALLOCATOR"  # unset or "jemalloc": jemalloc when installed; "system": the C library's; a path
 _DONE = "TORCHBOOK_ALLOCATOR_PRELOADED"  # set in the re-executed process: never re-execute twice
-# Freed pages stay mapped for reuse (jemalloc's default returns them after 10 s, and a training step that takes
-# longer pays the kernel's page zeroing again: 2.2-2.4 s of system time per LoRA step above, against 0.02 s).
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# Freed pages go back to the system after 10 s (jemalloc's own default, stated). Keeping them for ever
+# ("dirty_decay_ms:-1") was faster on fixed shapes (a LoRA step's system time 0.04 s instead of 2.5 s) but grows
+# without bound when shapes vary: an RLHF run reached 20.7 GB and was killed for memory (docs/benchmarks.md).
+JEMALLOC_CONF = "dirty_decay_ms:10000,muzzy_decay_ms:0"
 _KNOWN = ("libjemalloc", "libtcmalloc")
 _SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 

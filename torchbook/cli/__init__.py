@@ -261,7 +261,7 @@ def set_threads(threads: int | None) -> None:
 
 def console_main() -> int:
     """The `torchbook` command (and `python -m torchbook`): re-executes itself once on jemalloc when it is installed
-    (`torchbook.allocator`: CPU training's peak memory without the kernel's page zeroing), then `main()`."""
+    (`torchbook.allocator`: CPU training's low peak memory with fewer page faults than glibc's), then `main()`."""
     try:
         reexec_with_faster_allocator()
     except UserInputError as e:
