@@ -178,25 +178,21 @@ def dpo_child(args: argparse.Namespace) -> dict[str, object]:
             "trainable": n_trainable, "grad_and_adam_gb": n_trainable * 4 * 3 / 2**30}
 
 
-def trl_sft(args: argparse.Namespace, hf: Any, tokens: Any, clocks: list[tuple[float, float]]) -> dict[str, object]:
+def trl_sft(args: argparse.Namespace, hf: Any, tokens: Any, clocks: list[tuple[float, float]],
+            lora_config: Any) -> dict[str, object]:
     """TRL's `SFTTrainer` on the same model and token rows (pre-tokenized: no template, every token counted, no
-    packing), AdamW at lr 1e-4 without a schedule, LoRA through its `peft_config`."""
+    packing), AdamW at lr 1e-4 without a schedule, LoRA (PEFT's, as for PEFT's setting) through its `peft_config`."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    gpt2 = hf.config.model_type == "gpt2"
-    modules = ["attn.c_attn", "attn.c_proj"] if gpt2 else ["q_proj", "k_proj", "v_proj", "o_proj"]
     sft_args = SFTConfig(output_dir=tempfile_dir(), per_device_train_batch_size=args.batch, max_steps=args.steps + 1,
                          learning_rate=1e-4, lr_scheduler_type="constant", optim="adamw_torch", report_to=[],
                          save_strategy="no", logging_strategy="no", use_cpu=True, bf16=False, max_length=args.seq,
                          packing=False, dataloader_num_workers=0, gradient_checkpointing=args.checkpointing == "on",
                          gradient_checkpointing_kwargs={"use_reentrant": False}, pad_to_multiple_of=None)
-    peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=modules,
-                             fan_in_fan_out=gpt2) if args.mode == "lora" else None
     rows = Dataset.from_list([{"input_ids": row.tolist()} for row in tokens])
-    trainer: Any = SFTTrainer(model=hf, args=sft_args, train_dataset=rows, peft_config=peft_config,
+    trainer: Any = SFTTrainer(model=hf, args=sft_args, train_dataset=rows, peft_config=lora_config,
                               processing_class=AutoTokenizer.from_pretrained(tokenizer_folder()))
     times: list[float] = []
 
@@ -207,14 +203,20 @@ def trl_sft(args: argparse.Namespace, hf: Any, tokens: Any, clocks: list[tuple[f
 
     trainer.add_callback(Clock())
     trainer.train()
-    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return sft_record(args, times, clocks, [p for p in trainer.model.parameters() if p.requires_grad])
+
+
+def sft_record(args: argparse.Namespace, times: list[float], clocks: list[tuple[float, float]],
+               trainable: list[Any]) -> dict[str, object]:
+    """One SFT setting's figures from its step end times and CPU clocks (the first step is the warm-up)."""
+    n_trainable = sum(p.numel() for p in trainable)
+    tokens = args.steps * args.batch * args.seq
+    cpu, system = clocks[-1][0] - clocks[0][0], clocks[-1][1] - clocks[0][1]
     return {"shape": args.shape, "impl": args.impl, "mode": args.mode, "checkpointing": args.checkpointing,
             "batch": args.batch, "seq": args.seq, "timed_steps": args.steps,
-            "tokens_per_s": args.steps * args.batch * args.seq / (times[-1] - times[0]),
-            "tokens_per_cpu_s": args.steps * args.batch * args.seq / (clocks[-1][0] - clocks[0][0]),
-            "cpu_s_per_step": (clocks[-1][0] - clocks[0][0]) / args.steps,
-            "sys_s_per_step": (clocks[-1][1] - clocks[0][1]) / args.steps,
-            "release_memory": "-", "allocator": allocator_in_use(),
+            "tokens_per_s": tokens / (times[-1] - times[0]), "tokens_per_cpu_s": tokens / cpu,
+            "cpu_s_per_step": cpu / args.steps, "sys_s_per_step": system / args.steps,
+            "release_memory": args.release_memory if args.impl == "ours" else "-", "allocator": allocator_in_use(),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "trainable": n_trainable, "grad_and_adam_gb": n_trainable * 4 * 3 / 2**30}
 
@@ -302,11 +304,11 @@ def child(args: argparse.Namespace) -> dict[str, object]:
             hf.enable_input_require_grads()
         modules = ["q_proj", "k_proj", "v_proj", "o_proj"] if kind != "gpt2" else ["attn.c_attn", "attn.c_proj"]
         lora_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=modules,
-                                 fan_in_fan_out=kind == "gpt2")
-        if args.mode == "lora" and args.impl == "peft":
-            hf = get_peft_model(hf, lora_config)
+                                 fan_in_fan_out=kind == "gpt2") if args.mode == "lora" else None
         if args.impl == "trl":
-            return trl_sft(args, hf, tokens, clocks)
+            return trl_sft(args, hf, tokens, clocks, lora_config)
+        if lora_config is not None:
+            hf = get_peft_model(hf, lora_config)
         hf.train()
         trainable = [p for p in hf.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -318,17 +320,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter())
             clocks.append(cpu_seconds())
-    n_trainable = sum(p.numel() for p in trainable)
-    seconds = times[-1] - times[0]
-    return {"shape": args.shape, "impl": args.impl, "mode": args.mode, "checkpointing": args.checkpointing,
-            "batch": args.batch, "seq": args.seq, "timed_steps": args.steps,
-            "tokens_per_s": args.steps * args.batch * args.seq / seconds,
-            "tokens_per_cpu_s": args.steps * args.batch * args.seq / (clocks[-1][0] - clocks[0][0]),
-            "cpu_s_per_step": (clocks[-1][0] - clocks[0][0]) / args.steps,
-            "sys_s_per_step": (clocks[-1][1] - clocks[0][1]) / args.steps,
-            "release_memory": args.release_memory if args.impl == "ours" else "-", "allocator": allocator_in_use(),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "trainable": n_trainable, "grad_and_adam_gb": n_trainable * 4 * 3 / 2**30}
+    return sft_record(args, times, clocks, trainable)
 
 
 def main() -> None:

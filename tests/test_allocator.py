@@ -21,8 +21,8 @@ def version(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", ENV)
-           and not k.startswith("TORCHBOOK_ALLOCATOR")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "MALLOC_CONF") and not k.startswith("TORCHBOOK_ALLOCATOR")}
     return {**env, **extra}
 
 

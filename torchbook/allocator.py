@@ -42,8 +42,7 @@ def find_jemalloc() -> str | None:
         path = Path(folder) / "libjemalloc.so.2"
         if path.is_file():
             return str(path)
-    name = ctypes.util.find_library("jemalloc")  # a bare soname: the dynamic loader finds it when preloaded
-    return name
+    return ctypes.util.find_library("jemalloc")  # a bare soname: the dynamic loader finds it when preloaded
 
 
 def allocator_in_use() -> str:
