@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Any
 
-from torchbook.allocator import allocator_in_use, with_faster_allocator
+from torchbook.allocator import allocator_in_use, guard_dirty_pages, with_faster_allocator
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536, max_len=8192,
@@ -347,7 +347,10 @@ def main() -> None:
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args)))
+        guard = guard_dirty_pages()  # as the torchbook command does: on jemalloc, kept freed pages capped
+        result = child(args)
+        result["dirty_page_purges"] = guard.purges if guard else "-"
+        print("RESULT " + json.dumps(result))
         return
     tokenizer = tokenizer_folder() if "dpo" in args.settings else ""
     system_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}

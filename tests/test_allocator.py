@@ -53,3 +53,52 @@ def test_a_wrong_allocator_path_is_a_clear_error(tmp_path):
     out = version(clean_env(**{ENV: str(tmp_path / "missing.so")}))
     assert out.returncode == 2
     assert out.stderr.startswith("torchbook: error: TORCHBOOK_ALLOCATOR=") and "Traceback" not in out.stderr
+
+
+GUARD_PROBE = """
+import os, sys, time
+import torch
+from torchbook import allocator
+guard = allocator.guard_dirty_pages()
+if guard is None:
+    print("no guard"); sys.exit(0)
+assert guard.active
+guard._thread = None  # checks below by hand, not on the thread's clock
+# buffers of varying sizes (32-128 MiB), freed: with purging off jemalloc keeps their pages
+buffers = [torch.ones(n * 2**20 // 4) for n in range(32, 129, 16)]
+del buffers
+kept = guard.dirty_bytes()
+guard.check()
+print("kept", kept, "after", guard.dirty_bytes(), "purges", guard.purges, "cap", guard.max_bytes)
+pid = os.fork()
+if pid == 0:  # a forked child (a DataLoader worker) watches its own pages
+    os._exit(0 if allocator._guard is not guard and allocator._guard.active else 1)
+print("child", os.waitpid(pid, 0)[1])
+"""
+
+
+def probe(**extra: str) -> str:
+    env = with_faster_allocator(clean_env(**extra))
+    assert env is not None
+    out = subprocess.run([sys.executable, "-c", GUARD_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@needs_jemalloc
+def test_the_dirty_page_guard_bounds_the_freed_pages_jemalloc_keeps():
+    fields = probe(TORCHBOOK_ALLOCATOR_DIRTY_MAX_GB="0.25").split()
+    kept, after, purges, cap = (int(fields[i]) for i in (1, 3, 5, 7))
+    assert cap == 2**28
+    assert kept > 0.4 * 2**30  # purging off: the freed buffers' pages are kept (the speed: no page faults)
+    assert after <= cap and purges == 1  # over the cap: purged
+    assert fields[-2:] == ["child", "0"]
+    # with jemalloc's own time-based purging (a user's MALLOC_CONF) there is nothing to guard
+    assert probe(MALLOC_CONF="dirty_decay_ms:10000").strip() == "no guard"
+
+
+@needs_jemalloc
+def test_a_wrong_dirty_page_cap_is_a_clear_error():
+    out = version(clean_env(TORCHBOOK_ALLOCATOR_DIRTY_MAX_GB="lots"))
+    assert out.returncode == 2
+    assert out.stderr.startswith("torchbook: error: TORCHBOOK_ALLOCATOR_DIRTY_MAX_GB=lots: expected a positive")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from torchbook import __version__
-from torchbook.allocator import allocator_in_use, reexec_with_faster_allocator
+from torchbook.allocator import allocator_in_use, guard_dirty_pages, reexec_with_faster_allocator
 from torchbook.errors import RunExists, RunFinished, TorchbookError, UserInputError
 
 EXIT_USAGE = 2
@@ -261,9 +261,11 @@ def set_threads(threads: int | None) -> None:
 
 def console_main() -> int:
     """The `torchbook` command (and `python -m torchbook`): re-executes itself once on jemalloc when it is installed
-    (`torchbook.allocator`: CPU training's low peak memory with fewer page faults than glibc's), then `main()`."""
+    (`torchbook.allocator`: CPU training's low peak memory with fewer page faults than glibc's) and bounds the freed
+    pages it keeps, then `main()`."""
     try:
         reexec_with_faster_allocator()
+        guard_dirty_pages()
     except UserInputError as e:
         print(f"torchbook: error: {e}", file=sys.stderr)
         return EXIT_USAGE
