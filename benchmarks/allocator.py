@@ -25,7 +25,7 @@ import time
 
 from finetune import SHAPES, hf_like_init
 
-from torchbook.allocator import JEMALLOC_CONF, find_jemalloc, guard_dirty_pages
+from torchbook.allocator import JEMALLOC_CONF, guard_dirty_pages, with_faster_allocator
 
 SETTINGS = {  # name: MALLOC_CONF under jemalloc (None: glibc)
     "glibc": None,
@@ -73,17 +73,16 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args.steps, args.threads, args.child == "jemalloc-guarded")))
         return
-    library = find_jemalloc()
     base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
     results: dict[str, dict[str, object]] = {}
     for name in args.settings.split(","):
         if name not in SETTINGS:
             raise SystemExit(f"--settings: unknown {name!r}; accepted: {', '.join(SETTINGS)}")
-        conf = SETTINGS[name]
-        if conf is not None and library is None:
+        conf = SETTINGS[name]  # preloaded as the command does it (a given MALLOC_CONF is kept)
+        env = base if conf is None else with_faster_allocator({**base, "MALLOC_CONF": conf})
+        if env is None:
             print(json.dumps({"setting": name, "error": "libjemalloc2 not installed (make system-deps)"}))
             continue
-        env = base if conf is None else {**base, "LD_PRELOAD": str(library), "MALLOC_CONF": conf}
         command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--threads",
                    str(args.threads)]
         out = subprocess.run(command, capture_output=True, text=True, env=env)
