@@ -13,7 +13,7 @@ from torch import nn
 import torchbook
 from torchbook.errors import CheckpointError
 from torchbook.generate.engine import generate_tokens
-from torchbook.nn.quantized import Int4Linear, Int8Linear, concat_linear, quantize_linear_layers
+from torchbook.nn.quantized import KERNEL_MAX_ROWS, Int4Linear, Int8Linear, concat_linear, quantize_linear_layers
 
 
 def linear(out_features: int, in_features: int, bias: bool = False, seed: int = 0) -> nn.Linear:
@@ -63,6 +63,20 @@ def test_forward_computes_what_the_codes_stand_for(layer_class, rows):
     assert y.dtype == torch.float32 and y.shape == (rows, 96)
     # bfloat16 products: relative error about 2^-8 of the terms' magnitude
     assert (y - expected).abs().max() < 0.01 * expected.abs().max()
+
+
+@pytest.mark.parametrize("layer_class", [Int4Linear, Int8Linear])
+def test_a_row_gets_the_same_output_alone_or_in_a_batch_up_to_the_kernels_rows(layer_class):
+    """The packed kernel computes each row on its own: a row's output is bit-identical alone or among up to
+    `KERNEL_MAX_ROWS` others (what makes a quantized model's request the same alone or beside others in the
+    serving engine, as long as a step stays on the kernel; above that the unpacked bfloat16 product rounds
+    differently, docs/language_models.md)."""
+    layer = layer_class.from_linear(linear(96, 64))
+    batch = torch.randn(KERNEL_MAX_ROWS, 64)
+    together = layer(batch)
+    alone = torch.cat([layer(row[None]) for row in batch])
+    assert torch.equal(alone, together)
+    assert torch.equal(layer(batch[:5]), together[:5])
 
 
 def test_int4_kernel_layout_is_exact_in_float32():
