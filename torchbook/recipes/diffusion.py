@@ -66,8 +66,8 @@ class Config(TrainConfig):
     samples_per_class: int = 8
     ddpm_samples: int = 0  # images sampled with the full T-step DDPM (T model calls each batch: slow on CPU)
     fd_samples: int = 2000  # DDIM samples for the Fréchet distance against as many test images (0: skip)
-    fd_guidance: float = 2.0  # guidance of those samples (1: the conditional model alone, one pass a step; the gate
-    # model's distance at 1 / 2 / 3 / 5: 75.1 / 56.3 / 60.9 / 85.2, docs/generative.md)
+    fd_guidance: float = 2.0  # guidance of those samples (1: the conditional model alone, one pass a step; after 1,800
+    # steps of the gate preset the distance at 1 / 2 / 3 / 5 was 75.1 / 56.3 / 60.9 / 85.2, docs/generative.md)
     limit: int = 0  # use only this many training images (0 = all)
     val_limit: int = 0  # validate on only this many images (0 = all)
     epochs: int = 20
@@ -81,10 +81,10 @@ class Config(TrainConfig):
                   "layers_per_block": 1, "ddim_steps": 5, "samples_per_class": 1, "batch_size": 32, "fd_samples": 64},
         "quick": {"epochs": 1, "limit": 9600, "val_limit": 1000, "block_out_channels": [16, 32, 64],
                   "layers_per_block": 1, "lr": 2e-3, "ema_decay": 0.995, "samples_per_class": 4, "fd_samples": 200},
-        # DDIM's Fréchet distance against the VAE's (tests/test_diffusion.py, slow): ~15 CPU minutes of one thread
-        "gate": {"epochs": 3, "max_steps": 1800, "restore_best": False, "val_limit": 1000,
+        # DDIM's Fréchet distance against the VAE's (tests/test_diffusion.py, slow): ~35 CPU minutes of one thread
+        "gate": {"epochs": 6, "max_steps": 4800, "restore_best": False, "val_limit": 1000,
                  "block_out_channels": [16, 32, 64], "layers_per_block": 1, "lr": 2e-3, "ema_decay": 0.995,
-                 "samples_per_class": 4, "fd_samples": 500, "checkpoint_every": 600, "keep_checkpoints": 3},
+                 "samples_per_class": 4, "fd_samples": 500, "checkpoint_every": 1200, "keep_checkpoints": 3},
         "book": {"ddpm_samples": 16},
     }
 
