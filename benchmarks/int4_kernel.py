@@ -60,12 +60,19 @@ def run_dense(weights: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[t
     return [F.linear(x, w) for x, w in zip(inputs, weights)]
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96, 128, 192])
-    parser.add_argument("--number", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=positive, default=1)
+    parser.add_argument("--rows", type=positive, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 96, 128, 192])
+    parser.add_argument("--number", type=positive, default=20)
+    parser.add_argument("--repeats", type=positive, default=5)
     args = parser.parse_args()
     reexec_with_faster_allocator()  # the allocator the torchbook command runs on (the unpack allocates per call)
     guard_dirty_pages()
