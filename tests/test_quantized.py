@@ -13,7 +13,15 @@ from torch import nn
 import torchbook
 from torchbook.errors import CheckpointError
 from torchbook.generate.engine import generate_tokens
-from torchbook.nn.quantized import KERNEL_MAX_ROWS, Int4Linear, Int8Linear, concat_linear, quantize_linear_layers
+from torchbook.nn.quantized import (
+    KERNEL_MAX_ROWS,
+    Int4Linear,
+    Int8Linear,
+    concat_linear,
+    drop_dense_copies,
+    keep_dense_copies,
+    quantize_linear_layers,
+)
 
 
 def linear(out_features: int, in_features: int, bias: bool = False, seed: int = 0) -> nn.Linear:
@@ -77,6 +85,31 @@ def test_a_row_gets_the_same_output_alone_or_in_a_batch_up_to_the_kernels_rows(l
     alone = torch.cat([layer(row[None]) for row in batch])
     assert torch.equal(alone, together)
     assert torch.equal(layer(batch[:5]), together[:5])
+
+
+@pytest.mark.parametrize("layer_class", [Int4Linear, Int8Linear])
+def test_dense_copy_serves_products_of_many_rows(layer_class):
+    """`keep_dense_copies`: from `from_rows` rows on, the product uses the weights rounded once to bfloat16 (kept,
+    2 bytes a weight); fewer rows stay on the kernel, bit for bit; moving the layer or `drop_dense_copies` drops
+    the copy."""
+    model = nn.Sequential(layer_class.from_linear(linear(96, 64, bias=True)))
+    layer = model[0]
+    x = torch.randn(20, 64)
+    before = layer(x[:3])
+    assert keep_dense_copies(model, from_rows=8) == 96 * 64 * 2
+    copy = layer.dense_copy()
+    assert copy.dtype == torch.bfloat16 and torch.equal(copy, layer.dequantize(torch.float32).to(torch.bfloat16))
+    assert torch.equal(layer(x[:3]), before)  # 3 rows: the kernel
+    y = layer(x)
+    assert torch.equal(y, (F.linear(x.bfloat16(), copy) + layer.bias.bfloat16()).float())
+    expected = F.linear(x, layer.dequantize(), layer.bias)
+    assert (y - expected).abs().max() < 0.01 * expected.abs().max()
+    layer.float()
+    assert layer._dense is None and torch.equal(layer(x), y)  # rebuilt on use
+    drop_dense_copies(model)
+    assert layer._dense is None and layer.dense_from_rows is None and torch.equal(layer(x[:3]), before)
+    with pytest.raises(ValueError, match="from_rows"):
+        keep_dense_copies(model, from_rows=0)
 
 
 def test_int4_kernel_layout_is_exact_in_float32():
@@ -175,6 +208,34 @@ def test_smollm2_int4_stays_close_to_float32_on_real_text(smollm2_pair):
     chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     prompt = torch.tensor([full.tokenizer.encode(chat).ids])
     assert torch.equal(generate_tokens(full.model, prompt, 16), generate_tokens(quantized.model, prompt, 16))
+
+
+def test_smollm2_int4_engine_with_the_dense_copy_answers_like_float32(smollm2_pair):
+    """The serving engine with `dense_copy`: SmolLM2's 4-bit model keeps 2 bytes a weight more, prefills through
+    the copy (a 20-token chat prompt) and decodes 4 requests side by side; the France question gets float32's greedy
+    answer in the batch."""
+    from torchbook.generate.serving import Engine, Request
+    from torchbook.nn.quantized import DENSE_COPY_ROWS
+
+    full, quantized = smollm2_pair
+    chats = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello."]
+    prompts = [full.tokenizer.encode(f"<|im_start|>user\n{c}<|im_end|>\n<|im_start|>assistant\n").ids for c in chats]
+    assert min(len(p) for p in prompts) >= DENSE_COPY_ROWS
+    layers = {name: m for name, m in quantized.model.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
+    own = [m for name, m in layers.items() if "_cache" not in name]  # not an Int8Linear's kernel planes
+    try:
+        engine = Engine(quantized.model, slots=4, max_len=128, dense_copy=True)
+        assert all(m._dense is not None for m in own)
+        assert sum(m._dense.nbytes for m in own) == 2 * sum(m.in_features * m.out_features for m in own)
+        assert all(m._dense is None for name, m in layers.items() if "_cache" in name)
+        handles = [engine.submit(Request(p, 12, end_ids=[])) for p in prompts]
+        engine.run()
+        batched = [h.result().choices[0].tokens for h in handles]
+    finally:
+        drop_dense_copies(quantized.model)
+    expected = generate_tokens(full.model, torch.tensor([prompts[0]]), 12)[0].tolist()
+    assert batched[0] == expected
+    assert "Paris" in full.tokenizer.decode(batched[0])
 
 
 def test_generate_cli_quantized(capsys):

@@ -385,6 +385,17 @@ def test_sigterm_lets_the_running_stream_finish(server: Server) -> None:
         httpx.get(server.url + "/health")
 
 
+def test_engine_settings_out_of_range_are_refused_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from torchbook.cli import main
+
+    monkeypatch.setenv("TORCHBOOK_HOME", str(tmp_path))
+    assert main(["serve", "--prefill-chunk", "0"]) == 2
+    assert "prefill_chunk must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["serve", "--slots", "0"]) == 2
+    assert "slots must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_other_addresses_need_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     from torchbook.cli import main

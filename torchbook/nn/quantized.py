@@ -17,6 +17,15 @@ float32), only the product is computed in bfloat16.
 Both run the packed-weight kernel for few input rows (decoding) and, for many rows (a prompt's prefill), unpack
 the weights to bfloat16 for one dense matrix product, which is faster there; off the CPU they always unpack.
 `quantize_linear_layers` swaps a model's `nn.Linear` layers for them.
+
+The kernel's time grows with the rows (on 2 cores of this project's CPU about 0.045 ms a row for one SmolLM2
+block, docs/benchmarks.md), and unpacking per call costs more than the product, so a batch of many requests shares
+little of either. `keep_dense_copies(model)` gives every quantized layer a bfloat16 copy of its weights for
+products of `DENSE_COPY_ROWS` rows or more (the serving engine's batched steps and prefills): a dense bfloat16
+product, whose time hardly grows with the rows on a CPU with bfloat16 matrix units (AMX: 16 rows of a SmolLM2
+block cost 1.1x one, benchmarks/int4_kernel.py), at the price of 2 more bytes a weight (a 4-bit layer's codes and scales take 0.75 bytes a weight, float32 4). The copy rounds each weight once
+to bfloat16, so a row's output from it differs from the kernel's by bfloat16 rounding (about 1e-2 in SmolLM2's
+logits): which path a row takes depends on how many rows share its product.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ from torchbook.nn.swap import swap_modules
 
 COMPUTE_DTYPE = torch.bfloat16
 KERNEL_MAX_ROWS = 64  # above this many input rows, unpacking to bfloat16 + a dense product is faster (measured)
+# From this many rows a kept bfloat16 copy beats the kernel inside SmolLM2-135M on 2 threads (an engine step of 12
+# rows: 79 against 83 ms, 16 rows: 90 against 106 ms; 8 rows: 72 against 57; docs/benchmarks.md).
+DENSE_COPY_ROWS = 12
 OUTPUT_EXACT_TOP = 64  # an output layer's largest outputs recomputed exactly (`Int8Linear.forward`)
 
 
@@ -40,7 +52,8 @@ class QuantizedLinear(nn.Module):
 
     Subclasses hold the codes and define `dequantize(dtype)` (the weight the codes stand for) and `kernel(rows)`
     (the packed-weight product of (rows, in) bfloat16 rows); caches built from the codes on first use live in
-    `_cache` and are dropped when the layer is moved or cast.
+    `_cache` and are dropped when the layer is moved or cast, as is the dense copy (`keep_dense_copies`), which
+    is rebuilt on the next product that needs it.
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool):
@@ -50,6 +63,8 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._cache: Any = None
+        self.dense_from_rows: int | None = None  # products of this many rows or more use `dense_copy()`
+        self._dense: Tensor | None = None
 
     def _fill(self, bias: Tensor | None, **buffers: Tensor) -> None:
         for name, value in buffers.items():
@@ -64,12 +79,20 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> QuantizedLinear:  # type: ignore[override]
-        self._cache = None  # moved or cast: rebuild on next use
+        self._cache = self._dense = None  # moved or cast: rebuild on next use
         return super()._apply(fn, recurse)
+
+    def dense_copy(self) -> Tensor:
+        """The weight (out, in) in bfloat16, kept: dequantized in float32, then rounded once."""
+        if self._dense is None:
+            self._dense = self.dequantize(torch.float32).to(COMPUTE_DTYPE).contiguous()
+        return self._dense
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        if rows.size(0) <= KERNEL_MAX_ROWS and x.device.type == "cpu":
+        if self.dense_from_rows is not None and rows.size(0) >= self.dense_from_rows:
+            y = F.linear(rows, self.dense_copy())
+        elif rows.size(0) <= KERNEL_MAX_ROWS and x.device.type == "cpu":
             y = self.kernel(rows)
         else:
             y = F.linear(rows, self.dequantize(COMPUTE_DTYPE))
@@ -268,6 +291,32 @@ def check_savable(model: nn.Module) -> None:
     if any(isinstance(m, QuantizedLinear) or getattr(m, "inference_only", False) for m in model.modules()):
         raise ValueError("this model has quantized or fused layers, which are for inference only; save the model "
                          "loaded without quantize= instead")
+
+
+def quantized_layers(model: nn.Module) -> list[QuantizedLinear]:
+    """The quantized layers of `model`, without the ones a layer builds for its kernel (`Int8Linear`'s two 4-bit
+    planes live in its `_cache`, a submodule once built)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    inner = {id(m._cache) for m in layers}
+    return [m for m in layers if id(m) not in inner]
+
+
+def keep_dense_copies(model: nn.Module, from_rows: int = DENSE_COPY_ROWS) -> int:
+    """Give every quantized layer of `model` a bfloat16 copy of its weights for products of `from_rows` rows or
+    more (see the module docstring), built now; the bytes they take in all (0: no quantized layer)."""
+    if from_rows < 1:
+        raise ValueError(f"from_rows must be at least 1, got {from_rows}")
+    total = 0
+    for layer in quantized_layers(model):
+        layer.dense_from_rows = from_rows
+        total += layer.dense_copy().nbytes
+    return total
+
+
+def drop_dense_copies(model: nn.Module) -> None:
+    """Undo `keep_dense_copies`: every product of many rows unpacks the codes again, and the copies' memory is free."""
+    for layer in quantized_layers(model):
+        layer.dense_from_rows, layer._dense = None, None
 
 
 QUANTIZATIONS = ("int8", "int4")

@@ -29,7 +29,8 @@ WARM_PROMPT = [{"role": "user", "content": "Hello"}]
 class ServeSettings:
     """How `torchbook serve` runs. `model`: a run folder, model folder, Hugging Face folder, GGUF file or Hub id
     (None: the offline default chat model, SmolLM2-135M-Instruct); `name`: the model's id in the API (default: the
-    file or folder name). `slots`, `max_len`, `max_queue`, `prefill_chunk`: the engine's. `embedder`: "default"
+    file or folder name). `slots`, `max_len`, `max_queue`, `prefill_chunk`, `dense_copy`: the engine's (the last:
+    a quantized model keeps a bfloat16 copy of its weights for batched steps). `embedder`: "default"
     (all-MiniLM-L6-v2), a BERT-family folder, or None (no /v1/embeddings). Limits: `max_body_bytes` per request,
     `request_timeout_s` per generation, `rate_limit` requests per minute per API key (a key's own limit first;
     None: no limit). `require_keys`: None means required unless the host is a loopback address. `chat`: also serve
@@ -45,6 +46,7 @@ class ServeSettings:
     prefill_chunk: int = 128
     device: str = "cpu"
     quantize: str | None = None
+    dense_copy: bool = True
     embedder: str | None = "default"
     max_body_bytes: int = 1 << 20
     request_timeout_s: float = 600.0
@@ -80,7 +82,8 @@ class LanguageModel:
         self.name, self.tokenizer, self.meta = name, tokenizer, meta
         self.engine = MeteredEngine(model, tokenizer, slots=settings.slots, max_len=settings.max_len,
                                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
-                                    end_ids=meta.get("end_token_ids") or (), metrics=metrics)
+                                    end_ids=meta.get("end_token_ids") or (), dense_copy=settings.dense_copy,
+                                    metrics=metrics)
 
     def chat_ids(self, messages: list[dict[str, Any]], **variables: Any) -> list[int]:
         """The prompt's token ids under the checkpoint's own chat template."""

@@ -41,7 +41,7 @@ def check_security(settings: ServeSettings) -> ServeSettings:
     if settings.require_keys and not KeyStore(settings.keys_path).records():
         where = "" if loopback else f" on {settings.host} (not a loopback address)"
         raise UserInputError(f"serving{where} needs API keys and none exists yet: make one first", param="add_key")
-    for name in ("slots", "max_queue", "max_len", "max_body_bytes"):
+    for name in ("slots", "max_queue", "max_len", "prefill_chunk", "max_body_bytes"):
         if getattr(settings, name) < 1:
             raise UserInputError(f"{name} must be at least 1, got {getattr(settings, name)}", param=name)
     if settings.request_timeout_s <= 0:
