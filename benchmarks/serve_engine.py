@@ -11,8 +11,10 @@ exactly its length). Measures, per dtype:
   the other (an engine with 1 slot);
 - throughput with `--requests` clients in a closed loop (each submits its next request when its last one ends;
   `--closed-requests` in all, a second seeded workload): the engine kept at that many requests in flight, as a
-  busy server is, against the same requests one after the other (and, unless `--no-separate`, both throughputs
-  also with a separate forward per prompt chunk: the engine before mixed steps);
+  busy server is, against the same requests one after the other; over the whole run, and while all the clients
+  had a request in flight (up to the last submission, after which the engine drains as a burst does: the
+  throughput "at 16 concurrent requests"); and, unless `--no-separate`, also with a separate forward per prompt
+  chunk (the engine before mixed steps);
 - time to first token (TTFT) p50/p95 with the requests arriving as a Poisson process at half the batched
   engine's measured capacity (requests/s), for the batched engine and for the one-slot engine under the same
   arrivals, against a lone request's (each request alone on an idle engine: the mean of a pass before and a pass
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from generate import TEXT  # noqa: E402  (benchmarks/generate.py: the same paragraph of real text)
 
 PREFILL_FIRST = False  # --prefill-first: every engine of the run gives a step with prompt tokens to them alone
+DENSE_COPY = True  # --no-dense-copy: no engine of the run keeps a bfloat16 copy of a quantized model's weights
 
 
 def workload(tokenizer: Any, n: int, prompts: tuple[int, int], answers: tuple[int, int],
@@ -88,7 +91,7 @@ def run_closed(model: Any, work: list[tuple[list[int], int]], slots: int, prefil
     from torchbook.generate.serving import Engine, Request
 
     engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk,
-                    prefill_first=PREFILL_FIRST)
+                    prefill_first=PREFILL_FIRST, dense_copy=DENSE_COPY)
     engine.packed = packed
     start, cpu = time.perf_counter(), cpu_seconds()
     for prompt, n in work:
@@ -98,26 +101,35 @@ def run_closed(model: Any, work: list[tuple[list[int], int]], slots: int, prefil
 
 
 def run_clients(model: Any, work: list[tuple[list[int], int]], clients: int, slots: int,
-                prefill_chunk: int = 128, packed: bool = True) -> Rate:
+                prefill_chunk: int = 128, packed: bool = True) -> tuple[Rate, Rate]:
     """`clients` clients in a closed loop: each submits its next request when its last one ends, until `work` is
-    done (so `clients` requests are in flight until the last ones)."""
+    done (so `clients` requests are in flight until the last ones). The rate of the whole run, and the rate while
+    `clients` requests were in flight (up to the submission of the last request: the completion tokens made by
+    then, finished or not), before the last ones drain the engine down to one row."""
     from torchbook.generate.sampling import SamplingConfig
     from torchbook.generate.serving import Engine, Request
 
     engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk,
-                    prefill_first=PREFILL_FIRST)
+                    prefill_first=PREFILL_FIRST, dense_copy=DENSE_COPY)
     engine.packed = packed
     pending = list(work)
     submit = lambda: engine.submit(Request(*pending.pop(0), SamplingConfig(temperature=0.0), end_ids=[]))  # noqa: E731
     start, cpu = time.perf_counter(), cpu_seconds()
     live = [submit() for _ in range(min(clients, len(pending)))]
+    handles = list(live)
+    steady: Rate | None = None
     while live:
         engine.step()
         for handle in [h for h in live if h.done.is_set()]:
             live.remove(handle)
             if pending:
                 live.append(submit())
-    return Rate(sum(n for _, n in work), time.perf_counter() - start, cpu_seconds() - cpu)
+                handles.append(live[-1])
+                if not pending:  # the last request: from here on, fewer and fewer requests are in flight
+                    made = sum(len(s.tokens) for h in handles for s in h.sequences)
+                    steady = Rate(made, time.perf_counter() - start, cpu_seconds() - cpu)
+    whole = Rate(sum(n for _, n in work), time.perf_counter() - start, cpu_seconds() - cpu)
+    return whole, steady or whole
 
 
 def run_poisson(model: Any, work: list[tuple[list[int], int]], slots: int, rate: float, seed: int = 1,
@@ -128,7 +140,7 @@ def run_poisson(model: Any, work: list[tuple[list[int], int]], slots: int, rate:
 
     rng = random.Random(seed)
     engine = Engine(model, slots=slots, max_len=256, max_queue=len(work), prefill_chunk=prefill_chunk,
-                    prefill_first=PREFILL_FIRST).start()
+                    prefill_first=PREFILL_FIRST, dense_copy=DENSE_COPY).start()
     handles = []
     next_at = time.perf_counter()
     for prompt, n in work:
@@ -145,7 +157,7 @@ def lone_ttft(model: Any, work: list[tuple[list[int], int]]) -> list[float]:
 
     # Served as every request is, by the engine's own thread (a prompt prefilled on the main thread is faster here:
     # libgomp spins less in a second thread's OpenMP team once the process has more OpenMP threads than cores).
-    engine = Engine(model, slots=1, max_len=256, prefill_first=PREFILL_FIRST).start()
+    engine = Engine(model, slots=1, max_len=256, prefill_first=PREFILL_FIRST, dense_copy=DENSE_COPY).start()
     times = []
     for prompt, _ in work:
         handle = engine.submit(Request(prompt, 1, SamplingConfig(temperature=0.0), end_ids=[]))
@@ -165,7 +177,8 @@ def conversation_ttft(loaded: Any, turns: int = 10, answer: int = 16) -> tuple[f
                  "Why use data?", "Summarize all this."]
     results = []
     for cache in (True, False):
-        engine = Engine(loaded.model, loaded.tokenizer, slots=2, max_len=2048, prefix_cache=cache)
+        engine = Engine(loaded.model, loaded.tokenizer, slots=2, max_len=2048, prefix_cache=cache,
+                        dense_copy=DENSE_COPY)
         history: list[dict[str, str]] = []
         for q in questions[:turns]:
             history.append({"role": "user", "content": q})
@@ -201,9 +214,13 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=128, help="the engine's prompt tokens per step")
     parser.add_argument("--prefill-first", action="store_true",
                         help="Engine(prefill_first=True): a step with prompt tokens carries no decoding rows")
+    parser.add_argument("--dense-copy", action=argparse.BooleanOptionalAction, default=True,
+                        help="Engine(dense_copy=True) for every engine of the run, the one-slot ones too: a quantized "
+                             "model keeps a bfloat16 copy of its weights for steps of 12 rows or more (batched steps "
+                             "and prefills); --no-dense-copy: the 4-bit kernel, and unpacking above 64 rows")
     args = parser.parse_args()
-    global PREFILL_FIRST
-    PREFILL_FIRST = args.prefill_first
+    global PREFILL_FIRST, DENSE_COPY
+    PREFILL_FIRST, DENSE_COPY = args.prefill_first, args.dense_copy
 
     import torchbook
     from torchbook.hub.gguf import default_chat_model
@@ -226,12 +243,13 @@ def main() -> None:
         if args.closed_requests:
             loop = workload(loaded.tokenizer, args.closed_requests, args.prompt_range, args.answer_range, seed=2)
             loop_serial = run_closed(loaded.model, loop, 1)
-            loop_batched = run_clients(loaded.model, loop, args.requests, args.slots, chunk)
+            loop_batched, in_flight = run_clients(loaded.model, loop, args.requests, args.slots, chunk)
             print(f"{dtype}: throughput, {args.requests} clients in a closed loop, {len(loop)} requests: "
                   f"one-at-a-time {loop_serial}, {args.slots} slots {loop_batched}, ratio "
-                  f"{loop_batched.ratio(loop_serial)}", flush=True)
+                  f"{loop_batched.ratio(loop_serial)}; while {args.requests} were in flight (up to the last "
+                  f"submission) {in_flight}, ratio {in_flight.ratio(loop_serial)}", flush=True)
             if args.separate:
-                apart = run_clients(loaded.model, loop, args.requests, args.slots, chunk, packed=False)
+                apart, _ = run_clients(loaded.model, loop, args.requests, args.slots, chunk, packed=False)
                 print(f"{dtype}: closed loop, a separate forward per prompt chunk: {apart}, ratio "
                       f"{apart.ratio(loop_serial)}", flush=True)
         mean_answer = statistics.mean(n for _, n in work)
