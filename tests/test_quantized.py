@@ -238,6 +238,23 @@ def test_smollm2_int4_engine_with_the_dense_copy_answers_like_float32(smollm2_pa
     assert "Paris" in full.tokenizer.decode(batched[0])
 
 
+def test_the_server_keeps_the_dense_copy_unless_told_not_to(smollm2_pair):
+    """`torchbook serve --quantize int4` gives its engine the copy (`ServeSettings.dense_copy`, on by default);
+    `--no-dense-copy` keeps the codes only."""
+    from torchbook.serve.metrics import Metrics
+    from torchbook.serve.models import LanguageModel, ServeSettings
+
+    _, quantized = smollm2_pair
+    layers = [quantized.model.lm_head, quantized.model.blocks[0].mlp.down]
+    try:
+        for dense_copy in (False, True):
+            settings = ServeSettings(slots=2, max_len=64, dense_copy=dense_copy)
+            LanguageModel(quantized.model, quantized.tokenizer, quantized.meta, "m", Metrics(), settings)
+            assert all((layer._dense is not None) == dense_copy for layer in layers)
+    finally:
+        drop_dense_copies(quantized.model)
+
+
 def test_generate_cli_quantized(capsys):
     from torchbook.cli import main
 
