@@ -23,9 +23,10 @@ block, docs/benchmarks.md), and unpacking per call costs more than the product, 
 little of either. `keep_dense_copies(model)` gives every quantized layer a bfloat16 copy of its weights for
 products of `DENSE_COPY_ROWS` rows or more (the serving engine's batched steps and prefills): a dense bfloat16
 product, whose time hardly grows with the rows on a CPU with bfloat16 matrix units (AMX: 16 rows of a SmolLM2
-block cost 1.1x one, benchmarks/int4_kernel.py), at the price of 2 more bytes a weight (a 4-bit layer's codes and scales take 0.75 bytes a weight, float32 4). The copy rounds each weight once
-to bfloat16, so a row's output from it differs from the kernel's by bfloat16 rounding (about 1e-2 in SmolLM2's
-logits): which path a row takes depends on how many rows share its product.
+block cost 1.1x one, benchmarks/int4_kernel.py), at the price of 2 more bytes a weight (a 4-bit layer's codes and
+scales take 0.75 bytes a weight, float32 4). The copy rounds each weight once to bfloat16, so a row's output from
+it differs from the kernel's by bfloat16 rounding (about 1e-2 in SmolLM2's logits): which path a row takes depends
+on how many rows share its product.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ def keep_dense_copies(model: nn.Module, from_rows: int = DENSE_COPY_ROWS) -> int
 
 
 def drop_dense_copies(model: nn.Module) -> None:
-    """Undo `keep_dense_copies`: every product of many rows unpacks the codes again, and the copies' memory is free."""
+    """Undo `keep_dense_copies`: products of many rows unpack the codes again, and the copies' memory is free."""
     for layer in quantized_layers(model):
         layer.dense_from_rows, layer._dense = None, None
 
