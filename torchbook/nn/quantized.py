@@ -247,7 +247,7 @@ class Int8Linear(QuantizedLinear):
             exact = (self.dequantize_rows(top, x.dtype) @ xs[..., None]).squeeze(-1)  # (rows, k)
             if self.bias is not None:
                 exact = exact + self.bias[top].to(x.dtype)
-            flat_y[start : start + KERNEL_MAX_ROWS] = flat_y[start : start + KERNEL_MAX_ROWS].scatter(-1, top, exact)
+            flat_y[start : start + KERNEL_MAX_ROWS].scatter_(-1, top, exact)  # y is this call's own tensor
         return flat_y.reshape(y.shape)
 
 
