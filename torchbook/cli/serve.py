@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantized layers (CPU decoding)")
     parser.add_argument("--dense-copy", action=argparse.BooleanOptionalAction, default=True,
                         help="a quantized model also keeps a bfloat16 copy of its weights for steps of 12 rows or more "
-                             "(batched decoding, prompt prefills): about 1.5x the tokens/s of 16 requests, for 2 bytes "
-                             "a weight more (default: on; --no-dense-copy: the codes only)")
+                             "(batched decoding, prompt prefills): 1.4-1.5x the tokens/s of 16 requests, for 2 bytes a "
+                             "weight more (default: on; --no-dense-copy: the codes only)")
     parser.add_argument("--embedder", default="default",
                         help="the /v1/embeddings model: default (all-MiniLM-L6-v2), a BERT folder, or none")
     parser.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",

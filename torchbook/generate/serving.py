@@ -227,7 +227,7 @@ class Engine:
     `dense_copy`: a weight-only quantized model (`torchbook.load(..., quantize="int4")`) keeps a bfloat16 copy of
     its weights for steps of `DENSE_COPY_ROWS` rows or more (`torchbook.nn.quantized.keep_dense_copies`): the
     4-bit kernel's time grows with the rows, the copy's dense product hardly does, so batched steps and prompt
-    prefills run faster (SmolLM2-135M on 2 threads: 1.5x the tokens/s with 16 requests in flight, prefills in about
+    prefills run faster (SmolLM2-135M on 2 threads: 1.4-1.5x the tokens/s with 16 requests in flight, prefills in about
     half the time; docs/benchmarks.md), for 2 more bytes a weight (SmolLM2-135M: 0.27 GB).
     The copy's products round the weights to bfloat16, so with it a request's logits depend on how many rows
     its steps carry (by about 1e-2 for SmolLM2); without it they do too once a step passes the kernel's 64 rows
