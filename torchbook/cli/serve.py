@@ -81,10 +81,9 @@ def main(args: argparse.Namespace) -> int:
 
     settings = ServeSettings(model=args.model, name=args.name, host=args.host, port=args.port, slots=args.slots,
                              max_len=args.max_len, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                             device=args.device,
-                             quantize=args.quantize, dense_copy=args.dense_copy, embedder=args.embedder,
-                             max_body_bytes=args.max_body,
-                             request_timeout_s=args.timeout, rate_limit=args.rate_limit,
+                             device=args.device, quantize=args.quantize, dense_copy=args.dense_copy,
+                             embedder=args.embedder, max_body_bytes=args.max_body, request_timeout_s=args.timeout,
+                             rate_limit=args.rate_limit,
                              require_keys=True if args.require_keys else None, chat=not args.no_chat,
                              chat_mode=args.chat_mode, kb=args.kb)
     check_security(settings)  # before the model loads: an unsafe setting answers at once

@@ -227,8 +227,8 @@ class Engine:
     `dense_copy`: a weight-only quantized model (`torchbook.load(..., quantize="int4")`) keeps a bfloat16 copy of
     its weights for steps of `DENSE_COPY_ROWS` rows or more (`torchbook.nn.quantized.keep_dense_copies`): the
     4-bit kernel's time grows with the rows, the copy's dense product hardly does, so batched steps and prompt
-    prefills run faster (SmolLM2-135M on 2 threads: 1.4-1.5x the tokens/s with 16 requests in flight, prefills in about
-    half the time; docs/benchmarks.md), for 2 more bytes a weight (SmolLM2-135M: 0.27 GB).
+    prefills run faster (SmolLM2-135M on 2 threads: 1.4-1.5x the tokens/s with 16 requests in flight, prefills in
+    about half the time; docs/benchmarks.md), for 2 more bytes a weight (SmolLM2-135M: 0.27 GB).
     The copy's products round the weights to bfloat16, so with it a request's logits depend on how many rows
     its steps carry (by about 1e-2 for SmolLM2); without it they do too once a step passes the kernel's 64 rows
     (`prefill_chunk` + `slots` at most 64 keeps every step on the kernel, where a row's output is exact alone or
@@ -452,14 +452,14 @@ class Engine:
         # Greedy rows without processors take their most probable token from one call for the whole step, and
         # `max` (the first index of the largest value, as `argmax`) reads 16 rows of SmolLM2's 49,152 logits in a
         # third of the time of 16 `argmax` calls (0.6 against 1.6 ms on one thread).
-        plain = any(seq.greedy and not seq.processors for seq in seqs)
-        argmax = logits.max(-1).indices.tolist() if plain else [None] * len(seqs)
-        for seq, new, row, best in zip(seqs, news, logits, argmax):
+        plain = [seq.greedy and not seq.processors for seq in seqs]
+        best = logits.max(-1).indices.tolist() if any(plain) else [None] * len(seqs)
+        for seq, new, row, is_plain, token in zip(seqs, news, logits, plain, best):
             assert seq.slot is not None
             seq.fed += len(new)
             self.slot_tokens[seq.slot].extend(new)
             if not seq.prefilling:
-                self._choose(seq, row, best)
+                self._choose(seq, row, token if is_plain else None)
 
     def _choose(self, seq: _Sequence, logits: Tensor, argmax: int | None = None) -> None:
         """The request's next token from its logits (V,): its processors, then argmax (`argmax`: already taken, for
@@ -470,7 +470,7 @@ class Engine:
             for processor in seq.processors:
                 scores = processor(scores, history, len(seq.prompt))
         if seq.greedy:
-            token = int(scores.argmax(-1)) if argmax is None or seq.processors else argmax
+            token = int(scores.argmax(-1)) if argmax is None else argmax
         else:
             token = int(torch.multinomial(scores.softmax(-1), 1, generator=seq.generator))
         handle = seq.handle
